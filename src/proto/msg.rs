@@ -1,0 +1,248 @@
+//! Control messages between an agent and S.
+//!
+//! An agent opens one bidirectional stream on its control connection and sends
+//! [`ClientMsg::Register`]; S answers [`ServerMsg::Registered`] (or [`ServerMsg::Error`]) and
+//! keeps that stream open to push [`ServerMsg::Incoming`] to the agent when someone forwards
+//! to one of its names. Every other request ([`ClientMsg::Connect`]) goes on a stream of its
+//! own and gets exactly one answer.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::Fingerprint;
+
+/// A message from an agent to S.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientMsg {
+    /// Join S: prove the token and claim names for this agent's identity key (the key is the
+    /// one presented in the TLS handshake, so a name can only be claimed by its holder).
+    Register {
+        /// [`super::PROTOCOL_VERSION`] of the agent.
+        version: u32,
+        /// The shared secret S may require.
+        token: Option<String>,
+        /// Names to expose under; empty for an agent that only forwards.
+        names: Vec<String>,
+        /// Addresses the agent can be reached at, as it knows them (host candidates).
+        candidates: Vec<Candidate>,
+    },
+    /// Ask to be introduced to the agent that exposes `name`.
+    Connect {
+        /// The name to reach.
+        name: String,
+        /// The asking agent's candidates.
+        candidates: Vec<Candidate>,
+    },
+}
+
+/// A message from S to an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ServerMsg {
+    /// Registration accepted.
+    Registered {
+        /// The address S sees this agent's control connection come from: its server-reflexive
+        /// candidate.
+        observed: SocketAddr,
+        /// Where S answers STUN besides its main port, for mapping-behaviour tests.
+        stun_alt: Option<SocketAddr>,
+    },
+    /// Answer to [`ClientMsg::Connect`]: the exposer and how to reach it.
+    Rendezvous(Rendezvous),
+    /// Pushed to an exposer: a forwarder wants one of its names.
+    Incoming(Rendezvous),
+    /// The request failed.
+    Error(ErrorMsg),
+}
+
+/// An introduction of one agent to another, sent to both sides of a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rendezvous {
+    /// Identifies the session at S.
+    pub session: u64,
+    /// The name the forwarder asked for.
+    pub name: String,
+    /// The other agent's identity, as S verified it in that agent's handshake.
+    pub peer_fingerprint: Fingerprint,
+    /// The other agent's candidates, including the address S observed it at.
+    pub peer_candidates: Vec<Candidate>,
+    /// Short-term credentials for connectivity checks in this session.
+    pub credentials: Credentials,
+    /// Milliseconds to wait before checking, so that both sides start together.
+    pub start_in_ms: u64,
+}
+
+/// ICE-style short-term credentials (RFC 8445 §7.2.2): a check from A to B carries USERNAME
+/// `B.ufrag:A.ufrag` and MESSAGE-INTEGRITY keyed by B's password.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    /// This side's username fragment.
+    pub local_ufrag: String,
+    /// This side's password: checks sent to us are keyed with it.
+    pub local_pwd: String,
+    /// The other side's username fragment.
+    pub remote_ufrag: String,
+    /// The other side's password: our checks to it are keyed with it.
+    pub remote_pwd: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Passwords stay out of logs.
+        f.debug_struct("Credentials")
+            .field("local_ufrag", &self.local_ufrag)
+            .field("remote_ufrag", &self.remote_ufrag)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One address an agent may be reached at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Candidate {
+    /// Where the address comes from.
+    pub kind: CandidateKind,
+    /// The address itself.
+    pub addr: SocketAddr,
+}
+
+/// The origin of a candidate, in ICE's terms (RFC 8445 §5.1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CandidateKind {
+    /// An address of one of the agent's own interfaces.
+    Host,
+    /// The agent's address as S (or a STUN server) sees it: its NAT mapping.
+    ServerReflexive,
+    /// A mapping granted by the gateway (UPnP IGD, NAT-PMP, PCP).
+    PortMapped,
+    /// An address learnt from a check that arrived from it.
+    PeerReflexive,
+}
+
+/// An error S reports, with a code callers match on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorMsg {
+    /// What went wrong.
+    pub code: ErrorCode,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+/// What kind of error S reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The agent speaks another protocol version.
+    BadVersion,
+    /// The token is missing or wrong.
+    BadToken,
+    /// A claimed name is held by another identity.
+    NameTaken,
+    /// A name is not a valid name.
+    InvalidName,
+    /// Nobody exposes the requested name right now.
+    UnknownName,
+    /// The request is malformed or out of order.
+    BadRequest,
+    /// Too many requests or connections from this source.
+    RateLimited,
+    /// S failed on its side.
+    Internal,
+}
+
+impl fmt::Display for ErrorMsg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ErrorMsg {}
+
+/// The longest service name.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// Checks that `name` is a service name: 1 to 63 characters of `a-z`, `0-9` and `-`, not
+/// starting or ending with `-` (a DNS label, so names can one day become hostnames).
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "name '{name}' must be 1 to {MAX_NAME_LEN} characters long"
+        ));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(format!(
+            "name '{name}' may only contain lowercase letters, digits and '-'"
+        ));
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return Err(format!("name '{name}' must not start or end with '-'"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_have_a_stable_readable_form() {
+        let msg = ClientMsg::Connect {
+            name: "home".into(),
+            candidates: vec![Candidate {
+                kind: CandidateKind::Host,
+                addr: "10.0.0.2:4000".parse().unwrap(),
+            }],
+        };
+        let json = serde_json::to_string(&msg).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"connect","name":"home","candidates":[{"kind":"host","addr":"10.0.0.2:4000"}]}"#
+        );
+        assert_eq!(serde_json::from_str::<ClientMsg>(&json).unwrap(), msg);
+    }
+
+    #[test]
+    fn unknown_fields_and_types_are_rejected() {
+        assert!(serde_json::from_str::<ClientMsg>(
+            r#"{"type":"connect","name":"a","candidates":[],"x":1}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<ClientMsg>(r#"{"type":"nope"}"#).is_err());
+        assert!(serde_json::from_str::<ClientMsg>(
+            r#"{"type":"connect","name":7,"candidates":[]}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn names_follow_dns_label_rules() {
+        for good in ["home", "a", "web-1", &"x".repeat(63)] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "Home", "a_b", "-a", "a-", "a.b", "ü", &"x".repeat(64)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn credentials_debug_hides_passwords() {
+        let c = Credentials {
+            local_ufrag: "lu".into(),
+            local_pwd: "secret1".into(),
+            remote_ufrag: "ru".into(),
+            remote_pwd: "secret2".into(),
+        };
+        let s = format!("{c:?}");
+        assert!(!s.contains("secret"));
+    }
+}
