@@ -1,1 +1,139 @@
-//! cli
+//! The `p2ptun` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{parse_bind, parse_target};
+use crate::proto::{validate_name, Fingerprint};
+
+/// Peer-to-peer port forwarding: reach a TCP service behind NAT, directly.
+///
+/// On the machine with the service:   p2ptun expose 22 --name home{n}
+/// On the machine that wants it:      p2ptun forward home 2222{n}
+/// Then:                              ssh -p 2222 localhost
+#[derive(Debug, Parser)]
+#[command(name = "p2ptun", version, about, long_about = None)]
+#[command(after_help = "Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more.")]
+pub struct Cli {
+    /// Options every command shares.
+    #[command(flatten)]
+    pub global: Global,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command shares.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// The rendezvous server S, as HOST:PORT [default: 127.0.0.1:7000].
+    #[arg(
+        long,
+        short = 's',
+        global = true,
+        env = "P2PTUN_SERVER",
+        value_name = "HOST:PORT"
+    )]
+    pub server: Option<String>,
+
+    /// The token S requires, if it requires one.
+    #[arg(long, global = true, env = "P2PTUN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// S's key fingerprint (as p2ptun-relay prints it). Without it, S's key is pinned on
+    /// first use in STATE_DIR/known_servers.
+    #[arg(
+        long,
+        global = true,
+        env = "P2PTUN_SERVER_FINGERPRINT",
+        value_name = "SHA256:..."
+    )]
+    pub server_fingerprint: Option<Fingerprint>,
+
+    /// Where this agent keeps its identity key and pinned keys
+    /// [default: $XDG_STATE_HOME/p2ptun or ~/.local/state/p2ptun].
+    #[arg(long, global = true, env = "P2PTUN_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Local address of the agent's UDP socket [default: 0.0.0.0:0].
+    #[arg(long, global = true, value_name = "IP:PORT")]
+    pub bind: Option<SocketAddr>,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Expose a local TCP service under a name.
+    Expose {
+        /// The service: a port on 127.0.0.1, or HOST:PORT.
+        #[arg(value_parser = parse_target, value_name = "PORT | HOST:PORT")]
+        local: String,
+        /// The name forwarders will ask for (lowercase letters, digits, '-').
+        #[arg(long, short = 'n', value_parser = parse_name)]
+        name: String,
+        /// Only let agents with this key fingerprint in (repeatable). Default: anyone S
+        /// introduces.
+        #[arg(long, value_name = "FINGERPRINT")]
+        allow: Vec<Fingerprint>,
+    },
+    /// Listen on a local port and carry each connection to a name.
+    Forward {
+        /// The name to reach.
+        #[arg(value_parser = parse_name)]
+        name: String,
+        /// Where to listen: a port on 127.0.0.1, or IP:PORT.
+        #[arg(value_parser = parse_bind, value_name = "PORT | BIND:PORT")]
+        local: SocketAddr,
+    },
+    /// Run every expose and forward of a config file (see config.example.toml).
+    Up {
+        /// The config file.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Print this agent's identity fingerprint (what `--allow` takes).
+    Id,
+}
+
+fn parse_name(s: &str) -> Result<String, String> {
+    validate_name(s).map(|_| s.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_value_named() {
+        for (args, needle) in [
+            (vec!["p2ptun", "forward", "home", "99999"], "99999"),
+            (vec!["p2ptun", "expose", "abc", "--name", "x"], "abc"),
+            (
+                vec!["p2ptun", "expose", "22", "--name", "Bad Name"],
+                "Bad Name",
+            ),
+            (
+                vec!["p2ptun", "expose", "22", "--name", "a", "--allow", "xyz"],
+                "SHA256",
+            ),
+        ] {
+            let err = Cli::try_parse_from(&args).unwrap_err().to_string();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn global_flags_go_before_or_after_the_command() {
+        let cli =
+            Cli::try_parse_from(["p2ptun", "forward", "home", "2222", "--server", "s:1"]).unwrap();
+        assert_eq!(cli.global.server.as_deref(), Some("s:1"));
+    }
+}

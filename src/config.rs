@@ -1,1 +1,297 @@
-//! config
+//! The agent's configuration: the TOML file `p2ptun up` reads, the parsing of the address
+//! forms both the file and the command line accept, and the defaults.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+use crate::agent::{AgentOptions, ExposeSpec, ForwardSpec};
+use crate::proto::{validate_name, Fingerprint};
+
+/// S's address when none is given: a relay on this machine, as the README's demo runs it.
+pub const DEFAULT_SERVER: &str = "127.0.0.1:7000";
+
+/// The agent's config file (`p2ptun up -c FILE`). See `config.example.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// S as `HOST:PORT`.
+    pub server: Option<String>,
+    /// The token S requires.
+    pub token: Option<String>,
+    /// S's expected key fingerprint.
+    pub server_fingerprint: Option<Fingerprint>,
+    /// Where identity and pins are kept.
+    pub state_dir: Option<PathBuf>,
+    /// The UDP socket's address.
+    pub bind: Option<SocketAddr>,
+    /// Services to expose.
+    #[serde(default)]
+    pub expose: Vec<ExposeEntry>,
+    /// Ports to forward.
+    #[serde(default)]
+    pub forward: Vec<ForwardEntry>,
+}
+
+/// One `[[expose]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExposeEntry {
+    /// The name.
+    pub name: String,
+    /// `PORT` or `HOST:PORT` of the local service.
+    pub local: String,
+    /// Fingerprints allowed to use it.
+    #[serde(default)]
+    pub allow: Vec<Fingerprint>,
+}
+
+/// One `[[forward]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardEntry {
+    /// The name to reach.
+    pub name: String,
+    /// `PORT` or `IP:PORT` to listen on.
+    pub local: String,
+}
+
+/// Settings that flags and environment variables give, overriding the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--server`.
+    pub server: Option<String>,
+    /// `--token`.
+    pub token: Option<String>,
+    /// `--server-fingerprint`.
+    pub server_fingerprint: Option<Fingerprint>,
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--bind`.
+    pub bind: Option<SocketAddr>,
+}
+
+impl ConfigFile {
+    /// Reads and parses `path`.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// Parses config text.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// The agent options this file describes, with `over` taking precedence.
+    pub fn into_options(self, over: Overrides) -> anyhow::Result<AgentOptions> {
+        let mut exposes = Vec::new();
+        for (i, e) in self.expose.into_iter().enumerate() {
+            let at = || format!("expose #{} ('{}')", i + 1, e.name);
+            validate_name(&e.name)
+                .map_err(anyhow::Error::msg)
+                .with_context(at)?;
+            if exposes.iter().any(|x: &ExposeSpec| x.name == e.name) {
+                bail!("{}: the name is exposed twice", at());
+            }
+            let local = parse_target(&e.local)
+                .map_err(anyhow::Error::msg)
+                .with_context(at)?;
+            exposes.push(ExposeSpec {
+                name: e.name,
+                local,
+                allow: e.allow,
+            });
+        }
+        let mut forwards = Vec::new();
+        for (i, f) in self.forward.into_iter().enumerate() {
+            let at = || format!("forward #{} ('{}')", i + 1, f.name);
+            validate_name(&f.name)
+                .map_err(anyhow::Error::msg)
+                .with_context(at)?;
+            let bind = parse_bind(&f.local)
+                .map_err(anyhow::Error::msg)
+                .with_context(at)?;
+            if bind.port() != 0 && forwards.iter().any(|x: &ForwardSpec| x.bind == bind) {
+                bail!("{}: {bind} is used by another forward", at());
+            }
+            forwards.push(ForwardSpec { name: f.name, bind });
+        }
+        if exposes.is_empty() && forwards.is_empty() {
+            bail!("nothing to do: add at least one [[expose]] or [[forward]] table");
+        }
+        let server = over
+            .server
+            .or(self.server)
+            .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
+        parse_server(&server).map_err(anyhow::Error::msg)?;
+        Ok(AgentOptions {
+            server,
+            token: over.token.or(self.token),
+            server_fingerprint: over.server_fingerprint.or(self.server_fingerprint),
+            state_dir: over
+                .state_dir
+                .or(self.state_dir)
+                .unwrap_or_else(default_state_dir),
+            bind: over
+                .bind
+                .or(self.bind)
+                .unwrap_or(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0)),
+            exposes,
+            forwards,
+        })
+    }
+}
+
+/// Where state lives by default: `$XDG_STATE_HOME/p2ptun`, else `~/.local/state/p2ptun`, else
+/// `.p2ptun` in the working directory.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("p2ptun");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(home).join(".local/state/p2ptun");
+    }
+    PathBuf::from(".p2ptun")
+}
+
+fn parse_port(s: &str, what: &str) -> Result<u16, String> {
+    s.parse::<u16>()
+        .map_err(|_| format!("'{s}' is not a port number (1-65535) in {what}"))
+}
+
+/// A local service address: `PORT` (on 127.0.0.1) or `HOST:PORT`.
+pub fn parse_target(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let what = "a local service address (PORT or HOST:PORT)";
+    if !s.contains(':') {
+        let port = parse_port(s, what)?;
+        if port == 0 {
+            return Err(format!("port 0 is not a service port in {what}"));
+        }
+        return Ok(format!("127.0.0.1:{port}"));
+    }
+    parse_server(s).map(|_| s.to_owned())
+}
+
+/// A `HOST:PORT` address (names are resolved later).
+pub fn parse_server(s: &str) -> Result<(), String> {
+    let what = "HOST:PORT";
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("'{s}' is not {what}"))?;
+    if host.is_empty() {
+        return Err(format!("'{s}' has no host; expected {what}"));
+    }
+    if parse_port(port, what)? == 0 {
+        return Err(format!("'{s}' has port 0; expected {what}"));
+    }
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<IpAddr>().is_err()
+        && !bare
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        return Err(format!("'{host}' is not a host name or IP address"));
+    }
+    Ok(())
+}
+
+/// A local listening address: `PORT` (on 127.0.0.1) or `IP:PORT`. Port 0 picks a free port.
+pub fn parse_bind(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    let what = "a local listen address (PORT or IP:PORT)";
+    if !s.contains(':') {
+        let port = parse_port(s, what)?;
+        return Ok(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port));
+    }
+    s.parse().map_err(|_| format!("'{s}' is not {what}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_forms() {
+        assert_eq!(parse_target("22").unwrap(), "127.0.0.1:22");
+        assert_eq!(parse_target("example.lan:22").unwrap(), "example.lan:22");
+        assert_eq!(parse_target("[::1]:22").unwrap(), "[::1]:22");
+        for bad in ["", "0", "99999", "abc", "host:", ":22", "a b:22", "host:0"] {
+            assert!(parse_target(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_bind("2222").unwrap(),
+            "127.0.0.1:2222".parse().unwrap()
+        );
+        assert_eq!(
+            parse_bind("0.0.0.0:2222").unwrap(),
+            "0.0.0.0:2222".parse().unwrap()
+        );
+        for bad in ["99999", "localhost:22", "x"] {
+            assert!(parse_bind(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_full_file_parses_and_flags_win() {
+        let text = r#"
+            server = "relay.example.com:7000"
+            token = "t1"
+            [[expose]]
+            name = "home"
+            local = "22"
+            [[forward]]
+            name = "web"
+            local = "0.0.0.0:8080"
+        "#;
+        let over = Overrides {
+            token: Some("t2".into()),
+            ..Default::default()
+        };
+        let opts = ConfigFile::parse(text).unwrap().into_options(over).unwrap();
+        assert_eq!(opts.server, "relay.example.com:7000");
+        assert_eq!(opts.token.as_deref(), Some("t2"));
+        assert_eq!(opts.exposes[0].local, "127.0.0.1:22");
+        assert_eq!(opts.forwards[0].bind, "0.0.0.0:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn bad_files_say_what_is_wrong() {
+        let cases = [
+            (
+                "servr = \"x:1\"\n[[forward]]\nname=\"a\"\nlocal=\"1\"",
+                "servr",
+            ),
+            (
+                "[[expose]]\nname = \"Bad Name\"\nlocal = \"22\"",
+                "lowercase",
+            ),
+            ("[[expose]]\nlocal = \"22\"", "name"),
+            ("[[forward]]\nname = \"a\"\nlocal = \"99999\"", "99999"),
+            (
+                "[[expose]]\nname=\"a\"\nlocal=\"22\"\nallow=[\"nope\"]",
+                "SHA256",
+            ),
+            ("", "nothing to do"),
+            (
+                "[[expose]]\nname=\"a\"\nlocal=\"1\"\n[[expose]]\nname=\"a\"\nlocal=\"2\"",
+                "twice",
+            ),
+            (
+                "server = \"nohost\"\n[[forward]]\nname=\"a\"\nlocal=\"1\"",
+                "nohost",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = ConfigFile::parse(text)
+                .and_then(|c| c.into_options(Overrides::default()))
+                .unwrap_err();
+            let msg = format!("{err:#}");
+            assert!(msg.contains(needle), "{text:?}: {msg}");
+        }
+    }
+}

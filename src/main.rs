@@ -1,1 +1,65 @@
-fn main() {}
+//! The `p2ptun` agent binary.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use p2ptun::agent;
+use p2ptun::cli::{Cli, Command};
+use p2ptun::config::{default_state_dir, ConfigFile, ExposeEntry, ForwardEntry, Overrides};
+use p2ptun::tunnel::Identity;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let g = cli.global;
+    let over = Overrides {
+        server: g.server,
+        token: g.token,
+        server_fingerprint: g.server_fingerprint,
+        state_dir: g.state_dir,
+        bind: g.bind,
+    };
+    let file = match cli.command {
+        Command::Id => {
+            let dir = over.state_dir.unwrap_or_else(default_state_dir);
+            let id = Identity::load_or_create(&agent::identity_path(&dir))?;
+            println!("{}", id.fingerprint());
+            return Ok(());
+        }
+        Command::Up { config } => ConfigFile::load(&config)?,
+        Command::Expose { local, name, allow } => ConfigFile {
+            expose: vec![ExposeEntry { name, local, allow }],
+            ..Default::default()
+        },
+        Command::Forward { name, local } => ConfigFile {
+            forward: vec![ForwardEntry {
+                name,
+                local: local.to_string(),
+            }],
+            ..Default::default()
+        },
+    };
+    agent::run(file.into_options(over)?).await
+}

@@ -1,1 +1,150 @@
-//! agent
+//! The agent: `expose`, `forward` and `up` put together.
+//!
+//! One agent process has one identity, one UDP socket ([`crate::path::PathSocket`]) and one
+//! quinn endpoint on it. [`server`] keeps it registered with S; [`expose`] answers
+//! introductions and serves streams to local services; [`forward`] listens on local ports
+//! and carries each connection to a peer, which [`peers`] finds and keeps connected.
+
+pub mod backoff;
+pub mod expose;
+pub mod forward;
+pub mod known;
+pub mod peers;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch};
+
+use crate::path::{PathSocket, Policy};
+use crate::proto::{Fingerprint, ALPN_PEER};
+use crate::punch::StunRouter;
+use crate::tunnel::{endpoint, tls, Identity};
+
+/// A local service to expose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExposeSpec {
+    /// The name to expose it under.
+    pub name: String,
+    /// Where it listens, `HOST:PORT`.
+    pub local: String,
+    /// Forwarders allowed to use it; empty allows every agent S introduces.
+    pub allow: Vec<Fingerprint>,
+}
+
+/// A local port to forward to a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardSpec {
+    /// The name to reach.
+    pub name: String,
+    /// Where to listen locally.
+    pub bind: SocketAddr,
+}
+
+/// Everything an agent needs to run.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// S as `HOST:PORT`.
+    pub server: String,
+    /// The token S requires, if any.
+    pub token: Option<String>,
+    /// S's expected key; without it S's key is pinned on first use.
+    pub server_fingerprint: Option<Fingerprint>,
+    /// Where the identity and pins are kept.
+    pub state_dir: PathBuf,
+    /// Where the agent's UDP socket binds.
+    pub bind: SocketAddr,
+    /// Services to expose.
+    pub exposes: Vec<ExposeSpec>,
+    /// Ports to forward.
+    pub forwards: Vec<ForwardSpec>,
+}
+
+/// What every part of a running agent shares.
+pub struct Ctx {
+    /// The options it runs with.
+    pub opts: AgentOptions,
+    /// Its identity.
+    pub identity: Identity,
+    /// The quinn endpoint on its socket.
+    pub endpoint: quinn::Endpoint,
+    /// STUN dispatch on its socket.
+    pub router: Arc<StunRouter>,
+    /// The current registration with S.
+    pub registration: watch::Receiver<Option<Arc<server::Registered>>>,
+}
+
+impl Ctx {
+    /// Whether the socket is IPv4.
+    pub fn ipv4(&self) -> bool {
+        self.router
+            .socket()
+            .local()
+            .map(|a| a.is_ipv4())
+            .unwrap_or(true)
+    }
+}
+
+/// The identity file in a state directory.
+pub fn identity_path(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("identity.pem")
+}
+
+/// Runs an agent until Ctrl-C, or until an error that retrying cannot fix.
+pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    let identity = Identity::load_or_create(&identity_path(&opts.state_dir))
+        .context("cannot load this agent's identity")?;
+    // Bind the local ports first: a port in use is the user's to fix, now.
+    let mut listeners = Vec::new();
+    for f in &opts.forwards {
+        let listener = tokio::net::TcpListener::bind(f.bind)
+            .await
+            .with_context(|| format!("cannot listen on {} for forward '{}'", f.bind, f.name))?;
+        listeners.push((f.clone(), listener));
+    }
+    let (socket, stun_rx) = PathSocket::bind(opts.bind, Policy::KnownOnly)
+        .with_context(|| format!("cannot bind the UDP socket at {}", opts.bind))?;
+    let router = StunRouter::start(socket.clone(), stun_rx);
+    let server_config =
+        tls::server_config(identity.cert_chain(), identity.private_key(), ALPN_PEER)?;
+    let endpoint = endpoint::make_endpoint(socket, Some(server_config), Some(&identity))
+        .context("cannot start the QUIC endpoint")?;
+
+    let (reg_tx, reg_rx) = watch::channel(None);
+    let (incoming_tx, incoming_rx) = mpsc::channel(64);
+    let ctx = Arc::new(Ctx {
+        opts,
+        identity,
+        endpoint,
+        router,
+        registration: reg_rx,
+    });
+    tracing::info!(id = %ctx.identity.fingerprint(), udp = ?ctx.router.socket().local().ok(), "agent started");
+
+    let control = tokio::spawn(server::run(ctx.clone(), reg_tx, incoming_tx));
+    let exposer = expose::Exposer::new(ctx.clone());
+    tokio::spawn(exposer.clone().answer_introductions(incoming_rx));
+    tokio::spawn(exposer.accept_connections());
+    let peers = peers::Peers::new(ctx.clone());
+    for (spec, listener) in listeners {
+        tracing::info!(name = %spec.name, local = ?listener.local_addr().ok(), "forwarding");
+        tokio::spawn(forward::serve(peers.clone(), spec, listener));
+    }
+
+    tokio::select! {
+        fatal = control => {
+            let err = fatal.unwrap_or_else(|e| anyhow::anyhow!("control task failed: {e}"));
+            ctx.endpoint.close(crate::tunnel::header::close::SHUTDOWN.into(), b"agent stopped");
+            Err(err)
+        }
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("shutting down");
+            ctx.endpoint.close(crate::tunnel::header::close::SHUTDOWN.into(), b"agent stopped");
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), ctx.endpoint.wait_idle()).await;
+            Ok(())
+        }
+    }
+}

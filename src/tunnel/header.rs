@@ -1,1 +1,113 @@
-//! todo
+//! The header that opens every forwarded stream: which service the stream is for.
+//!
+//! Layout: the 4 bytes `P2PT`, a version byte (1), a length byte, then the service name.
+//! The exposer answers a header it cannot serve by resetting the stream with one of the
+//! [`codes`], which the forwarder turns into a message.
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::proto::validate_name;
+
+const MAGIC: &[u8; 4] = b"P2PT";
+const VERSION: u8 = 1;
+
+/// Stream reset and stop codes shared by both agents.
+pub mod codes {
+    /// The local TCP connection was reset (or failed) on the other side.
+    pub const TCP_RESET: u32 = 1;
+    /// The header named no service the exposer serves.
+    pub const UNKNOWN_SERVICE: u32 = 2;
+    /// The exposer could not connect to its local service.
+    pub const SERVICE_UNAVAILABLE: u32 = 3;
+    /// The exposer's allow list does not contain the forwarder.
+    pub const NOT_ALLOWED: u32 = 4;
+    /// The header was malformed.
+    pub const BAD_HEADER: u32 = 5;
+
+    /// What a code means, for messages.
+    pub fn describe(code: u64) -> &'static str {
+        match code as u32 {
+            TCP_RESET => "the connection was reset on the other side",
+            UNKNOWN_SERVICE => "the exposer does not serve this name",
+            SERVICE_UNAVAILABLE => "the exposer could not connect to its local service",
+            NOT_ALLOWED => "the exposer's --allow list does not include this agent",
+            BAD_HEADER => "the exposer did not understand the stream header",
+            _ => "unknown reason",
+        }
+    }
+}
+
+/// Connection close codes of the peer connection.
+pub mod close {
+    /// The peer is not allowed to use any service here.
+    pub const NOT_ALLOWED: u32 = 0x10;
+    /// The peer's identity is not the one S introduced.
+    pub const UNEXPECTED_PEER: u32 = 0x11;
+    /// The agent is shutting down.
+    pub const SHUTDOWN: u32 = 0x12;
+}
+
+/// Why a header could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HeaderError {
+    /// The stream does not start with the magic bytes or has another version.
+    #[error("not a p2ptun stream header (or another version)")]
+    BadMagic,
+    /// The name is not valid.
+    #[error("bad service name: {0}")]
+    BadName(String),
+    /// The stream ended or failed first.
+    #[error("stream ended before the header was complete: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The header for a stream to service `name`.
+pub fn encode(name: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(6 + name.len());
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    out.push(name.len().min(255) as u8);
+    out.extend_from_slice(&name.as_bytes()[..name.len().min(255)]);
+    out
+}
+
+/// Reads a header and returns the service name.
+pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<String, HeaderError> {
+    let mut fixed = [0u8; 6];
+    r.read_exact(&mut fixed).await?;
+    if &fixed[..4] != MAGIC || fixed[4] != VERSION {
+        return Err(HeaderError::BadMagic);
+    }
+    let mut name = vec![0u8; fixed[5] as usize];
+    r.read_exact(&mut name).await?;
+    let name = String::from_utf8(name).map_err(|_| HeaderError::BadName("not UTF-8".into()))?;
+    validate_name(&name).map_err(HeaderError::BadName)?;
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn round_trips() {
+        let bytes = encode("home");
+        assert_eq!(read(&mut &bytes[..]).await.unwrap(), "home");
+    }
+
+    #[tokio::test]
+    async fn rejects_bad_headers() {
+        assert!(matches!(
+            read(&mut &b"HTTP/1.1"[..]).await,
+            Err(HeaderError::BadMagic)
+        ));
+        let mut bad = encode("home");
+        bad[6] = b'H';
+        assert!(matches!(
+            read(&mut &bad[..]).await,
+            Err(HeaderError::BadName(_))
+        ));
+        let cut = &encode("home")[..7];
+        assert!(matches!(read(&mut &cut[..]).await, Err(HeaderError::Io(_))));
+    }
+}

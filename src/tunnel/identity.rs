@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use rcgen::{CertificateParams, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
+use sha2::{Digest, Sha256};
+
 use crate::proto::Fingerprint;
 
 /// Why an identity could not be loaded or made.
@@ -102,6 +104,15 @@ impl Identity {
     /// The certificate chain to present (one self-signed certificate).
     pub fn cert_chain(&self) -> Vec<CertificateDer<'static>> {
         vec![self.cert.clone()]
+    }
+
+    /// A secret for `label`, derived from the private key: stable across restarts, and
+    /// useless for recovering the key.
+    pub fn derive_secret(&self, label: &[u8]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(label);
+        h.update(self.key.secret_pkcs8_der());
+        h.finalize().into()
     }
 
     /// The private key, for rustls.

@@ -1,0 +1,175 @@
+//! `expose`: answering S's introductions with a punch, accepting the forwarder's connection,
+//! and serving each of its streams from the local service the header names.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::{Ctx, ExposeSpec};
+use crate::path::PathKind;
+use crate::proto::{Fingerprint, Rendezvous};
+use crate::punch::{punch, Punched};
+use crate::tunnel::header::{self, close, codes};
+use crate::tunnel::{copy, tls};
+
+/// How long a stream may take to name its service, and the local service to accept.
+const STREAM_SETUP: Duration = Duration::from_secs(10);
+
+/// The exposing side of an agent.
+#[derive(Clone)]
+pub struct Exposer {
+    ctx: Arc<Ctx>,
+    /// The latest punch per forwarder; it keeps answering that forwarder's checks.
+    sessions: Arc<Mutex<HashMap<Fingerprint, Punched>>>,
+}
+
+impl Exposer {
+    /// The exposer of the services in `ctx`'s options.
+    pub fn new(ctx: Arc<Ctx>) -> Self {
+        Exposer {
+            ctx,
+            sessions: Arc::default(),
+        }
+    }
+
+    fn spec(&self, name: &str) -> Option<&ExposeSpec> {
+        self.ctx.opts.exposes.iter().find(|e| e.name == name)
+    }
+
+    /// Punches toward every forwarder S introduces.
+    pub async fn answer_introductions(self, mut incoming: mpsc::Receiver<Rendezvous>) {
+        while let Some(rv) = incoming.recv().await {
+            let this = self.clone();
+            tokio::spawn(async move { this.punch_for(rv).await });
+        }
+    }
+
+    async fn punch_for(&self, rv: Rendezvous) {
+        if self.spec(&rv.name).is_none() {
+            tracing::warn!(name = %rv.name, "S introduced a forwarder for a name not exposed here");
+            return;
+        }
+        let peer = rv.peer_fingerprint;
+        tracing::info!(name = %rv.name, %peer, "forwarder introduced; checking paths");
+        let virt = self
+            .ctx
+            .router
+            .socket()
+            .table()
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .peer(peer);
+        match punch(&self.ctx.router, virt, &rv).await {
+            Ok(punched) => {
+                tracing::info!(
+                    name = %rv.name,
+                    %peer,
+                    path = %PathKind::DirectUdp,
+                    remote = %punched.remote,
+                    rtt_ms = format_args!("{:.2}", punched.rtt.as_secs_f64() * 1000.0),
+                    "path to forwarder found"
+                );
+                self.sessions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(peer, punched);
+            }
+            Err(e) => tracing::warn!(name = %rv.name, %peer, "{e}"),
+        }
+    }
+
+    /// Accepts forwarders' QUIC connections and serves their streams.
+    pub async fn accept_connections(self) {
+        while let Some(incoming) = self.ctx.endpoint.accept().await {
+            let this = self.clone();
+            tokio::spawn(async move {
+                match incoming.await {
+                    Ok(conn) => this.serve_connection(conn).await,
+                    Err(e) => tracing::debug!("incoming connection failed: {e}"),
+                }
+            });
+        }
+    }
+
+    async fn serve_connection(&self, conn: Connection) {
+        let virt = conn.remote_address();
+        let expected = self
+            .ctx
+            .router
+            .socket()
+            .table()
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .fingerprint_of(virt);
+        let Some(peer) = tls::peer_fingerprint(&conn).filter(|seen| Some(*seen) == expected) else {
+            tracing::warn!(remote = %virt, "refusing a connection from a key S did not introduce");
+            conn.close(close::UNEXPECTED_PEER.into(), b"not introduced by S");
+            return;
+        };
+        let allowed = self
+            .ctx
+            .opts
+            .exposes
+            .iter()
+            .any(|e| e.allow.is_empty() || e.allow.contains(&peer));
+        if !allowed {
+            tracing::warn!(%peer, "refusing a forwarder that is not in any --allow list");
+            let reason = format!("this agent's key {peer} is not in the exposer's --allow list");
+            conn.close(close::NOT_ALLOWED.into(), reason.as_bytes());
+            return;
+        }
+        tracing::info!(%peer, "forwarder connected");
+        loop {
+            match conn.accept_bi().await {
+                Ok((send, recv)) => {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.serve_stream(peer, send, recv).await });
+                }
+                Err(e) => {
+                    tracing::info!(%peer, "forwarder disconnected: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn serve_stream(&self, peer: Fingerprint, mut send: SendStream, mut recv: RecvStream) {
+        let refuse = |send: &mut SendStream, recv: &mut RecvStream, code: u32| {
+            let _ = send.reset(VarInt::from_u32(code));
+            let _ = recv.stop(VarInt::from_u32(code));
+        };
+        let name = match tokio::time::timeout(STREAM_SETUP, header::read(&mut recv)).await {
+            Ok(Ok(name)) => name,
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, "bad stream header: {e}");
+                return refuse(&mut send, &mut recv, codes::BAD_HEADER);
+            }
+            Err(_) => return refuse(&mut send, &mut recv, codes::BAD_HEADER),
+        };
+        let Some(spec) = self.spec(&name) else {
+            tracing::warn!(%peer, %name, "stream for a name not exposed here");
+            return refuse(&mut send, &mut recv, codes::UNKNOWN_SERVICE);
+        };
+        if !spec.allow.is_empty() && !spec.allow.contains(&peer) {
+            tracing::warn!(%peer, %name, "forwarder not in this name's --allow list");
+            return refuse(&mut send, &mut recv, codes::NOT_ALLOWED);
+        }
+        let tcp = match tokio::time::timeout(STREAM_SETUP, TcpStream::connect(&spec.local)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                tracing::warn!(%name, local = %spec.local, "cannot reach the local service: {e}");
+                return refuse(&mut send, &mut recv, codes::SERVICE_UNAVAILABLE);
+            }
+            Err(_) => {
+                tracing::warn!(%name, local = %spec.local, "the local service did not accept in time");
+                return refuse(&mut send, &mut recv, codes::SERVICE_UNAVAILABLE);
+            }
+        };
+        let outcome = copy::splice(tcp, send, recv).await;
+        tracing::debug!(%name, up = outcome.up, down = outcome.down, failure = ?outcome.failure, "stream done");
+    }
+}

@@ -1,0 +1,59 @@
+//! `forward`: a local TCP listener whose every connection becomes one stream to the exposer.
+
+use tokio::net::{TcpListener, TcpStream};
+
+use super::peers::Peers;
+use super::ForwardSpec;
+use crate::tunnel::{copy, header};
+
+/// Accepts local connections for `spec` until the listener fails.
+pub async fn serve(peers: Peers, spec: ForwardSpec, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, from)) => {
+                let peers = peers.clone();
+                let name = spec.name.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = carry(&peers, &name, tcp).await {
+                        tracing::warn!(%name, %from, "connection failed: {e:#}");
+                    }
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: pause rather than spin.
+                tracing::warn!(name = %spec.name, "accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn carry(peers: &Peers, name: &str, tcp: TcpStream) -> anyhow::Result<()> {
+    let conn = match peers.get(name).await {
+        Ok(c) => c,
+        Err(e) => {
+            reset(tcp);
+            return Err(e);
+        }
+    };
+    let (mut send, recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => {
+            reset(tcp);
+            anyhow::bail!("cannot open a stream: {e}");
+        }
+    };
+    send.write_all(&header::encode(name)).await?;
+    let outcome = copy::splice(tcp, send, recv).await;
+    if let Some(why) = outcome.failure {
+        anyhow::bail!("{why}");
+    }
+    tracing::debug!(%name, up = outcome.up, down = outcome.down, "connection done");
+    Ok(())
+}
+
+/// Closes a local connection with RST, so its client sees a failure rather than an empty
+/// reply.
+fn reset(tcp: TcpStream) {
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
+}

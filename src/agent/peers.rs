@@ -1,0 +1,149 @@
+//! The forwarder's side of peer connections: for a name, the one QUIC connection to the agent
+//! exposing it, made through S's introduction, a punch, and a fingerprint check.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+use quinn::Connection;
+use tokio::sync::Mutex;
+
+use super::known::{PinFile, Pinned};
+use super::Ctx;
+use crate::proto::{Fingerprint, ALPN_PEER};
+use crate::punch::{punch, Punched};
+use crate::tunnel::tls;
+
+/// How long a new local connection waits for a registration with S.
+const WAIT_FOR_S: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// A live connection to a peer, with the session that keeps its path checked.
+struct Live {
+    conn: Connection,
+    _punched: Punched,
+}
+
+/// Connections to exposers, one per peer and made at most once at a time per name.
+#[derive(Clone)]
+pub struct Peers {
+    ctx: Arc<Ctx>,
+    by_name: Arc<Mutex<HashMap<String, Arc<Mutex<Option<Arc<Live>>>>>>>,
+    by_peer: Arc<std::sync::Mutex<HashMap<Fingerprint, std::sync::Weak<Live>>>>,
+}
+
+impl Peers {
+    /// An empty set of connections.
+    pub fn new(ctx: Arc<Ctx>) -> Self {
+        Peers {
+            ctx,
+            by_name: Arc::default(),
+            by_peer: Arc::default(),
+        }
+    }
+
+    /// The connection to the exposer of `name`, made if there is none alive.
+    pub async fn get(&self, name: &str) -> anyhow::Result<Connection> {
+        let slot = self
+            .by_name
+            .lock()
+            .await
+            .entry(name.to_owned())
+            .or_default()
+            .clone();
+        // Holding the slot makes concurrent local connections wait for one introduction.
+        let mut slot = slot.lock().await;
+        if let Some(live) = slot.as_ref() {
+            if live.conn.close_reason().is_none() {
+                return Ok(live.conn.clone());
+            }
+        }
+        let live = self.connect(name).await?;
+        let conn = live.conn.clone();
+        *slot = Some(live);
+        Ok(conn)
+    }
+
+    async fn connect(&self, name: &str) -> anyhow::Result<Arc<Live>> {
+        let ctx = &self.ctx;
+        let mut registration = ctx.registration.clone();
+        let reg = tokio::time::timeout(WAIT_FOR_S, registration.wait_for(|r| r.is_some()))
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "not registered with S at {} (is it running?)",
+                    ctx.opts.server
+                )
+            })?
+            .map_err(|_| anyhow!("agent shutting down"))?
+            .clone()
+            .context("not registered with S")?;
+        let rv = reg
+            .connect(name, reg.candidates(ctx))
+            .await
+            .with_context(|| format!("S cannot introduce '{name}'"))?;
+        let peer = rv.peer_fingerprint;
+
+        // The pin is checked before anything is sent to the peer.
+        let pins = PinFile::new(ctx.opts.state_dir.join("known_peers"));
+        let pin_key = format!("{} {name}", ctx.opts.server);
+        let pinned = pins.check(&format!("the exposer of '{name}'"), &pin_key, peer)?;
+
+        // Another name of the same peer may already have a connection.
+        let existing = self
+            .by_peer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&peer)
+            .and_then(|w| w.upgrade());
+        if let Some(live) = existing.filter(|l| l.conn.close_reason().is_none()) {
+            return Ok(live);
+        }
+
+        let virt = ctx
+            .router
+            .socket()
+            .table()
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .peer(peer);
+        let punched = punch(&ctx.router, virt, &rv).await?;
+        let config = tls::client_config(&ctx.identity, ALPN_PEER)?;
+        let conn = ctx
+            .endpoint
+            .connect_with(config, virt, "p2ptun-peer")?
+            .await
+            .with_context(|| format!("QUIC handshake with the exposer of '{name}' failed"))?;
+        let seen = tls::peer_fingerprint(&conn);
+        if seen != Some(peer) {
+            conn.close(
+                crate::tunnel::header::close::UNEXPECTED_PEER.into(),
+                b"unexpected key",
+            );
+            bail!(
+                "the exposer of '{name}' presented key {} but S introduced {peer}",
+                seen.map(|f| f.to_string())
+                    .unwrap_or_else(|| "(none)".into())
+            );
+        }
+        if pinned == Pinned::New {
+            tracing::info!(%name, %peer, "pinned the exposer's key in {}", pins.path().display());
+        }
+        tracing::info!(
+            %name,
+            %peer,
+            path = "direct UDP",
+            remote = %punched.remote,
+            rtt_ms = format_args!("{:.2}", punched.rtt.as_secs_f64() * 1000.0),
+            "connected to peer via direct UDP"
+        );
+        let live = Arc::new(Live {
+            conn,
+            _punched: punched,
+        });
+        self.by_peer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer, Arc::downgrade(&live));
+        Ok(live)
+    }
+}

@@ -1,0 +1,292 @@
+//! The agent's control connection to S: connect, check S's key, register, receive
+//! introductions, and reconnect with backoff whenever the connection is lost.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use quinn::Connection;
+use tokio::sync::{mpsc, watch};
+
+use super::backoff::Backoff;
+use super::known::{PinFile, Pinned};
+use super::Ctx;
+use crate::proto::{
+    read_frame, write_frame, Candidate, CandidateKind, ClientMsg, ErrorCode, ErrorMsg, Rendezvous,
+    ServerMsg, PROTOCOL_VERSION,
+};
+use crate::punch::candidates::host_candidates;
+use crate::tunnel::tls;
+
+/// How long any one exchange with S may take.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A live registration with S.
+#[derive(Debug)]
+pub struct Registered {
+    /// The control connection.
+    pub conn: Connection,
+    /// S's address.
+    pub server: SocketAddr,
+    /// Where S saw this agent come from: its server-reflexive address.
+    pub observed: SocketAddr,
+    /// The send half of the registration stream; finishing it would end the registration.
+    _registration: quinn::SendStream,
+}
+
+/// Why a registration attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Retrying cannot help; the user must change something.
+    #[error("{0:#}")]
+    Fatal(anyhow::Error),
+    /// Worth another try after a pause.
+    #[error("{0:#}")]
+    Retry(anyhow::Error),
+}
+
+impl Registered {
+    /// Asks S to introduce this agent to the exposer of `name`.
+    pub async fn connect(
+        &self,
+        name: &str,
+        candidates: Vec<Candidate>,
+    ) -> anyhow::Result<Rendezvous> {
+        let exchange = async {
+            let (mut send, mut recv) = self.conn.open_bi().await?;
+            let msg = ClientMsg::Connect {
+                name: name.to_owned(),
+                candidates,
+            };
+            write_frame(&mut send, &msg).await?;
+            let _ = send.finish();
+            match read_frame::<ServerMsg, _>(&mut recv).await? {
+                Some(ServerMsg::Rendezvous(rv)) if rv.name == name => Ok(rv),
+                Some(ServerMsg::Error(e)) => Err(anyhow!(e)),
+                Some(other) => Err(anyhow!("S answered with an unexpected message: {other:?}")),
+                None => Err(anyhow!("S closed the request without an answer")),
+            }
+        };
+        tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
+            .await
+            .map_err(|_| anyhow!("S did not answer within {}s", EXCHANGE_TIMEOUT.as_secs()))?
+    }
+
+    /// This agent's candidates: its interfaces and what S observed.
+    pub fn candidates(&self, ctx: &Ctx) -> Vec<Candidate> {
+        let mut out = local_candidates(ctx);
+        out.push(Candidate {
+            kind: CandidateKind::ServerReflexive,
+            addr: self.observed,
+        });
+        out
+    }
+}
+
+fn local_candidates(ctx: &Ctx) -> Vec<Candidate> {
+    ctx.router
+        .socket()
+        .local()
+        .map(host_candidates)
+        .unwrap_or_default()
+}
+
+/// Keeps this agent registered with S for as long as it runs: publishes each registration in
+/// `current` (and `None` while there is none) and passes introductions S pushes into
+/// `incoming`. Returns only on an error retrying cannot fix.
+pub async fn run(
+    ctx: Arc<Ctx>,
+    current: watch::Sender<Option<Arc<Registered>>>,
+    incoming: mpsc::Sender<Rendezvous>,
+) -> anyhow::Error {
+    let mut backoff = Backoff::default();
+    loop {
+        match register(&ctx).await {
+            Ok((reg, mut events)) => {
+                backoff.reset();
+                let reg = Arc::new(reg);
+                current.send_replace(Some(reg.clone()));
+                let why = loop {
+                    match read_frame::<ServerMsg, _>(&mut events).await {
+                        Ok(Some(ServerMsg::Incoming(rv))) => {
+                            if incoming.send(rv).await.is_err() {
+                                break "agent shutting down".to_owned();
+                            }
+                        }
+                        Ok(Some(other)) => tracing::warn!(?other, "unexpected message from S"),
+                        Ok(None) => break "S closed the connection".to_owned(),
+                        Err(e) => break e.to_string(),
+                    }
+                };
+                current.send_replace(None);
+                let why = reg
+                    .conn
+                    .close_reason()
+                    .map(|r| r.to_string())
+                    .unwrap_or(why);
+                tracing::warn!(server = %ctx.opts.server, "lost the connection to S ({why}); reconnecting");
+            }
+            Err(ControlError::Fatal(e)) => return e,
+            Err(ControlError::Retry(e)) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(
+                    server = %ctx.opts.server,
+                    "cannot register with S: {e:#}; retrying in {:.1}s",
+                    delay.as_secs_f64()
+                );
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// One attempt: connect, verify S, register. Returns the registration and the stream on which
+/// S pushes introductions.
+async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlError> {
+    let retry = ControlError::Retry;
+    let server = resolve(&ctx.opts.server, ctx.ipv4()).await.map_err(retry)?;
+    ctx.router.socket().allow(server);
+    let host = host_part(&ctx.opts.server);
+    let config = tls::client_config(&ctx.identity, crate::proto::ALPN_CONTROL)
+        .map_err(|e| ControlError::Fatal(e.into()))?;
+    let connecting = ctx
+        .endpoint
+        .connect_with(config, server, host)
+        .map_err(|e| retry(anyhow!("cannot connect to {server}: {e}")))?;
+    let conn = tokio::time::timeout(EXCHANGE_TIMEOUT, connecting)
+        .await
+        .map_err(|_| retry(anyhow!("no answer from {server}")))?
+        .map_err(|e| retry(anyhow!("QUIC handshake with {server} failed: {e}")))?;
+    verify_server(ctx, &conn, host).map_err(ControlError::Fatal)?;
+
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let msg = ClientMsg::Register {
+            version: PROTOCOL_VERSION,
+            token: ctx.opts.token.clone(),
+            names: ctx.opts.exposes.iter().map(|e| e.name.clone()).collect(),
+            candidates: local_candidates(ctx),
+        };
+        write_frame(&mut send, &msg).await?;
+        // The send side stays open: closing it would end the registration.
+        let reply = read_frame::<ServerMsg, _>(&mut recv).await?;
+        Ok::<_, anyhow::Error>((send, recv, reply))
+    };
+    let (send, recv, reply) = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
+        .await
+        .map_err(|_| retry(anyhow!("S did not answer the registration")))?
+        .map_err(|e| retry(e.context("registration failed")))?;
+    match reply {
+        Some(ServerMsg::Registered { observed, .. }) => {
+            let observed = crate::path::canonical(observed);
+            tracing::info!(
+                %server, %observed, id = %ctx.identity.fingerprint(),
+                "registered with S{}",
+                if ctx.opts.exposes.is_empty() { String::new() } else {
+                    format!(" exposing {}", ctx.opts.exposes.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", "))
+                }
+            );
+            Ok((
+                Registered {
+                    conn,
+                    server,
+                    observed,
+                    _registration: send,
+                },
+                recv,
+            ))
+        }
+        Some(ServerMsg::Error(e)) => Err(classify(e)),
+        Some(other) => Err(retry(anyhow!("S answered the registration with {other:?}"))),
+        None => Err(retry(anyhow!(
+            "S closed the registration: {}",
+            conn.close_reason()
+                .map(|r| r.to_string())
+                .unwrap_or_default()
+        ))),
+    }
+}
+
+fn classify(e: ErrorMsg) -> ControlError {
+    match e.code {
+        ErrorCode::BadToken => ControlError::Fatal(anyhow!(
+            "S refused the token: {e} (pass the right one with --token or P2PTUN_TOKEN)"
+        )),
+        ErrorCode::NameTaken | ErrorCode::InvalidName | ErrorCode::BadVersion => {
+            ControlError::Fatal(anyhow!("S refused the registration: {e}"))
+        }
+        _ => ControlError::Retry(anyhow!("S refused the registration: {e}")),
+    }
+}
+
+/// Accepts S's key if it matches `--server-fingerprint`, or a CA vouches for it, or it is the
+/// key pinned for this server (pinning it on first use).
+fn verify_server(ctx: &Ctx, conn: &Connection, host: &str) -> anyhow::Result<()> {
+    let seen = tls::peer_fingerprint(conn).context("S presented no usable certificate")?;
+    if let Some(expected) = ctx.opts.server_fingerprint {
+        if seen != expected {
+            conn.close(0u32.into(), b"wrong server key");
+            bail!(
+                "S at {} presented key {seen}, not the {expected} given with --server-fingerprint",
+                ctx.opts.server
+            );
+        }
+        return Ok(());
+    }
+    if tls::verify_with_system_roots(&tls::peer_certs(conn), host).is_ok() {
+        return Ok(());
+    }
+    let pins = PinFile::new(ctx.opts.state_dir.join("known_servers"));
+    match pins.check(&format!("S at {}", ctx.opts.server), &ctx.opts.server, seen) {
+        Ok(Pinned::Known) => Ok(()),
+        Ok(Pinned::New) => {
+            tracing::warn!(
+                server = %ctx.opts.server,
+                "first connection to this S: pinned its key {seen} in {}",
+                pins.path().display()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            conn.close(0u32.into(), b"server key changed");
+            Err(e.into())
+        }
+    }
+}
+
+/// The host part of `HOST:PORT` (without IPv6 brackets), for TLS server names.
+fn host_part(server: &str) -> &str {
+    let host = server.rsplit_once(':').map_or(server, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// Resolves `HOST:PORT` to an address of the socket's family.
+pub async fn resolve(server: &str, ipv4: bool) -> anyhow::Result<SocketAddr> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(server)
+        .await
+        .with_context(|| format!("cannot resolve '{server}'"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4() == ipv4)
+        .copied()
+        .ok_or_else(|| {
+            anyhow!(
+                "'{server}' has no {} address",
+                if ipv4 { "IPv4" } else { "IPv6" }
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_part_strips_port_and_brackets() {
+        assert_eq!(host_part("relay.example.com:7000"), "relay.example.com");
+        assert_eq!(host_part("127.0.0.1:7000"), "127.0.0.1");
+        assert_eq!(host_part("[::1]:7000"), "::1");
+    }
+}
