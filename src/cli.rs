@@ -95,6 +95,12 @@ pub enum Command {
     },
     /// Print this agent's identity fingerprint (what `--allow` takes).
     Id,
+    /// Find out what this network's NAT does to UDP, using S's two STUN addresses.
+    Netcheck {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_name(s: &str) -> Result<String, String> {

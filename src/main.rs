@@ -48,6 +48,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", id.fingerprint());
             return Ok(());
         }
+        Command::Netcheck { json } => {
+            let server = over
+                .server
+                .unwrap_or_else(|| p2ptun::config::DEFAULT_SERVER.to_owned());
+            p2ptun::config::parse_server(&server).map_err(anyhow::Error::msg)?;
+            let bind = over
+                .bind
+                .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+            let report = agent::netcheck(&server, bind).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("S:          {server}");
+                print!("{report}");
+            }
+            return Ok(());
+        }
         Command::Up { config } => ConfigFile::load(&config)?,
         Command::Expose { local, name, allow } => ConfigFile {
             expose: vec![ExposeEntry { name, local, allow }],

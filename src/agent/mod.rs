@@ -148,3 +148,26 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         }
     }
 }
+
+/// Runs `p2ptun netcheck`: probes the network's NAT behaviour against S's STUN addresses.
+pub async fn netcheck(
+    server: &str,
+    bind: SocketAddr,
+) -> anyhow::Result<crate::punch::netcheck::Report> {
+    let open = || -> anyhow::Result<Arc<StunRouter>> {
+        let (socket, rx) = PathSocket::bind(bind, Policy::KnownOnly)
+            .with_context(|| format!("cannot bind a UDP socket at {bind}"))?;
+        Ok(StunRouter::start(socket, rx))
+    };
+    let (main, fresh) = (open()?, open()?);
+    let server_addr = server::resolve(server, bind.is_ipv4()).await?;
+    let locals: Vec<SocketAddr> = main
+        .socket()
+        .local()
+        .map(crate::punch::candidates::host_candidates)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.addr)
+        .collect();
+    Ok(crate::punch::netcheck::run(&main, &fresh, server_addr, &locals).await)
+}

@@ -1,0 +1,256 @@
+//! `p2ptun netcheck`: what this network does to UDP, found with STUN against S's two
+//! addresses (RFC 5780 §4.3 and §4.4). The classification is pure; [`run`] does the probing.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::router::StunRouter;
+use crate::proto::stun;
+
+/// How a NAT chooses the public port for a new destination (RFC 4787 §4.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mapping {
+    /// The agent's address is public: no NAT on the way.
+    NoNat,
+    /// One mapping for all destinations: punchable from anywhere ("easy").
+    EndpointIndependent,
+    /// A new mapping per destination ("symmetric", "hard").
+    EndpointDependent,
+    /// Only one of S's addresses answered, so it cannot be compared.
+    Unknown,
+}
+
+/// Which inbound packets a NAT lets through a mapping (RFC 4787 §5), as far as S's two
+/// addresses can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Filtering {
+    /// From anyone ("full cone").
+    EndpointIndependent,
+    /// Not from another host; whether another port of the same host gets in would need a third
+    /// address at S.
+    AddressDependent,
+    /// Not from another port of the same host ("port-restricted").
+    AddressAndPortDependent,
+    /// From another port of the same host; whether other hosts get in would need S's
+    /// alternate address on a second IP.
+    NotPortDependent,
+    /// No probe could tell.
+    Unknown,
+}
+
+/// What netcheck found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Whether S answered STUN at all.
+    pub udp: bool,
+    /// The address S saw (the public mapping), if UDP works.
+    pub public: Option<SocketAddr>,
+    /// The mapping S's alternate address saw.
+    pub public_alt: Option<SocketAddr>,
+    /// Mapping behaviour.
+    pub mapping: Mapping,
+    /// Filtering behaviour.
+    pub filtering: Filtering,
+}
+
+/// What the probes returned.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Observations {
+    /// The mapping seen by S's primary address.
+    pub primary: Option<SocketAddr>,
+    /// The mapping seen by S's alternate address (from the same socket).
+    pub alternate: Option<SocketAddr>,
+    /// Whether S's alternate address has another IP than the primary one.
+    pub alternate_other_ip: bool,
+    /// From a fresh socket that has sent only to the primary address: whether S's answer
+    /// from its alternate address (CHANGE-REQUEST) got in. `None` when not probed.
+    pub unsolicited_answer_arrived: Option<bool>,
+    /// Whether the primary mapping is one of our own interface addresses.
+    pub mapped_is_local: bool,
+}
+
+/// Classifies the observations.
+pub fn classify(o: &Observations) -> Report {
+    let Some(primary) = o.primary else {
+        return Report {
+            udp: false,
+            public: None,
+            public_alt: None,
+            mapping: Mapping::Unknown,
+            filtering: Filtering::Unknown,
+        };
+    };
+    let mapping = if o.mapped_is_local {
+        Mapping::NoNat
+    } else {
+        match o.alternate {
+            Some(alt) if alt == primary => Mapping::EndpointIndependent,
+            Some(_) => Mapping::EndpointDependent,
+            None => Mapping::Unknown,
+        }
+    };
+    let filtering = match (o.unsolicited_answer_arrived, o.alternate_other_ip) {
+        (None, _) => Filtering::Unknown,
+        (Some(true), true) => Filtering::EndpointIndependent,
+        (Some(true), false) => Filtering::NotPortDependent,
+        (Some(false), true) => Filtering::AddressDependent,
+        (Some(false), false) => Filtering::AddressAndPortDependent,
+    };
+    Report {
+        udp: true,
+        public: Some(primary),
+        public_alt: o.alternate,
+        mapping,
+        filtering,
+    }
+}
+
+/// How long one STUN probe waits, retransmits included.
+const PROBE: Duration = Duration::from_millis(1500);
+
+/// Probes S's primary STUN address `server` and the alternate address it reports: the
+/// mapping through `router`'s socket, the filtering through `fresh`, a socket that has sent
+/// nothing yet (S's two addresses are all it has, so the filtering probe must not come from a
+/// socket that has already opened its NAT toward the alternate address).
+pub async fn run(
+    router: &StunRouter,
+    fresh: &StunRouter,
+    server: SocketAddr,
+    locals: &[SocketAddr],
+) -> Report {
+    let mut o = Observations::default();
+    let Some(first) = router.binding(server, None, PROBE).await else {
+        return classify(&o);
+    };
+    o.primary = stun::mapped_address(&first.msg);
+    o.mapped_is_local = o.primary.is_some_and(|p| locals.contains(&p));
+    if let Some(alt) = stun::other_address(&first.msg) {
+        o.alternate_other_ip = alt.ip() != server.ip();
+        if let Some(r) = router.binding(alt, None, PROBE).await {
+            o.alternate = stun::mapped_address(&r.msg);
+        }
+        // The fresh socket opens its NAT toward the primary address only, then asks S to
+        // answer from the alternate one.
+        if fresh.binding(server, None, PROBE).await.is_some() {
+            let changed = fresh.binding(server, Some((true, true)), PROBE).await;
+            o.unsolicited_answer_arrived = Some(changed.is_some());
+        }
+    }
+    classify(&o)
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.udp {
+            return writeln!(f, "UDP:        blocked (S did not answer STUN)");
+        }
+        writeln!(f, "UDP:        works")?;
+        if let Some(p) = self.public {
+            writeln!(f, "public:     {p}")?;
+        }
+        let mapping = match self.mapping {
+            Mapping::NoNat => "none (this address is public)",
+            Mapping::EndpointIndependent => {
+                "endpoint-independent (same port for every destination: punchable)"
+            }
+            Mapping::EndpointDependent => {
+                "endpoint-dependent (a new port per destination: a 'symmetric' NAT)"
+            }
+            Mapping::Unknown => "unknown (S's alternate address did not answer)",
+        };
+        writeln!(f, "mapping:    {mapping}")?;
+        let filtering = match self.filtering {
+            Filtering::EndpointIndependent => {
+                "endpoint-independent (anyone may send in: 'full cone')"
+            }
+            Filtering::AddressDependent => "address-dependent or stricter (only hosts we sent to)",
+            Filtering::AddressAndPortDependent => {
+                "address-and-port-dependent (only the exact address we sent to)"
+            }
+            Filtering::NotPortDependent => {
+                "not port-dependent (other ports of a host we sent to get in)"
+            }
+            Filtering::Unknown => "unknown",
+        };
+        writeln!(f, "filtering:  {filtering}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> Option<SocketAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn classifies_the_rfc_5780_outcomes() {
+        let base = Observations {
+            primary: addr("203.0.113.9:4000"),
+            alternate: addr("203.0.113.9:4000"),
+            alternate_other_ip: true,
+            unsolicited_answer_arrived: Some(false),
+            ..Default::default()
+        };
+        let r = classify(&base);
+        assert_eq!(
+            (r.mapping, r.filtering),
+            (Mapping::EndpointIndependent, Filtering::AddressDependent)
+        );
+
+        let cone = Observations {
+            unsolicited_answer_arrived: Some(true),
+            ..base
+        };
+        assert_eq!(classify(&cone).filtering, Filtering::EndpointIndependent);
+
+        let one_ip = Observations {
+            alternate_other_ip: false,
+            ..base
+        };
+        assert_eq!(
+            classify(&one_ip).filtering,
+            Filtering::AddressAndPortDependent
+        );
+        let one_ip_open = Observations {
+            unsolicited_answer_arrived: Some(true),
+            ..one_ip
+        };
+        assert_eq!(
+            classify(&one_ip_open).filtering,
+            Filtering::NotPortDependent
+        );
+
+        let hard = Observations {
+            alternate: addr("203.0.113.9:5123"),
+            ..base
+        };
+        assert_eq!(classify(&hard).mapping, Mapping::EndpointDependent);
+
+        let public = Observations {
+            mapped_is_local: true,
+            ..base
+        };
+        assert_eq!(classify(&public).mapping, Mapping::NoNat);
+
+        let unprobed = Observations {
+            unsolicited_answer_arrived: None,
+            alternate: None,
+            ..base
+        };
+        let r = classify(&unprobed);
+        assert_eq!(
+            (r.mapping, r.filtering),
+            (Mapping::Unknown, Filtering::Unknown)
+        );
+
+        let blocked = classify(&Observations::default());
+        assert!(!blocked.udp);
+        assert!(blocked.to_string().contains("blocked"));
+    }
+}
