@@ -95,6 +95,12 @@ pub enum Command {
     },
     /// Print this agent's identity fingerprint (what `--allow` takes).
     Id,
+    /// Show the running agents of this state directory: peers, paths, RTTs, streams.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Find out what this network's NAT does to UDP, using S's two STUN addresses.
     Netcheck {
         /// Print JSON instead of text.

@@ -48,6 +48,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", id.fingerprint());
             return Ok(());
         }
+        Command::Status { json } => {
+            let dir = over.state_dir.unwrap_or_else(default_state_dir);
+            let statuses = agent::status::query(&dir).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&statuses)?);
+            } else {
+                print!("{}", agent::status::render(&statuses));
+            }
+            return Ok(());
+        }
         Command::Netcheck { json } => {
             let server = over
                 .server

@@ -9,6 +9,7 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use super::status::Role;
 use super::{Ctx, ExposeSpec};
 use crate::path::PathKind;
 use crate::proto::{Fingerprint, Rendezvous};
@@ -127,7 +128,8 @@ impl Exposer {
             match conn.accept_bi().await {
                 Ok((send, recv)) => {
                     let this = self.clone();
-                    tokio::spawn(async move { this.serve_stream(peer, send, recv).await });
+                    let conn = conn.clone();
+                    tokio::spawn(async move { this.serve_stream(&conn, peer, send, recv).await });
                 }
                 Err(e) => {
                     tracing::info!(%peer, "forwarder disconnected: {e}");
@@ -137,7 +139,13 @@ impl Exposer {
         }
     }
 
-    async fn serve_stream(&self, peer: Fingerprint, mut send: SendStream, mut recv: RecvStream) {
+    async fn serve_stream(
+        &self,
+        conn: &Connection,
+        peer: Fingerprint,
+        mut send: SendStream,
+        mut recv: RecvStream,
+    ) {
         let refuse = |send: &mut SendStream, recv: &mut RecvStream, code: u32| {
             let _ = send.reset(VarInt::from_u32(code));
             let _ = recv.stop(VarInt::from_u32(code));
@@ -158,6 +166,9 @@ impl Exposer {
             tracing::warn!(%peer, %name, "forwarder not in this name's --allow list");
             return refuse(&mut send, &mut recv, codes::NOT_ALLOWED);
         }
+        let activity = &self.ctx.activity;
+        activity.peer_connected(peer, Role::Expose, &name, conn);
+        let guard = activity.stream_opened(Role::Expose, &name);
         let tcp = match tokio::time::timeout(STREAM_SETUP, TcpStream::connect(&spec.local)).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
@@ -170,6 +181,9 @@ impl Exposer {
             }
         };
         let outcome = copy::splice(tcp, send, recv).await;
+        // Seen from this side, "in" is what the forwarder sent, which went up from the local
+        // service's point of view as "down".
+        guard.moved(outcome.down, outcome.up);
         tracing::debug!(%name, up = outcome.up, down = outcome.down, failure = ?outcome.failure, "stream done");
     }
 }

@@ -3,6 +3,7 @@
 use tokio::net::{TcpListener, TcpStream};
 
 use super::peers::Peers;
+use super::status::Role;
 use super::ForwardSpec;
 use crate::tunnel::{copy, header};
 
@@ -43,8 +44,16 @@ async fn carry(peers: &Peers, name: &str, tcp: TcpStream) -> anyhow::Result<()> 
             anyhow::bail!("cannot open a stream: {e}");
         }
     };
+    if let Some(peer) = crate::tunnel::tls::peer_fingerprint(&conn) {
+        peers
+            .ctx()
+            .activity
+            .peer_connected(peer, Role::Forward, name, &conn);
+    }
+    let guard = peers.ctx().activity.stream_opened(Role::Forward, name);
     send.write_all(&header::encode(name)).await?;
     let outcome = copy::splice(tcp, send, recv).await;
+    guard.moved(outcome.up, outcome.down);
     if let Some(why) = outcome.failure {
         anyhow::bail!("{why}");
     }

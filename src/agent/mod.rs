@@ -11,6 +11,7 @@ pub mod forward;
 pub mod known;
 pub mod peers;
 pub mod server;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -75,6 +76,8 @@ pub struct Ctx {
     pub router: Arc<StunRouter>,
     /// The current registration with S.
     pub registration: watch::Receiver<Option<Arc<server::Registered>>>,
+    /// What status reports.
+    pub activity: status::Activity,
 }
 
 impl Ctx {
@@ -121,9 +124,12 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         endpoint,
         router,
         registration: reg_rx,
+        activity: status::Activity::default(),
     });
     tracing::info!(id = %ctx.identity.fingerprint(), udp = ?ctx.router.socket().local().ok(), "agent started");
 
+    let status_path = status::socket_path(&ctx.opts.state_dir);
+    let status_task = tokio::spawn(status::serve(ctx.clone(), status_path));
     let control = tokio::spawn(server::run(ctx.clone(), reg_tx, incoming_tx));
     let exposer = expose::Exposer::new(ctx.clone());
     tokio::spawn(exposer.clone().answer_introductions(incoming_rx));
@@ -134,7 +140,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         tokio::spawn(forward::serve(peers.clone(), spec, listener));
     }
 
-    tokio::select! {
+    let result = tokio::select! {
         fatal = control => {
             let err = fatal.unwrap_or_else(|e| anyhow::anyhow!("control task failed: {e}"));
             ctx.endpoint.close(crate::tunnel::header::close::SHUTDOWN.into(), b"agent stopped");
@@ -146,7 +152,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), ctx.endpoint.wait_idle()).await;
             Ok(())
         }
-    }
+    };
+    // Aborting drops the task's guard, which removes the status socket.
+    status_task.abort();
+    let _ = status_task.await;
+    result
 }
 
 /// Runs `p2ptun netcheck`: probes the network's NAT behaviour against S's STUN addresses.

@@ -41,6 +41,11 @@ impl Peers {
         }
     }
 
+    /// The agent these connections belong to.
+    pub fn ctx(&self) -> &Ctx {
+        &self.ctx
+    }
+
     /// The connection to the exposer of `name`, made if there is none alive.
     pub async fn get(&self, name: &str) -> anyhow::Result<Connection> {
         let slot = self

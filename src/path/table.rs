@@ -5,13 +5,13 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::proto::Fingerprint;
 
 /// How packets reach a peer. Declared in order of preference: when several paths work, the
 /// first kind wins, and among paths of one kind the lowest RTT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PathKind {
     /// UDP straight to the peer (same LAN, or through punched NATs).
@@ -56,7 +56,7 @@ impl Peer {
 }
 
 /// What status reports about one peer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerStatus {
     /// The peer's identity.
     pub fingerprint: Fingerprint,
@@ -71,7 +71,7 @@ pub struct PeerStatus {
 }
 
 /// What status reports about one path.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PathStatus {
     /// Its kind.
     pub kind: PathKind,

@@ -1,0 +1,359 @@
+//! The agent's status: what it is connected to, over which path, and how it is doing.
+//!
+//! A running agent answers on a Unix socket in its state directory (`agent-PID.sock`, owner
+//! only); `p2ptun status` reads every such socket there and prints what they say.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::Ctx;
+use crate::path::PathStatus;
+use crate::proto::Fingerprint;
+
+/// Live facts the agent's parts record for status.
+#[derive(Debug, Default)]
+pub struct Activity {
+    peers: Mutex<HashMap<Fingerprint, PeerEntry>>,
+    services: Mutex<BTreeMap<(Role, String), Arc<Counters>>>,
+}
+
+#[derive(Debug)]
+struct PeerEntry {
+    role: Role,
+    names: BTreeSet<String>,
+    conn: quinn::Connection,
+}
+
+/// Which side of a connection or service this agent is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// This agent exposes the service; the peer forwards to it.
+    Expose,
+    /// This agent forwards to the service; the peer exposes it.
+    Forward,
+}
+
+/// Stream counters of one service.
+#[derive(Debug, Default)]
+pub struct Counters {
+    open: AtomicU64,
+    total: AtomicU64,
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+/// Counts one stream as open until dropped.
+pub struct StreamGuard(Arc<Counters>);
+
+impl StreamGuard {
+    /// Adds the bytes a finished stream moved.
+    pub fn moved(&self, up: u64, down: u64) {
+        self.0.up.fetch_add(up, Ordering::Relaxed);
+        self.0.down.fetch_add(down, Ordering::Relaxed);
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Activity {
+    /// Records a live connection to `peer` for service `name`.
+    pub fn peer_connected(
+        &self,
+        peer: Fingerprint,
+        role: Role,
+        name: &str,
+        conn: &quinn::Connection,
+    ) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = peers.entry(peer).or_insert_with(|| PeerEntry {
+            role,
+            names: BTreeSet::new(),
+            conn: conn.clone(),
+        });
+        if entry.conn.stable_id() != conn.stable_id() {
+            entry.conn = conn.clone();
+        }
+        entry.names.insert(name.to_owned());
+    }
+
+    /// Counts a new stream of service `name`.
+    pub fn stream_opened(&self, role: Role, name: &str) -> StreamGuard {
+        let counters = self
+            .services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((role, name.to_owned()))
+            .or_default()
+            .clone();
+        counters.open.fetch_add(1, Ordering::Relaxed);
+        counters.total.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(counters)
+    }
+}
+
+/// The status an agent reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// The agent's process ID.
+    pub pid: u32,
+    /// Its fingerprint.
+    pub id: String,
+    /// S's address.
+    pub server: String,
+    /// Whether it is registered with S now.
+    pub registered: bool,
+    /// Its address as S sees it.
+    pub public: Option<SocketAddr>,
+    /// Its peers.
+    pub peers: Vec<PeerReport>,
+    /// Its services.
+    pub services: Vec<ServiceReport>,
+}
+
+/// One peer in [`Status`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerReport {
+    /// The peer's fingerprint.
+    pub fingerprint: String,
+    /// Whether we expose to it or forward to it.
+    pub role: Role,
+    /// The services the connection carries.
+    pub names: Vec<String>,
+    /// Whether the QUIC connection is alive.
+    pub connected: bool,
+    /// The path in use: kind (`direct_udp`), remote address, RTT, time on it.
+    pub path: Option<PathStatus>,
+    /// QUIC's smoothed RTT estimate in milliseconds.
+    pub rtt_ms: f64,
+    /// Bytes sent to the peer (UDP payloads).
+    pub tx_bytes: u64,
+    /// Bytes received from the peer.
+    pub rx_bytes: u64,
+}
+
+/// One service in [`Status`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceReport {
+    /// The service name.
+    pub name: String,
+    /// Exposed or forwarded.
+    pub role: Role,
+    /// Streams open now.
+    pub open_streams: u64,
+    /// Streams since start.
+    pub total_streams: u64,
+    /// Bytes from local TCP clients into the tunnel (finished streams).
+    pub bytes_in: u64,
+    /// Bytes from the tunnel to local TCP clients (finished streams).
+    pub bytes_out: u64,
+}
+
+/// A snapshot of `ctx`'s status.
+pub fn snapshot(ctx: &Ctx) -> Status {
+    let registration = ctx.registration.borrow().clone();
+    let table = ctx
+        .router
+        .socket()
+        .table()
+        .read()
+        .unwrap_or_else(|e| e.into_inner());
+    let peers = ctx.activity.peers.lock().unwrap_or_else(|e| e.into_inner());
+    let mut peer_reports: Vec<PeerReport> = peers
+        .iter()
+        .map(|(fp, entry)| {
+            let paths = table.status(entry.conn.remote_address());
+            PeerReport {
+                fingerprint: fp.to_string(),
+                role: entry.role,
+                names: entry.names.iter().cloned().collect(),
+                connected: entry.conn.close_reason().is_none(),
+                path: paths.as_ref().and_then(|p| p.path.clone()),
+                rtt_ms: entry.conn.rtt().as_secs_f64() * 1000.0,
+                tx_bytes: paths.as_ref().map_or(0, |p| p.tx_bytes),
+                rx_bytes: paths.as_ref().map_or(0, |p| p.rx_bytes),
+            }
+        })
+        .collect();
+    peer_reports.sort_by(|a, b| (a.role, &a.names).cmp(&(b.role, &b.names)));
+    let services = ctx
+        .activity
+        .services
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|((role, name), c)| ServiceReport {
+            name: name.clone(),
+            role: *role,
+            open_streams: c.open.load(Ordering::Relaxed),
+            total_streams: c.total.load(Ordering::Relaxed),
+            bytes_in: c.up.load(Ordering::Relaxed),
+            bytes_out: c.down.load(Ordering::Relaxed),
+        })
+        .collect();
+    Status {
+        pid: std::process::id(),
+        id: ctx.identity.fingerprint().to_string(),
+        server: ctx.opts.server.clone(),
+        registered: registration.is_some(),
+        public: registration.map(|r| r.observed),
+        peers: peer_reports,
+        services,
+    }
+}
+
+/// The status socket of this process in `state_dir`.
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(format!("agent-{}.sock", std::process::id()))
+}
+
+/// Answers status requests on `path` until the agent stops; removes the socket then.
+pub async fn serve(ctx: Arc<Ctx>, path: PathBuf) -> anyhow::Result<()> {
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .with_context(|| format!("cannot create the status socket {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    }
+    let _cleanup = RemoveOnDrop(path);
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        let body = serde_json::to_vec(&snapshot(&ctx)).unwrap_or_default();
+        tokio::spawn(async move {
+            let _ = stream.write_all(&body).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Reads the status of every agent running with `state_dir`. Sockets of agents that are
+/// gone are removed.
+pub async fn query(state_dir: &Path) -> anyhow::Result<Vec<Status>> {
+    let entries = std::fs::read_dir(state_dir)
+        .with_context(|| format!("cannot read the state directory {}", state_dir.display()))?;
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_sock = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("agent-") && n.ends_with(".sock"));
+        if !is_sock {
+            continue;
+        }
+        let read = async {
+            let mut s = tokio::net::UnixStream::connect(&path).await?;
+            let mut body = Vec::new();
+            s.read_to_end(&mut body).await?;
+            Ok::<_, std::io::Error>(body)
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(3), read).await {
+            Ok(Ok(body)) => out.push(
+                serde_json::from_slice(&body)
+                    .with_context(|| format!("malformed status from {}", path.display()))?,
+            ),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                let _ = std::fs::remove_file(&path);
+            }
+            Ok(Err(e)) => tracing::warn!("{}: {e}", path.display()),
+            Err(_) => tracing::warn!("{}: no answer", path.display()),
+        }
+    }
+    Ok(out)
+}
+
+/// Renders statuses as a human-readable table.
+pub fn render(statuses: &[Status]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if statuses.is_empty() {
+        out.push_str("no p2ptun agent is running with this state directory\n");
+    }
+    for s in statuses {
+        let _ = writeln!(
+            out,
+            "agent {} (pid {})  S {}  {}{}",
+            s.id,
+            s.pid,
+            s.server,
+            if s.registered {
+                "registered"
+            } else {
+                "NOT registered"
+            },
+            s.public
+                .map(|p| format!(", public {p}"))
+                .unwrap_or_default()
+        );
+        if !s.peers.is_empty() {
+            let _ = writeln!(
+                out,
+                "  {:<8} {:<20} {:<12} {:<24} {:>9} {:>8} {:>12} {:>12}",
+                "ROLE", "NAMES", "PATH", "REMOTE", "RTT", "ON PATH", "SENT", "RECEIVED"
+            );
+        }
+        for p in &s.peers {
+            let (kind, remote, age) = match &p.path {
+                Some(path) => (
+                    path.kind.to_string(),
+                    path.remote.to_string(),
+                    format!("{}s", path.age_secs),
+                ),
+                None => ("none".into(), "-".into(), "-".into()),
+            };
+            let _ = writeln!(
+                out,
+                "  {:<8} {:<20} {:<12} {:<24} {:>7.2}ms {:>8} {:>12} {:>12}{}",
+                match p.role {
+                    Role::Expose => "expose",
+                    Role::Forward => "forward",
+                },
+                p.names.join(","),
+                kind,
+                remote,
+                p.rtt_ms,
+                age,
+                p.tx_bytes,
+                p.rx_bytes,
+                if p.connected { "" } else { "  (closed)" }
+            );
+        }
+        for svc in &s.services {
+            let _ = writeln!(
+                out,
+                "  service {:<20} {:<7} streams open {:>5}, total {:>7}, bytes in {:>12}, out {:>12}",
+                svc.name,
+                match svc.role {
+                    Role::Expose => "expose",
+                    Role::Forward => "forward",
+                },
+                svc.open_streams,
+                svc.total_streams,
+                svc.bytes_in,
+                svc.bytes_out
+            );
+        }
+    }
+    out
+}
