@@ -100,6 +100,7 @@ pub fn identity_path(state_dir: &std::path::Path) -> PathBuf {
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let identity = Identity::load_or_create(&identity_path(&opts.state_dir))
         .context("cannot load this agent's identity")?;
+    let _lock = lock_state_dir(&opts.state_dir)?;
     // Bind the local ports first: a port in use is the user's to fix, now.
     let mut listeners = Vec::new();
     for f in &opts.forwards {
@@ -157,6 +158,31 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     status_task.abort();
     let _ = status_task.await;
     result
+}
+
+/// Takes the state directory's lock for as long as the returned file lives.
+///
+/// Two agents with one state directory would share one identity, and S keeps one registration
+/// per identity: the second would silently take the first one's names offline.
+fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another p2ptun agent is running with the state directory {} (see `p2ptun status`). \
+             Run both in one `p2ptun up` config, or give this one its own --state-dir",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
 }
 
 /// Runs `p2ptun netcheck`: probes the network's NAT behaviour against S's STUN addresses.
