@@ -11,23 +11,9 @@ use crate::tunnel::identity::write_private;
 /// Why a pin check failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
-    /// The key differs from the pinned one.
-    #[error(
-        "{what} now presents key {seen}, but {file} pins {pinned}. This may be an attack. \
-         If the key was changed on purpose, delete the line starting with '{key}' from {file}"
-    )]
-    Changed {
-        /// What is pinned, for the message.
-        what: String,
-        /// The line's key.
-        key: String,
-        /// The pin file.
-        file: PathBuf,
-        /// The pinned key.
-        pinned: Fingerprint,
-        /// The key seen now.
-        seen: Fingerprint,
-    },
+    /// The key differs from the pinned one; the message says which line to delete.
+    #[error("{0}")]
+    Changed(String),
     /// The pin file is unreadable or malformed.
     #[error("{file}: {reason}")]
     File {
@@ -86,13 +72,12 @@ impl PinFile {
         let mut pins = self.load()?;
         match pins.get(key) {
             Some(pinned) if *pinned == seen => Ok(Pinned::Known),
-            Some(pinned) => Err(PinError::Changed {
-                what: what.to_owned(),
-                key: key.to_owned(),
-                file: self.path.clone(),
-                pinned: *pinned,
-                seen,
-            }),
+            Some(pinned) => Err(PinError::Changed(format!(
+                "{what} now presents key {seen}, but {file} pins {pinned}. This may be an \
+                 attack. If the key was changed on purpose, delete the line starting with \
+                 '{key}' from {file}",
+                file = self.path.display()
+            ))),
             None => {
                 pins.insert(key.to_owned(), seen);
                 write_private(&self.path, render(&pins).as_bytes()).map_err(|e| {

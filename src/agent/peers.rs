@@ -23,11 +23,14 @@ struct Live {
     _punched: Punched,
 }
 
+/// The connection for one name, behind a lock held while it is being made.
+type Slot = Arc<Mutex<Option<Arc<Live>>>>;
+
 /// Connections to exposers, one per peer and made at most once at a time per name.
 #[derive(Clone)]
 pub struct Peers {
     ctx: Arc<Ctx>,
-    by_name: Arc<Mutex<HashMap<String, Arc<Mutex<Option<Arc<Live>>>>>>>,
+    by_name: Arc<Mutex<HashMap<String, Slot>>>,
     by_peer: Arc<std::sync::Mutex<HashMap<Fingerprint, std::sync::Weak<Live>>>>,
 }
 

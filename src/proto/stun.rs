@@ -14,6 +14,7 @@ use stun_codec::rfc5389::attributes::{
 };
 use stun_codec::rfc5389::methods::BINDING;
 use stun_codec::rfc5780::attributes::{ChangeRequest, OtherAddress, ResponseOrigin};
+
 use stun_codec::{Message, MessageClass, MessageDecoder, MessageEncoder, TransactionId};
 
 stun_codec::define_attribute_enums!(
@@ -195,10 +196,28 @@ pub fn other_address(msg: &StunMessage) -> Option<SocketAddr> {
     msg.get_attribute::<OtherAddress>().map(|a| a.address())
 }
 
-/// The RFC 5780 CHANGE-REQUEST flags (ip, port) of a request.
-pub fn change_request(msg: &StunMessage) -> Option<(bool, bool)> {
-    msg.get_attribute::<ChangeRequest>()
-        .map(|c| (c.ip(), c.port()))
+/// The (change IP, change port) flags of a CHANGE-REQUEST attribute (RFC 5780 §7.2: bits
+/// 0x4 and 0x2 of its 32-bit value), read from the raw message.
+///
+/// Read here rather than through `stun_codec`, whose decoder (0.3) takes the flags from bits
+/// 0x2 and 0x1: it would read miniupnpd's "change port" as "change IP" and its "change IP"
+/// as no change at all.
+pub fn change_request(message: &[u8]) -> Option<(bool, bool)> {
+    const CHANGE_REQUEST: u16 = 0x0003;
+    let declared = usize::from(u16::from_be_bytes([*message.get(2)?, *message.get(3)?]));
+    let end = message.len().min(20 + declared);
+    let mut at = 20;
+    while at + 4 <= end {
+        let kind = u16::from_be_bytes([message[at], message[at + 1]]);
+        let len = usize::from(u16::from_be_bytes([message[at + 2], message[at + 3]]));
+        let value = message.get(at + 4..at + 4 + len)?;
+        if kind == CHANGE_REQUEST {
+            let flags = u32::from_be_bytes(value.try_into().ok()?);
+            return Some((flags & 0x4 != 0, flags & 0x2 != 0));
+        }
+        at += 4 + len.div_ceil(4) * 4;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -227,6 +246,15 @@ mod tests {
     }
 
     #[test]
+    fn change_request_survives_encoding_and_raw_decoding() {
+        for flags in [(false, false), (true, false), (false, true), (true, true)] {
+            let req = binding_request(new_tid(), Some(flags));
+            assert_eq!(change_request(&req), Some(flags));
+        }
+        assert_eq!(change_request(&binding_request(new_tid(), None)), None);
+    }
+
+    #[test]
     fn responses_respect_the_size_budget() {
         let tid = new_tid();
         let extras = ResponseExtras {
@@ -251,9 +279,9 @@ mod tests {
         let mut tampered = check.clone();
         let n = tampered.len();
         tampered[n - 30] ^= 1; // inside the HMAC
-        match decode(&tampered) {
-            Ok(msg) => assert!(!has_valid_integrity(&msg, "pw-of-remote")),
-            Err(_) => {} // FINGERPRINT caught it first
+                               // Either FINGERPRINT catches it first, or the integrity check must.
+        if let Ok(msg) = decode(&tampered) {
+            assert!(!has_valid_integrity(&msg, "pw-of-remote"));
         }
     }
 

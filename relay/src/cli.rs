@@ -1,0 +1,161 @@
+//! The `p2ptun-relay` command line, and how its flags override the configuration file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{ConfigError, FileConfig, RelayConfig, TlsFiles};
+
+const CONFIG_HELP: &str = "\
+Configuration file keys (TOML; all optional; relay/relay.example.toml documents them):
+  listen, stun_alt, state_dir, tls_cert, tls_key, metrics   as the flags of the same name
+  tokens = [\"...\"]               as --token, repeated
+  max_connections_per_ip = 32    QUIC connections from one IPv4 address or IPv6 /64
+  max_connections = 10000        QUIC connections in all
+  max_pending_handshakes = 256   QUIC handshakes in progress at once
+  stun_rate_per_ip = 20          STUN answers per second per source (bursts of twice that)
+
+Logging: RUST_LOG (default: info), e.g. RUST_LOG=p2ptun_relay=debug.";
+
+/// The p2ptun rendezvous server (S).
+///
+/// Agents register their names here and are introduced to each other so they can connect
+/// directly. One UDP port carries QUIC (the agents' control connections) and STUN; a second
+/// UDP port answers STUN too, so agents can tell how their NAT maps.
+///
+/// Flags override the configuration file; the file overrides the defaults.
+#[derive(Debug, Parser)]
+#[command(
+    name = "p2ptun-relay",
+    version,
+    about,
+    long_about,
+    after_long_help = CONFIG_HELP
+)]
+pub struct Cli {
+    /// A TOML configuration file (its keys are listed at the end of --help).
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// UDP address for QUIC and STUN [default: 0.0.0.0:7000].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// UDP address of the second STUN responder [default: the listen IP, port + 1].
+    #[arg(long, value_name = "ADDR")]
+    pub stun_alt: Option<SocketAddr>,
+
+    /// Directory for S's identity key and the names agents have claimed
+    /// [default: ./p2ptun-relay-state].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// A token agents must present to register; repeat for several. Replaces the file's
+    /// `tokens`. Without any, anyone may register.
+    #[arg(
+        long = "token",
+        value_name = "T",
+        env = "P2PTUN_RELAY_TOKEN",
+        hide_env_values = true
+    )]
+    pub tokens: Vec<String>,
+
+    /// PEM certificate chain to present instead of S's own self-made certificate.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9100).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+}
+
+impl Cli {
+    /// The configuration these flags ask for: the file's (if any), with flags on top.
+    pub fn into_config(self) -> Result<RelayConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let mut config = file.into_config()?;
+        self.apply(&mut config);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply(self, config: &mut RelayConfig) {
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(alt) = self.stun_alt {
+            config.stun_alt = Some(alt);
+        }
+        if let Some(dir) = self.state_dir {
+            config.state_dir = dir;
+        }
+        if !self.tokens.is_empty() {
+            config.tokens = self.tokens;
+        }
+        if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
+            config.tls = Some(TlsFiles { cert, key });
+        }
+        if let Some(metrics) = self.metrics {
+            config.metrics = Some(metrics);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("relay.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:7100\"\ntokens = [\"from-file\"]\nmax_connections = 5\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "p2ptun-relay",
+            "-c",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:7200",
+            "--token",
+            "a",
+            "--token",
+            "b",
+        ])
+        .unwrap();
+        let config = cli.into_config().unwrap();
+        assert_eq!(config.listen, "127.0.0.1:7200".parse().unwrap());
+        assert_eq!(
+            config.stun_alt_bind(),
+            Some("127.0.0.1:7201".parse().unwrap())
+        );
+        assert_eq!(config.tokens, vec!["a", "b"]);
+        assert_eq!(config.limits.max_connections, 5);
+    }
+
+    #[test]
+    fn tls_flags_come_in_pairs() {
+        assert!(Cli::try_parse_from(["p2ptun-relay", "--tls-cert", "c.pem"]).is_err());
+        let cli =
+            Cli::try_parse_from(["p2ptun-relay", "--tls-cert", "c.pem", "--tls-key", "k.pem"])
+                .unwrap();
+        assert!(cli.into_config().unwrap().tls.is_some());
+    }
+}

@@ -1,0 +1,482 @@
+//! The relay's configuration: what it may be told (the TOML file's keys), the defaults, and
+//! the checks that turn a file into a [`RelayConfig`]. Command-line overrides live in
+//! [`crate::cli`]; this module knows nothing of flags.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer};
+
+/// Where S listens (UDP for QUIC and STUN) unless told otherwise.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 7000);
+
+/// Where S keeps its identity key and the name claims, relative to the working directory,
+/// unless told otherwise. Relative on purpose: a first run in a scratch directory leaves
+/// nothing behind elsewhere; a real deployment should set an absolute `state_dir`.
+pub const DEFAULT_STATE_DIR: &str = "./p2ptun-relay-state";
+
+/// Why a configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key, or a value of the wrong kind.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, which names the key and shows the line.
+        message: String,
+    },
+    /// A value has the right type but is not acceptable.
+    #[error("`{key}` {problem}")]
+    Invalid {
+        /// The offending key (as in the file; the flag of the same name is meant as well).
+        key: &'static str,
+        /// What is wrong and what is expected.
+        problem: String,
+    },
+}
+
+/// How much a stranger can make S spend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections (established or handshaking) from one IPv4 address or IPv6 /64.
+    pub max_connections_per_ip: u32,
+    /// Connections in all.
+    pub max_connections: u32,
+    /// QUIC handshakes in progress at once.
+    pub max_pending_handshakes: u32,
+    /// STUN requests answered per second per source IPv4 address or IPv6 /64; bursts of
+    /// twice as many pass.
+    pub stun_rate_per_ip: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections_per_ip: 32,
+            max_connections: 10_000,
+            max_pending_handshakes: 256,
+            stun_rate_per_ip: 20,
+        }
+    }
+}
+
+/// A CA-issued certificate chain and its key, both PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The chain, leaf first.
+    pub cert: PathBuf,
+    /// The leaf's private key.
+    pub key: PathBuf,
+}
+
+/// Everything S needs to start.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// The UDP address for QUIC and STUN.
+    pub listen: SocketAddr,
+    /// The second STUN address; `None` means the listen address's IP with the next port (or
+    /// any free port when `listen`'s port is 0).
+    pub stun_alt: Option<SocketAddr>,
+    /// Where S's identity key and the name claims live.
+    pub state_dir: PathBuf,
+    /// Tokens an agent may register with; empty means anyone may register.
+    pub tokens: Vec<String>,
+    /// A certificate to present instead of S's self-made identity.
+    pub tls: Option<TlsFiles>,
+    /// Where to serve Prometheus metrics over HTTP, if anywhere.
+    pub metrics: Option<SocketAddr>,
+    /// Resource limits.
+    pub limits: Limits,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            listen: DEFAULT_LISTEN,
+            stun_alt: None,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            tokens: Vec::new(),
+            tls: None,
+            metrics: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl fmt::Debug for RelayConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Tokens are secrets: logs get their number only.
+        f.debug_struct("RelayConfig")
+            .field("listen", &self.listen)
+            .field("stun_alt", &self.stun_alt)
+            .field("state_dir", &self.state_dir)
+            .field("tokens", &self.tokens.len())
+            .field("tls", &self.tls)
+            .field("metrics", &self.metrics)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl RelayConfig {
+    /// The address the alternate STUN socket binds to.
+    ///
+    /// `None` when the default (listen port + 1) would overflow; [`RelayConfig::validate`]
+    /// reports that.
+    pub fn stun_alt_bind(&self) -> Option<SocketAddr> {
+        if let Some(alt) = self.stun_alt {
+            return Some(alt);
+        }
+        let port = match self.listen.port() {
+            0 => 0,
+            p => p.checked_add(1)?,
+        };
+        Some(SocketAddr::new(self.listen.ip(), port))
+    }
+
+    /// Checks what types alone cannot: limits of at least 1, tokens that are not empty, a
+    /// usable alternate STUN address.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let limits = [
+            ("max_connections_per_ip", self.limits.max_connections_per_ip),
+            ("max_connections", self.limits.max_connections),
+            ("max_pending_handshakes", self.limits.max_pending_handshakes),
+            ("stun_rate_per_ip", self.limits.stun_rate_per_ip),
+        ];
+        for (key, value) in limits {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    problem: "must be at least 1".into(),
+                });
+            }
+        }
+        if self.tokens.iter().any(|t| t.trim().is_empty()) {
+            return Err(ConfigError::Invalid {
+                key: "tokens",
+                problem: "must not contain an empty token (leave `tokens` out for open \
+                          registration)"
+                    .into(),
+            });
+        }
+        match self.stun_alt_bind() {
+            None => Err(ConfigError::Invalid {
+                key: "stun_alt",
+                problem: format!(
+                    "must be set: the default, listen port + 1, does not exist for {}",
+                    self.listen
+                ),
+            }),
+            Some(alt) if alt == self.listen && alt.port() != 0 => Err(ConfigError::Invalid {
+                key: "stun_alt",
+                problem: format!("must differ from `listen` ({alt})"),
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+/// The configuration file as written: every key optional, unknown keys refused.
+///
+/// Each field is read through a function naming its key, so that a bad value's error says
+/// which key it is and what it should look like, not only on which line it sits.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// See [`RelayConfig::listen`].
+    #[serde(default, deserialize_with = "de_listen")]
+    pub listen: Option<SocketAddr>,
+    /// See [`RelayConfig::stun_alt`].
+    #[serde(default, deserialize_with = "de_stun_alt")]
+    pub stun_alt: Option<SocketAddr>,
+    /// See [`RelayConfig::state_dir`].
+    #[serde(default, deserialize_with = "de_state_dir")]
+    pub state_dir: Option<PathBuf>,
+    /// See [`RelayConfig::tokens`].
+    #[serde(default, deserialize_with = "de_tokens")]
+    pub tokens: Option<Vec<String>>,
+    /// The certificate chain PEM file; needs `tls_key`.
+    #[serde(default, deserialize_with = "de_tls_cert")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key PEM file; needs `tls_cert`.
+    #[serde(default, deserialize_with = "de_tls_key")]
+    pub tls_key: Option<PathBuf>,
+    /// See [`RelayConfig::metrics`].
+    #[serde(default, deserialize_with = "de_metrics")]
+    pub metrics: Option<SocketAddr>,
+    /// See [`Limits::max_connections_per_ip`].
+    #[serde(default, deserialize_with = "de_max_connections_per_ip")]
+    pub max_connections_per_ip: Option<u32>,
+    /// See [`Limits::max_connections`].
+    #[serde(default, deserialize_with = "de_max_connections")]
+    pub max_connections: Option<u32>,
+    /// See [`Limits::max_pending_handshakes`].
+    #[serde(default, deserialize_with = "de_max_pending_handshakes")]
+    pub max_pending_handshakes: Option<u32>,
+    /// See [`Limits::stun_rate_per_ip`].
+    #[serde(default, deserialize_with = "de_stun_rate_per_ip")]
+    pub stun_rate_per_ip: Option<u32>,
+}
+
+const ADDR: &str = "an IP address and port in quotes, such as \"0.0.0.0:7000\" or \"[::]:7000\"";
+const PATH: &str = "a path in quotes";
+const COUNT: &str = "a whole number from 1 to 4294967295";
+
+/// Reads one value, turning any failure into a message that names `key` and what it takes.
+fn typed<'de, D, T>(d: D, key: &str, expected: &str) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    let value = toml::Value::deserialize(d)?;
+    let shown = value.to_string();
+    value
+        .try_into::<T>()
+        .map(Some)
+        .map_err(|_| D::Error::custom(format!("`{key}` must be {expected}, not {shown}")))
+}
+
+macro_rules! field_readers {
+    ($($fn_name:ident: $ty:ty = $key:literal, $expected:expr;)*) => {$(
+        fn $fn_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<$ty>, D::Error> {
+            typed(d, $key, $expected)
+        }
+    )*};
+}
+
+field_readers! {
+    de_listen: SocketAddr = "listen", ADDR;
+    de_stun_alt: SocketAddr = "stun_alt", ADDR;
+    de_metrics: SocketAddr = "metrics", ADDR;
+    de_state_dir: PathBuf = "state_dir", PATH;
+    de_tls_cert: PathBuf = "tls_cert", PATH;
+    de_tls_key: PathBuf = "tls_key", PATH;
+    de_tokens: Vec<String> = "tokens", "a list of strings, such as [\"s3cret\"]";
+    de_max_connections_per_ip: u32 = "max_connections_per_ip", COUNT;
+    de_max_connections: u32 = "max_connections", COUNT;
+    de_max_pending_handshakes: u32 = "max_pending_handshakes", COUNT;
+    de_stun_rate_per_ip: u32 = "stun_rate_per_ip", COUNT;
+}
+
+impl FileConfig {
+    /// Parses the text of a configuration file; `path` only names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads and parses a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Fills a [`RelayConfig`] from the defaults and this file.
+    pub fn into_config(self) -> Result<RelayConfig, ConfigError> {
+        let defaults = RelayConfig::default();
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid {
+                    key: "tls_key",
+                    problem: "must be set when `tls_cert` is".into(),
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    key: "tls_cert",
+                    problem: "must be set when `tls_key` is".into(),
+                })
+            }
+        };
+        let limits = Limits {
+            max_connections_per_ip: self
+                .max_connections_per_ip
+                .unwrap_or(defaults.limits.max_connections_per_ip),
+            max_connections: self
+                .max_connections
+                .unwrap_or(defaults.limits.max_connections),
+            max_pending_handshakes: self
+                .max_pending_handshakes
+                .unwrap_or(defaults.limits.max_pending_handshakes),
+            stun_rate_per_ip: self
+                .stun_rate_per_ip
+                .unwrap_or(defaults.limits.stun_rate_per_ip),
+        };
+        Ok(RelayConfig {
+            listen: self.listen.unwrap_or(defaults.listen),
+            stun_alt: self.stun_alt,
+            state_dir: self.state_dir.unwrap_or(defaults.state_dir),
+            tokens: self.tokens.unwrap_or_default(),
+            tls,
+            metrics: self.metrics,
+            limits,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<RelayConfig, ConfigError> {
+        let config = FileConfig::parse(text, Path::new("relay.toml"))?.into_config()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn a_full_file_is_read() {
+        let config = parse(
+            r#"
+            listen = "192.0.2.1:7100"
+            stun_alt = "192.0.2.2:7100"
+            state_dir = "/var/lib/p2ptun-relay"
+            tokens = ["one", "two"]
+            tls_cert = "/etc/relay/cert.pem"
+            tls_key = "/etc/relay/key.pem"
+            metrics = "127.0.0.1:9100"
+            max_connections_per_ip = 4
+            max_connections = 100
+            max_pending_handshakes = 10
+            stun_rate_per_ip = 5
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.listen, "192.0.2.1:7100".parse().unwrap());
+        assert_eq!(
+            config.stun_alt_bind(),
+            Some("192.0.2.2:7100".parse().unwrap())
+        );
+        assert_eq!(config.state_dir, PathBuf::from("/var/lib/p2ptun-relay"));
+        assert_eq!(config.tokens, vec!["one", "two"]);
+        assert_eq!(
+            config.tls,
+            Some(TlsFiles {
+                cert: "/etc/relay/cert.pem".into(),
+                key: "/etc/relay/key.pem".into()
+            })
+        );
+        assert_eq!(config.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(
+            config.limits,
+            Limits {
+                max_connections_per_ip: 4,
+                max_connections: 100,
+                max_pending_handshakes: 10,
+                stun_rate_per_ip: 5
+            }
+        );
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(config, RelayConfig::default());
+        assert_eq!(
+            config.stun_alt_bind(),
+            Some("0.0.0.0:7001".parse().unwrap())
+        );
+        assert!(!format!("{config:?}").is_empty());
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        let err = parse("listen = \"0.0.0.0:1\"\nlisten_port = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("relay.toml"), "{err}");
+        assert!(err.contains("unknown field `listen_port`"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key_and_what_is_expected() {
+        let err = parse("listen = \"nope\"").unwrap_err().to_string();
+        assert!(
+            err.contains("`listen` must be an IP address and port"),
+            "{err}"
+        );
+        assert!(err.contains("\"nope\""), "{err}");
+
+        let err = parse("max_connections = -1").unwrap_err().to_string();
+        assert!(
+            err.contains("`max_connections` must be a whole number"),
+            "{err}"
+        );
+
+        let err = parse("tokens = \"abc\"").unwrap_err().to_string();
+        assert!(err.contains("`tokens` must be a list of strings"), "{err}");
+
+        let err = parse("stun_rate_per_ip = 0").unwrap_err().to_string();
+        assert!(
+            err.contains("`stun_rate_per_ip` must be at least 1"),
+            "{err}"
+        );
+
+        let err = parse("tokens = [\"\"]").unwrap_err().to_string();
+        assert!(err.contains("`tokens`"), "{err}");
+
+        let err = parse("tls_cert = \"c.pem\"").unwrap_err().to_string();
+        assert!(err.contains("`tls_key` must be set"), "{err}");
+    }
+
+    #[test]
+    fn the_alternate_stun_port_follows_the_listen_port() {
+        let mut config = RelayConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..RelayConfig::default()
+        };
+        assert_eq!(config.stun_alt_bind(), Some("127.0.0.1:0".parse().unwrap()));
+        config.listen = "127.0.0.1:65535".parse().unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("`stun_alt` must be set"), "{err}");
+        config.stun_alt = Some(config.listen);
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn the_example_file_parses_with_every_key_uncommented() {
+        let text = include_str!("../relay.example.toml");
+        assert_eq!(parse(text).unwrap(), RelayConfig::default());
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.contains(" = ") => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config = parse(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+        assert_eq!(config.tokens, vec!["change-me"]);
+        assert_eq!(config.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert!(config.tls.is_some());
+        assert_eq!(config.limits, Limits::default());
+    }
+
+    #[test]
+    fn debug_output_hides_tokens() {
+        let config = RelayConfig {
+            tokens: vec!["s3cret".into()],
+            ..RelayConfig::default()
+        };
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+}

@@ -1,0 +1,560 @@
+//! One agent's control connection: its registration stream (Register, then S's pushes of
+//! Incoming) and its request streams (one Connect each). Everything an agent does wrong is
+//! answered on the stream it did it on; only a broken registration stream ends the
+//! connection, and nothing here can affect another agent's.
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use p2ptun::path::canonical;
+use p2ptun::proto::{
+    read_frame, validate_name, write_frame, Candidate, ClientMsg, ErrorCode, ErrorMsg, Fingerprint,
+    FrameError, ServerMsg, PROTOCOL_VERSION,
+};
+use p2ptun::tunnel::tls::peer_fingerprint;
+use quinn::{Connection, RecvStream, SendStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::directory::Directory;
+use crate::metrics::Metrics;
+use crate::names::{NameRegistry, NamesError};
+use crate::rendezvous::{introduce, Side};
+use crate::token::Tokens;
+
+/// QUIC application close codes S uses; the reason phrase says more.
+pub mod close {
+    use quinn::VarInt;
+
+    /// S is shutting down.
+    pub const SHUTDOWN: VarInt = VarInt::from_u32(0);
+    /// The agent broke the protocol (no certificate, misuse of the registration stream).
+    pub const PROTOCOL: VarInt = VarInt::from_u32(1);
+    /// Registration was refused; the error was also sent on the registration stream.
+    pub const REFUSED: VarInt = VarInt::from_u32(2);
+    /// A newer connection of the same identity registered.
+    pub const REPLACED: VarInt = VarInt::from_u32(3);
+    /// The agent closed its registration stream: it is leaving.
+    pub const LEFT: VarInt = VarInt::from_u32(4);
+}
+
+/// The most names one agent may expose.
+pub const MAX_NAMES_PER_AGENT: usize = 64;
+/// The most candidates one message may list.
+pub const MAX_CANDIDATES: usize = 32;
+/// How long an agent may take to send a stream's first message.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a write to an agent may take before the agent is considered stuck.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long S waits, after refusing a registration, for the agent to read the error and
+/// hang up before S closes the connection itself (closing at once could discard the
+/// error before the agent has read it).
+const REFUSAL_GRACE: Duration = Duration::from_secs(2);
+/// How long a connection may stay without registering: an unregistered connection is of no
+/// use to anyone and holds one of its source's connection slots.
+pub const REGISTER_DEADLINE: Duration = Duration::from_secs(15);
+/// Introductions queued for an exposer that is slow to take them.
+const PUSH_QUEUE: usize = 32;
+
+/// What S shares between all connections.
+#[derive(Debug)]
+pub struct Shared {
+    /// The tokens agents must show.
+    pub tokens: Tokens,
+    /// Who owns which name.
+    pub names: Mutex<NameRegistry>,
+    /// Who is online.
+    pub directory: Mutex<Directory<Agent>>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Where the alternate STUN socket is bound.
+    pub stun_alt: SocketAddr,
+    next_registration: AtomicU64,
+}
+
+impl Shared {
+    /// State for an S with these parts.
+    pub fn new(
+        tokens: Tokens,
+        names: NameRegistry,
+        metrics: Arc<Metrics>,
+        stun_alt: SocketAddr,
+    ) -> Self {
+        Shared {
+            tokens,
+            names: Mutex::new(names),
+            directory: Mutex::new(Directory::default()),
+            metrics,
+            stun_alt,
+            next_registration: AtomicU64::new(1),
+        }
+    }
+
+    /// The online agents (the lock is never held across an await).
+    pub fn directory(&self) -> MutexGuard<'_, Directory<Agent>> {
+        self.directory.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn names(&self) -> MutexGuard<'_, NameRegistry> {
+        self.names.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A registered agent, as the directory keeps it.
+#[derive(Debug)]
+pub struct Agent {
+    fingerprint: Fingerprint,
+    candidates: Vec<Candidate>,
+    conn: Connection,
+    push: mpsc::Sender<ServerMsg>,
+}
+
+/// One connection's state, shared by its stream tasks.
+struct Session {
+    shared: Arc<Shared>,
+    conn: Connection,
+    fingerprint: Fingerprint,
+    register_started: AtomicBool,
+    registered: Mutex<Option<(u64, Arc<Agent>)>>,
+}
+
+impl Session {
+    fn registered(&self) -> Option<(u64, Arc<Agent>)> {
+        self.registered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> ErrorMsg {
+    ErrorMsg {
+        code,
+        message: message.into(),
+    }
+}
+
+/// The address to tell an agent for S's alternate STUN socket, bound at `alt`.
+///
+/// A socket bound to a specific address is reported as it is. One bound to the unspecified
+/// address has no address of its own, so S reports the address the agent's packets reached
+/// (`local_ip`) with the alternate port: both sockets are on the same host, so what reached
+/// one reaches the other. Without that address (no packet info on this platform) S reports
+/// nothing rather than guess. Behind a 1:1 NAT in front of S the reported IP is S's private
+/// one; bind `stun_alt` to S's public address there, if the host has it.
+pub fn stun_alt_for(alt: SocketAddr, local_ip: Option<IpAddr>) -> Option<SocketAddr> {
+    let alt = canonical(alt);
+    if !alt.ip().is_unspecified() {
+        return Some(alt);
+    }
+    local_ip.map(|ip| SocketAddr::new(ip.to_canonical(), alt.port()))
+}
+
+/// Serves one established connection until it ends.
+pub async fn serve(shared: Arc<Shared>, conn: Connection) {
+    let Some(fingerprint) = peer_fingerprint(&conn) else {
+        conn.close(close::PROTOCOL, b"no usable client certificate");
+        return;
+    };
+    let session = Arc::new(Session {
+        shared,
+        conn: conn.clone(),
+        fingerprint,
+        register_started: AtomicBool::new(false),
+        registered: Mutex::new(None),
+    });
+    let remote = conn.remote_address();
+    tracing::debug!(%remote, agent = %fingerprint, "agent connected");
+    let mut streams = JoinSet::new();
+    let deadline = tokio::time::sleep(REGISTER_DEADLINE);
+    let mut deadline = pin!(deadline);
+    let mut deadline_armed = true;
+    let reason = loop {
+        tokio::select! {
+            () = &mut deadline, if deadline_armed => {
+                deadline_armed = false;
+                if session.registered().is_none() {
+                    conn.close(close::PROTOCOL, b"no registration within 15 s");
+                }
+            }
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    streams.spawn(handle_stream(Arc::clone(&session), send, recv));
+                }
+                Err(e) => break e,
+            },
+            Some(done) = streams.join_next() => {
+                if let Err(e) = done {
+                    tracing::error!(agent = %fingerprint, error = %e, "stream task failed");
+                }
+            }
+        }
+    };
+    streams.abort_all();
+    if let Some((registration, _)) = session.registered() {
+        if session
+            .shared
+            .directory()
+            .remove(&fingerprint, registration)
+        {
+            tracing::info!(%remote, agent = %fingerprint, %reason, "agent went offline");
+        }
+    } else {
+        tracing::debug!(%remote, agent = %fingerprint, %reason, "connection ended");
+    }
+}
+
+async fn handle_stream(session: Arc<Session>, mut send: SendStream, mut recv: RecvStream) {
+    let first = tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<ClientMsg, _>(&mut recv));
+    let msg = match first.await {
+        Ok(Ok(Some(msg))) => msg,
+        Ok(Ok(None)) => return,
+        Ok(Err(FrameError::Malformed(e))) => {
+            let err = error(ErrorCode::BadRequest, format!("malformed request: {e}"));
+            reply_error(&session, &mut send, err).await;
+            return;
+        }
+        Ok(Err(FrameError::TooLarge(n))) => {
+            let err = error(
+                ErrorCode::BadRequest,
+                format!("a request of {n} bytes is larger than S accepts"),
+            );
+            reply_error(&session, &mut send, err).await;
+            return;
+        }
+        // The stream broke; there is nobody to answer.
+        Ok(Err(_)) => return,
+        Err(_) => {
+            let err = error(ErrorCode::BadRequest, "no request within 10 s");
+            reply_error(&session, &mut send, err).await;
+            return;
+        }
+    };
+    match msg {
+        ClientMsg::Register {
+            version,
+            token,
+            names,
+            candidates,
+        } => {
+            if session.register_started.swap(true, Ordering::SeqCst) {
+                let err = error(
+                    ErrorCode::BadRequest,
+                    "already registered on this connection; Register is sent once",
+                );
+                reply_error(&session, &mut send, err).await;
+                return;
+            }
+            let request = RegisterRequest {
+                version,
+                token,
+                names,
+                candidates,
+            };
+            match register(&session, request) {
+                Ok((registration, push_rx, observed)) => {
+                    registered_stream(&session, send, recv, push_rx, observed, registration).await
+                }
+                Err(err) => refuse_registration(&session, send, err).await,
+            }
+        }
+        ClientMsg::Connect { name, candidates } => {
+            let answer = match connect(&session, &name, candidates) {
+                Ok(rendezvous) => ServerMsg::Rendezvous(rendezvous),
+                Err(err) => {
+                    session.shared.metrics.error(err.code);
+                    tracing::debug!(agent = %session.fingerprint, %name, error = %err, "connect refused");
+                    ServerMsg::Error(err)
+                }
+            };
+            let _ = write_and_finish(&mut send, &answer).await;
+        }
+    }
+}
+
+struct RegisterRequest {
+    version: u32,
+    token: Option<String>,
+    names: Vec<String>,
+    candidates: Vec<Candidate>,
+}
+
+/// Checks a registration and puts the agent online.
+fn register(
+    session: &Session,
+    req: RegisterRequest,
+) -> Result<(u64, mpsc::Receiver<ServerMsg>, SocketAddr), ErrorMsg> {
+    if req.version != PROTOCOL_VERSION {
+        return Err(error(
+            ErrorCode::BadVersion,
+            format!(
+                "this S speaks protocol version {PROTOCOL_VERSION} and the agent speaks \
+                 version {}; upgrade the older of the two",
+                req.version
+            ),
+        ));
+    }
+    session
+        .shared
+        .tokens
+        .check(req.token.as_deref())
+        .map_err(|e| error(ErrorCode::BadToken, e.to_string()))?;
+    let mut names: Vec<String> = Vec::with_capacity(req.names.len());
+    for name in req.names {
+        validate_name(&name).map_err(|e| error(ErrorCode::InvalidName, e))?;
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    if names.len() > MAX_NAMES_PER_AGENT {
+        return Err(error(
+            ErrorCode::BadRequest,
+            format!(
+                "{} names in one registration; an agent may expose at most {MAX_NAMES_PER_AGENT}",
+                names.len()
+            ),
+        ));
+    }
+    check_candidates(&req.candidates)?;
+    let fingerprint = session.fingerprint;
+    session
+        .shared
+        .names()
+        .claim(&names, fingerprint)
+        .map_err(|e| match e {
+            NamesError::Taken(name) => error(
+                ErrorCode::NameTaken,
+                format!(
+                    "the name '{name}' is held by another identity on this server; choose \
+                     another name, or run with the key that claimed it"
+                ),
+            ),
+            NamesError::Full => error(ErrorCode::RateLimited, e.to_string()),
+            other => {
+                tracing::error!(error = %other, "cannot save a name claim");
+                error(ErrorCode::Internal, "S could not save the name claim")
+            }
+        })?;
+
+    let (push, push_rx) = mpsc::channel(PUSH_QUEUE);
+    let agent = Arc::new(Agent {
+        fingerprint,
+        candidates: req.candidates,
+        conn: session.conn.clone(),
+        push,
+    });
+    let registration = session
+        .shared
+        .next_registration
+        .fetch_add(1, Ordering::Relaxed);
+    *session.registered.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some((registration, Arc::clone(&agent)));
+    let replaced =
+        session
+            .shared
+            .directory()
+            .insert(fingerprint, registration, names.clone(), agent);
+    if let Some(old) = replaced {
+        old.conn.close(
+            close::REPLACED,
+            b"replaced by a newer connection of the same identity",
+        );
+    }
+    Metrics::inc(&session.shared.metrics.registrations_total);
+    let observed = canonical(session.conn.remote_address());
+    tracing::info!(agent = %fingerprint, %observed, ?names, "agent registered");
+    Ok((registration, push_rx, observed))
+}
+
+fn check_candidates(candidates: &[Candidate]) -> Result<(), ErrorMsg> {
+    if candidates.len() > MAX_CANDIDATES {
+        return Err(error(
+            ErrorCode::BadRequest,
+            format!(
+                "{} candidates; at most {MAX_CANDIDATES} are accepted",
+                candidates.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Answers Registered, then relays pushes to the agent until the stream or connection ends.
+async fn registered_stream(
+    session: &Session,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    mut push_rx: mpsc::Receiver<ServerMsg>,
+    observed: SocketAddr,
+    registration: u64,
+) {
+    let conn = &session.conn;
+    let registered = ServerMsg::Registered {
+        observed,
+        stun_alt: stun_alt_for(session.shared.stun_alt, conn.local_ip()),
+    };
+    if let Err(e) = timed_write(&mut send, &registered).await {
+        conn.close(
+            close::PROTOCOL,
+            format!("cannot answer Register: {e}").as_bytes(),
+        );
+        return;
+    }
+    // One read for the whole life of the stream: the agent sends nothing more on it, so
+    // whatever completes this read ends the registration.
+    let mut next = pin!(read_frame::<ClientMsg, _>(&mut recv));
+    loop {
+        tokio::select! {
+            read = &mut next => {
+                let reason = match read {
+                    Ok(None) => {
+                        conn.close(close::LEFT, b"registration stream finished");
+                        return;
+                    }
+                    Ok(Some(_)) => {
+                        let err = error(
+                            ErrorCode::BadRequest,
+                            "the registration stream carries only Register; open a new \
+                             stream for each request",
+                        );
+                        session.shared.metrics.error(err.code);
+                        let _ = timed_write(&mut send, &ServerMsg::Error(err.clone())).await;
+                        err.message
+                    }
+                    Err(e) => format!("registration stream: {e}"),
+                };
+                tracing::debug!(agent = %session.fingerprint, registration, %reason, "closing");
+                conn.close(close::PROTOCOL, reason.as_bytes());
+                return;
+            }
+            Some(msg) = push_rx.recv() => {
+                if let Err(e) = timed_write(&mut send, &msg).await {
+                    let reason = format!("cannot deliver to the agent: {e}");
+                    conn.close(close::PROTOCOL, reason.as_bytes());
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sends a registration refusal, gives the agent a moment to read it, and closes.
+async fn refuse_registration(session: &Session, mut send: SendStream, err: ErrorMsg) {
+    session.shared.metrics.error(err.code);
+    tracing::info!(
+        agent = %session.fingerprint,
+        remote = %session.conn.remote_address(),
+        code = ?err.code,
+        error = %err,
+        "registration refused"
+    );
+    let _ = write_and_finish(&mut send, &ServerMsg::Error(err.clone())).await;
+    let _ = tokio::time::timeout(REFUSAL_GRACE, session.conn.closed()).await;
+    session.conn.close(close::REFUSED, err.message.as_bytes());
+}
+
+/// Introduces the asking agent to the one exposing `name`.
+fn connect(
+    session: &Session,
+    name: &str,
+    candidates: Vec<Candidate>,
+) -> Result<p2ptun::proto::Rendezvous, ErrorMsg> {
+    let Some((_, me)) = session.registered() else {
+        return Err(error(
+            ErrorCode::BadRequest,
+            "Connect before Register: register first and wait for Registered",
+        ));
+    };
+    validate_name(name).map_err(|e| error(ErrorCode::InvalidName, e))?;
+    check_candidates(&candidates)?;
+    let unknown = || {
+        error(
+            ErrorCode::UnknownName,
+            format!("nobody exposes '{name}' on this server right now"),
+        )
+    };
+    let exposer = session
+        .shared
+        .directory()
+        .exposing(name)
+        .ok_or_else(unknown)?;
+    let forwarder = Side {
+        fingerprint: me.fingerprint,
+        candidates: &candidates,
+        observed: canonical(session.conn.remote_address()),
+        rtt: session.conn.rtt(),
+    };
+    let exposer_side = Side {
+        fingerprint: exposer.fingerprint,
+        candidates: &exposer.candidates,
+        observed: canonical(exposer.conn.remote_address()),
+        rtt: exposer.conn.rtt(),
+    };
+    let session_id = rand::random::<u64>();
+    let intro = introduce(session_id, name, forwarder, exposer_side);
+    match exposer.push.try_send(ServerMsg::Incoming(intro.to_exposer)) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            return Err(error(
+                ErrorCode::RateLimited,
+                format!(
+                "the agent exposing '{name}' has too many introductions waiting; try again shortly"
+            ),
+            ))
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => return Err(unknown()),
+    }
+    Metrics::inc(&session.shared.metrics.sessions_total);
+    tracing::info!(
+        session = session_id,
+        %name,
+        forwarder = %me.fingerprint,
+        exposer = %exposer.fingerprint,
+        "introduced"
+    );
+    Ok(intro.to_forwarder)
+}
+
+async fn reply_error(session: &Session, send: &mut SendStream, err: ErrorMsg) {
+    session.shared.metrics.error(err.code);
+    tracing::debug!(agent = %session.fingerprint, code = ?err.code, error = %err, "bad request");
+    let _ = write_and_finish(send, &ServerMsg::Error(err)).await;
+}
+
+async fn timed_write(send: &mut SendStream, msg: &ServerMsg) -> Result<(), String> {
+    match tokio::time::timeout(WRITE_TIMEOUT, write_frame(send, msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the agent stopped reading".into()),
+    }
+}
+
+async fn write_and_finish(send: &mut SendStream, msg: &ServerMsg) -> Result<(), String> {
+    timed_write(send, msg).await?;
+    send.finish().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_alternate_stun_address_is_reported_from_the_agents_view() {
+        let specific: SocketAddr = "203.0.113.1:7001".parse().unwrap();
+        assert_eq!(stun_alt_for(specific, None), Some(specific));
+        let any: SocketAddr = "0.0.0.0:7001".parse().unwrap();
+        assert_eq!(
+            stun_alt_for(any, Some("198.51.100.5".parse().unwrap())),
+            Some("198.51.100.5:7001".parse().unwrap())
+        );
+        let any6: SocketAddr = "[::]:7001".parse().unwrap();
+        assert_eq!(
+            stun_alt_for(any6, Some("::ffff:198.51.100.5".parse().unwrap())),
+            Some("198.51.100.5:7001".parse().unwrap())
+        );
+        assert_eq!(stun_alt_for(any, None), None);
+    }
+}

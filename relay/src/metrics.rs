@@ -1,0 +1,345 @@
+//! S's counters and gauges, and the tiny HTTP/1.1 responder that serves them in the
+//! Prometheus text format (version 0.0.4). Deliberately minimal: one GET, one answer, close.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use p2ptun::proto::ErrorCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::limits::Refusal;
+
+const CODES: [ErrorCode; 8] = [
+    ErrorCode::BadVersion,
+    ErrorCode::BadToken,
+    ErrorCode::NameTaken,
+    ErrorCode::InvalidName,
+    ErrorCode::UnknownName,
+    ErrorCode::BadRequest,
+    ErrorCode::RateLimited,
+    ErrorCode::Internal,
+];
+
+const REFUSALS: [Refusal; 3] = [Refusal::Total, Refusal::PerSource, Refusal::Pending];
+
+fn code_index(code: ErrorCode) -> usize {
+    CODES
+        .iter()
+        .position(|c| *c == code)
+        .unwrap_or(CODES.len() - 1)
+}
+
+fn code_label(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::BadVersion => "bad_version",
+        ErrorCode::BadToken => "bad_token",
+        ErrorCode::NameTaken => "name_taken",
+        ErrorCode::InvalidName => "invalid_name",
+        ErrorCode::UnknownName => "unknown_name",
+        ErrorCode::BadRequest => "bad_request",
+        ErrorCode::RateLimited => "rate_limited",
+        ErrorCode::Internal => "internal",
+    }
+}
+
+/// Counters S keeps; gauges are read from their owners when rendering.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Connections established.
+    pub connections_total: AtomicU64,
+    refused: [AtomicU64; 3],
+    /// QUIC Retries sent.
+    pub retries_total: AtomicU64,
+    /// Successful registrations.
+    pub registrations_total: AtomicU64,
+    /// Sessions made (introductions).
+    pub sessions_total: AtomicU64,
+    /// STUN requests answered.
+    pub stun_answered_total: AtomicU64,
+    /// STUN datagrams dropped for their source's rate.
+    pub stun_rate_limited_total: AtomicU64,
+    /// Datagrams on a STUN socket that were not Binding requests S answers.
+    pub stun_ignored_total: AtomicU64,
+    errors: [AtomicU64; 8],
+}
+
+/// Values owned elsewhere, read at rendering time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Gauges {
+    /// Connections held.
+    pub connections: u64,
+    /// Handshakes in progress.
+    pub handshakes_pending: u64,
+    /// Registered agents connected now.
+    pub agents_online: u64,
+    /// Names ever claimed.
+    pub names_claimed: u64,
+}
+
+impl Metrics {
+    /// Adds one to `counter` (one of this struct's public fields).
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a refused connection.
+    pub fn refused(&self, why: Refusal) {
+        let i = REFUSALS.iter().position(|r| *r == why).unwrap_or(0);
+        Self::inc(&self.refused[i]);
+    }
+
+    /// Counts an error reported to an agent.
+    pub fn error(&self, code: ErrorCode) {
+        Self::inc(&self.errors[code_index(code)]);
+    }
+
+    /// The Prometheus text exposition of everything.
+    pub fn render(&self, gauges: Gauges) -> String {
+        let mut out = String::new();
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP p2ptun_relay_{name} {help}");
+            let _ = writeln!(out, "# TYPE p2ptun_relay_{name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "p2ptun_relay_{name}{labels} {value}");
+            }
+        };
+        metric(
+            "connections",
+            "gauge",
+            "QUIC connections held (established or handshaking).",
+            &[("", gauges.connections)],
+        );
+        metric(
+            "handshakes_pending",
+            "gauge",
+            "QUIC handshakes in progress.",
+            &[("", gauges.handshakes_pending)],
+        );
+        metric(
+            "agents_online",
+            "gauge",
+            "Registered agents connected now.",
+            &[("", gauges.agents_online)],
+        );
+        metric(
+            "names_claimed",
+            "gauge",
+            "Names claimed by an identity (claims are permanent).",
+            &[("", gauges.names_claimed)],
+        );
+        metric(
+            "connections_total",
+            "counter",
+            "QUIC connections established.",
+            &[("", get(&self.connections_total))],
+        );
+        let refused: Vec<(String, u64)> = REFUSALS
+            .iter()
+            .zip(&self.refused)
+            .map(|(r, c)| (format!("{{limit=\"{}\"}}", r.label()), get(c)))
+            .collect();
+        let refused: Vec<(&str, u64)> = refused.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(
+            "connections_refused_total",
+            "counter",
+            "QUIC connection attempts refused, by the limit that refused them.",
+            &refused,
+        );
+        metric(
+            "retries_total",
+            "counter",
+            "QUIC Retry packets sent to make clients prove their address.",
+            &[("", get(&self.retries_total))],
+        );
+        metric(
+            "registrations_total",
+            "counter",
+            "Successful registrations.",
+            &[("", get(&self.registrations_total))],
+        );
+        metric(
+            "sessions_total",
+            "counter",
+            "Sessions made between two agents.",
+            &[("", get(&self.sessions_total))],
+        );
+        metric(
+            "stun_requests_total",
+            "counter",
+            "STUN datagrams, by what became of them.",
+            &[
+                ("{result=\"answered\"}", get(&self.stun_answered_total)),
+                (
+                    "{result=\"rate_limited\"}",
+                    get(&self.stun_rate_limited_total),
+                ),
+                ("{result=\"ignored\"}", get(&self.stun_ignored_total)),
+            ],
+        );
+        let errors: Vec<(String, u64)> = CODES
+            .iter()
+            .zip(&self.errors)
+            .map(|(code, c)| (format!("{{code=\"{}\"}}", code_label(*code)), get(c)))
+            .collect();
+        let errors: Vec<(&str, u64)> = errors.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(
+            "errors_total",
+            "counter",
+            "Errors reported to agents, by code.",
+            &errors,
+        );
+        out
+    }
+}
+
+/// The longest request head read; anything longer is answered 431 and closed.
+const MAX_HEAD: usize = 4096;
+/// How long a client may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Scrapers served at once; more wait in the listen backlog.
+const MAX_CLIENTS: usize = 16;
+
+/// Serves `render()` on `listener` until the task is dropped.
+pub async fn serve<F>(listener: TcpListener, render: F)
+where
+    F: Fn() -> String + Send + Sync + 'static,
+{
+    let render = Arc::new(render);
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    loop {
+        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::debug!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let render = Arc::clone(&render);
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = respond(stream, &*render).await {
+                tracing::debug!(%peer, error = %e, "metrics request failed");
+            }
+        });
+    }
+}
+
+async fn respond(
+    mut stream: TcpStream,
+    render: &(dyn Fn() -> String + Send + Sync),
+) -> std::io::Result<()> {
+    let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
+        Ok(head) => head?,
+        Err(_) => return Ok(()),
+    };
+    let (status, content_type, body) = match head {
+        None => (
+            "431 Request Header Fields Too Large",
+            "text/plain",
+            String::new(),
+        ),
+        Some(head) => route(&head, render),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Reads up to the blank line ending the request head; `None` if it is too long.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        if head.len() > MAX_HEAD {
+            return Ok(None);
+        }
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Ok(Some(head))
+}
+
+fn route(
+    head: &[u8],
+    render: &(dyn Fn() -> String + Send + Sync),
+) -> (&'static str, &'static str, String) {
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    match (parts.next(), parts.next()) {
+        (Some("GET"), Some("/metrics" | "/")) => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            render(),
+        ),
+        (Some("GET"), Some(_)) => ("404 Not Found", "text/plain", "try /metrics\n".into()),
+        _ => ("405 Method Not Allowed", "text/plain", String::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_has_every_metric() {
+        let m = Metrics::default();
+        Metrics::inc(&m.sessions_total);
+        m.error(ErrorCode::NameTaken);
+        m.refused(Refusal::PerSource);
+        let text = m.render(Gauges {
+            connections: 3,
+            ..Gauges::default()
+        });
+        assert!(text.contains("p2ptun_relay_connections 3\n"), "{text}");
+        assert!(text.contains("p2ptun_relay_sessions_total 1\n"), "{text}");
+        assert!(text.contains("p2ptun_relay_errors_total{code=\"name_taken\"} 1\n"));
+        assert!(text.contains("p2ptun_relay_errors_total{code=\"internal\"} 0\n"));
+        assert!(text.contains(
+            "p2ptun_relay_connections_refused_total{limit=\"max_connections_per_ip\"} 1"
+        ));
+        assert!(text.contains("# TYPE p2ptun_relay_stun_requests_total counter"));
+    }
+
+    #[tokio::test]
+    async fn it_answers_over_http() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, || "x_total 1\n".to_string()));
+        for (request, expect) in [
+            ("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", "200 OK"),
+            ("GET /nope HTTP/1.1\r\n\r\n", "404"),
+            ("POST /metrics HTTP/1.1\r\n\r\n", "405"),
+        ] {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).await.unwrap();
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {expect}")),
+                "{answer}"
+            );
+            if expect == "200 OK" {
+                assert!(answer.contains("version=0.0.4"));
+                assert!(answer.ends_with("x_total 1\n"));
+            }
+        }
+        server.abort();
+    }
+}

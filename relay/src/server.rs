@@ -1,0 +1,364 @@
+//! [`Relay`]: binding S's sockets, and the accept loop that admits connections under the
+//! limits and hands each to [`crate::control`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use p2ptun::path::{PathSocket, Policy};
+use p2ptun::proto::{Fingerprint, ALPN_CONTROL};
+use p2ptun::tunnel::endpoint::make_endpoint;
+use p2ptun::tunnel::identity::create_private_dir;
+use p2ptun::tunnel::tls::{self, TlsError};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::task::JoinSet;
+
+use crate::config::{ConfigError, RelayConfig};
+use crate::control::{self, close, Shared};
+use crate::identity::{ServerIdentity, ServerIdentityError};
+use crate::limits::{Admission, ConnLimits, ConnSlot};
+use crate::metrics::{self, Gauges, Metrics};
+use crate::names::{NameRegistry, NamesError};
+use crate::stun_server::StunServer;
+use crate::token::Tokens;
+
+/// How long a QUIC handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request streams one agent may have open at once (besides its registration stream). The
+/// shared transport settings allow thousands, for tunnels; a control connection needs few.
+const MAX_STREAMS_PER_AGENT: u32 = 16;
+/// Per-stream receive window: room for one largest frame and then some.
+const STREAM_WINDOW: u32 = 256 * 1024;
+/// Per-connection receive window, so a stranger's unread data is bounded.
+const CONNECTION_WINDOW: u32 = 1024 * 1024;
+
+/// Why S could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The configuration is not usable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The state directory could not be made.
+    #[error("cannot create the state directory {path}: {source}")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// S's identity could not be loaded.
+    #[error(transparent)]
+    Identity(#[from] ServerIdentityError),
+    /// The name claims could not be loaded.
+    #[error(transparent)]
+    Names(#[from] NamesError),
+    /// The TLS configuration was refused.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A socket could not be bound.
+    #[error("cannot bind {what} on {addr}: {source} (set `{key}` or --{flag} to another address)")]
+    Bind {
+        /// What the socket is for.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The configuration key that sets it.
+        key: &'static str,
+        /// The flag that sets it.
+        flag: &'static str,
+        /// What failed.
+        source: std::io::Error,
+    },
+}
+
+/// A bound, not yet running S.
+#[derive(Debug)]
+pub struct Relay {
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    stun_alt_addr: SocketAddr,
+    stun: StunServer,
+    metrics_listener: Option<TcpListener>,
+    shared: Arc<Shared>,
+    limits: Arc<ConnLimits>,
+    fingerprint: Fingerprint,
+}
+
+fn bind_error(
+    what: &'static str,
+    addr: SocketAddr,
+    key: &'static str,
+) -> impl FnOnce(std::io::Error) -> RelayError {
+    move |source| RelayError::Bind {
+        what,
+        addr,
+        key,
+        flag: match key {
+            "stun_alt" => "stun-alt",
+            other => other,
+        },
+        source,
+    }
+}
+
+impl Relay {
+    /// Loads S's identity and name claims and binds its sockets (port 0 binds any free
+    /// port; [`Relay::local_addr`] tells which).
+    pub async fn bind(config: RelayConfig) -> Result<Relay, RelayError> {
+        config.validate()?;
+        create_private_dir(&config.state_dir).map_err(|source| RelayError::StateDir {
+            path: config.state_dir.clone(),
+            source,
+        })?;
+        let identity = ServerIdentity::load(config.tls.as_ref(), &config.state_dir)?;
+        let names = NameRegistry::load(&config.state_dir)?;
+        let fingerprint = identity.fingerprint;
+
+        let own_identity = identity.own;
+        let mut server_config = tls::server_config(identity.certs, identity.key, ALPN_CONTROL)?;
+        let mut transport = tls::transport_config();
+        transport.max_concurrent_bidi_streams((MAX_STREAMS_PER_AGENT + 1).into());
+        transport.stream_receive_window(STREAM_WINDOW.into());
+        transport.receive_window(CONNECTION_WINDOW.into());
+        server_config.transport_config(Arc::new(transport));
+
+        let (socket, stun_rx) = PathSocket::bind(config.listen, Policy::AcceptAll)
+            .map_err(bind_error("QUIC and STUN", config.listen, "listen"))?;
+        let local_addr =
+            socket
+                .local()
+                .map_err(bind_error("QUIC and STUN", config.listen, "listen"))?;
+        let endpoint = make_endpoint(
+            Arc::clone(&socket),
+            Some(server_config),
+            own_identity.as_ref(),
+        )
+        .map_err(bind_error("QUIC", local_addr, "listen"))?;
+
+        // Validation guarantees an address; the fallback only keeps this total.
+        let alt_bind = config
+            .stun_alt_bind()
+            .unwrap_or(SocketAddr::new(local_addr.ip(), 0));
+        let alt = UdpSocket::bind(alt_bind).await.map_err(bind_error(
+            "the alternate STUN port",
+            alt_bind,
+            "stun_alt",
+        ))?;
+        let stun_alt_addr = alt.local_addr().map_err(bind_error(
+            "the alternate STUN port",
+            alt_bind,
+            "stun_alt",
+        ))?;
+
+        let metrics_listener = match config.metrics {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(bind_error("metrics", addr, "metrics"))?,
+            ),
+            None => None,
+        };
+
+        if let Some(listener) = &metrics_listener {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!("metrics on http://{addr}/metrics");
+            }
+        }
+        let metrics = Arc::new(Metrics::default());
+        let stun = StunServer::new(
+            socket,
+            stun_rx,
+            alt,
+            config.limits.stun_rate_per_ip,
+            Arc::clone(&metrics),
+        )
+        .map_err(bind_error("the alternate STUN port", alt_bind, "stun_alt"))?;
+        let tokens = Tokens::new(&config.tokens);
+        if tokens.is_open() {
+            tracing::warn!(
+                "no token configured: ANYONE can register names on this server \
+                 (set `tokens` or pass --token)"
+            );
+        }
+        let shared = Arc::new(Shared::new(tokens, names, metrics, stun_alt_addr));
+
+        // The fingerprint comes before "listening": whoever waits for the latter (a test
+        // harness, an operator's script) finds the former already written.
+        tracing::info!(
+            "server fingerprint {fingerprint}  (agents pin it on first use; pass \
+             --server-fingerprint to be strict)"
+        );
+        tracing::info!(
+            state_dir = %config.state_dir.display(),
+            "listening for QUIC and STUN on {local_addr}, STUN also on {stun_alt_addr}"
+        );
+        let relay = Relay {
+            endpoint,
+            local_addr,
+            stun_alt_addr,
+            stun,
+            metrics_listener,
+            shared,
+            limits: ConnLimits::new(config.limits),
+            fingerprint,
+        };
+        Ok(relay)
+    }
+
+    /// The UDP address QUIC and STUN are served on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The UDP address of the alternate STUN socket.
+    pub fn stun_alt_addr(&self) -> SocketAddr {
+        self.stun_alt_addr
+    }
+
+    /// The address metrics are served on, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// The fingerprint of the certificate S presents.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// Serves until the task is dropped.
+    pub async fn run(self) {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// Serves until `shutdown` completes, then closes every connection with a reason.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
+        let Relay {
+            endpoint,
+            stun,
+            metrics_listener,
+            shared,
+            limits,
+            ..
+        } = self;
+        // Everything spawned lives in these sets, so dropping this future stops all of it.
+        let mut background = JoinSet::new();
+        background.spawn(stun.run());
+        if let Some(listener) = metrics_listener {
+            let (shared, limits) = (Arc::clone(&shared), Arc::clone(&limits));
+            background.spawn(metrics::serve(listener, move || {
+                shared.metrics.render(Gauges {
+                    connections: limits.total().into(),
+                    handshakes_pending: limits.pending().into(),
+                    agents_online: shared.directory().len() as u64,
+                    names_claimed: shared.names.lock().map(|n| n.len()).unwrap_or(0) as u64,
+                })
+            }));
+        }
+        let mut connections = JoinSet::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            tokio::select! {
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    admit(&shared, &limits, &mut connections, incoming);
+                }
+                Some(_) = connections.join_next() => {}
+                () = &mut shutdown => {
+                    tracing::info!("shutting down");
+                    break;
+                }
+            }
+        }
+        endpoint.close(close::SHUTDOWN, b"S is shutting down");
+        // Lets the close frames go out; agents learn at once instead of by timeout.
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    }
+}
+
+fn admit(
+    shared: &Arc<Shared>,
+    limits: &Arc<ConnLimits>,
+    connections: &mut JoinSet<()>,
+    incoming: quinn::Incoming,
+) {
+    let remote = incoming.remote_address();
+    let metrics = &shared.metrics;
+    match limits.admit(
+        remote.ip(),
+        incoming.remote_address_validated(),
+        incoming.may_retry(),
+    ) {
+        Admission::Accept(slot) => {
+            connections.spawn(handshake_and_serve(Arc::clone(shared), incoming, slot));
+        }
+        Admission::Retry => {
+            Metrics::inc(&metrics.retries_total);
+            if incoming.retry().is_err() {
+                tracing::debug!(%remote, "cannot send a Retry");
+            }
+        }
+        Admission::Refuse(why) => {
+            metrics.refused(why);
+            tracing::debug!(%remote, limit = why.label(), "refusing a connection");
+            incoming.refuse();
+        }
+    }
+}
+
+async fn handshake_and_serve(shared: Arc<Shared>, incoming: quinn::Incoming, mut slot: ConnSlot) {
+    let remote = incoming.remote_address();
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "cannot accept");
+            return;
+        }
+    };
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "handshake timed out");
+            return;
+        }
+    };
+    slot.handshake_done();
+    Metrics::inc(&shared.metrics.connections_total);
+    control::serve(shared, conn).await;
+    drop(slot);
+}
+
+/// Binds S as `config` says and serves until Ctrl-C or SIGTERM.
+pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let relay = Relay::bind(config)
+        .await
+        .context("cannot start the relay")?;
+    relay.run_until(shutdown_signal()).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    if tokio::signal::ctrl_c().await.is_err() {
+        // Without signal handling, run until killed.
+        std::future::pending::<()>().await;
+    }
+}

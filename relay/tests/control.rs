@@ -1,0 +1,423 @@
+//! S in-process on 127.0.0.1, driven by plain quinn clients: registration, name ownership,
+//! tokens, introductions, STUN on both ports, and garbage that must change nothing.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use p2ptun::proto::{
+    read_frame, stun, write_frame, Candidate, CandidateKind, ClientMsg, ErrorCode, ServerMsg,
+    ALPN_CONTROL, PROTOCOL_VERSION,
+};
+use p2ptun::tunnel::{tls, Identity};
+use p2ptun_relay::{Relay, RelayConfig};
+use quinn::{Connection, RecvStream, SendStream};
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+const TOKEN: &str = "s3cret";
+const WAIT: Duration = Duration::from_secs(5);
+
+struct Server {
+    addr: SocketAddr,
+    alt: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn config(state_dir: &Path, tokens: &[&str]) -> RelayConfig {
+    RelayConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        stun_alt: Some("127.0.0.1:0".parse().unwrap()),
+        state_dir: state_dir.to_owned(),
+        tokens: tokens.iter().map(|t| t.to_string()).collect(),
+        ..RelayConfig::default()
+    }
+}
+
+async fn start(state_dir: &Path, tokens: &[&str]) -> Server {
+    start_with(config(state_dir, tokens)).await
+}
+
+async fn start_with(config: RelayConfig) -> Server {
+    let relay = Relay::bind(config).await.expect("bind S");
+    let (addr, alt) = (relay.local_addr(), relay.stun_alt_addr());
+    assert_ne!(addr.port(), 0);
+    assert_ne!(alt.port(), 0);
+    Server {
+        addr,
+        alt,
+        task: tokio::spawn(relay.run()),
+    }
+}
+
+struct Agent {
+    identity: Identity,
+    _endpoint: quinn::Endpoint,
+    conn: Connection,
+}
+
+async fn connect(server: SocketAddr, identity: Identity) -> Agent {
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(tls::client_config(&identity, ALPN_CONTROL).unwrap());
+    let conn = timeout(WAIT, endpoint.connect(server, "p2ptun").unwrap())
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+    Agent {
+        identity,
+        _endpoint: endpoint,
+        conn,
+    }
+}
+
+async fn new_agent(server: SocketAddr) -> Agent {
+    connect(server, Identity::ephemeral().unwrap()).await
+}
+
+async fn read(recv: &mut RecvStream) -> ServerMsg {
+    timeout(WAIT, read_frame::<ServerMsg, _>(recv))
+        .await
+        .expect("an answer in time")
+        .expect("a well-formed answer")
+        .expect("an answer before the stream ends")
+}
+
+fn host(port: u16) -> Candidate {
+    Candidate {
+        kind: CandidateKind::Host,
+        addr: SocketAddr::from(([10, 0, 0, 1], port)),
+    }
+}
+
+impl Agent {
+    async fn request(&self, msg: &ClientMsg) -> (SendStream, RecvStream, ServerMsg) {
+        let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
+        write_frame(&mut send, msg).await.unwrap();
+        let answer = read(&mut recv).await;
+        (send, recv, answer)
+    }
+
+    async fn register(
+        &self,
+        token: Option<&str>,
+        names: &[&str],
+    ) -> (SendStream, RecvStream, ServerMsg) {
+        self.request(&ClientMsg::Register {
+            version: PROTOCOL_VERSION,
+            token: token.map(str::to_owned),
+            names: names.iter().map(|n| n.to_string()).collect(),
+            candidates: vec![host(4000)],
+        })
+        .await
+    }
+
+    async fn connect_to(&self, name: &str) -> ServerMsg {
+        self.request(&ClientMsg::Connect {
+            name: name.into(),
+            candidates: vec![host(5000)],
+        })
+        .await
+        .2
+    }
+
+    fn local(&self) -> SocketAddr {
+        self._endpoint.local_addr().unwrap()
+    }
+}
+
+/// Why S closed `conn` (waiting for it to do so).
+async fn closed_reason(conn: &Connection) -> String {
+    timeout(WAIT, conn.closed())
+        .await
+        .expect("S closes the connection")
+        .to_string()
+}
+
+fn expect_error(msg: ServerMsg, code: ErrorCode, text: &str) {
+    match msg {
+        ServerMsg::Error(e) => {
+            assert_eq!(e.code, code, "{e:?}");
+            assert!(e.message.contains(text), "{:?} lacks {text:?}", e.message);
+        }
+        other => panic!("expected {code:?}, got {other:?}"),
+    }
+}
+
+async fn stun_query(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    change: Option<(bool, bool)>,
+) -> Option<(SocketAddr, SocketAddr)> {
+    let tid = stun::new_tid();
+    sock.send_to(&stun::binding_request(tid, change), to)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1500];
+    let (n, from) = timeout(Duration::from_secs(1), sock.recv_from(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let msg = stun::decode(&buf[..n]).ok()?;
+    assert_eq!(msg.transaction_id(), tid);
+    Some((from, stun::mapped_address(&msg)?))
+}
+
+#[tokio::test]
+async fn registration_names_tokens_and_introductions() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path(), &[TOKEN]).await;
+
+    // A registers and learns where S sees it from.
+    let a = new_agent(s.addr).await;
+    let (_a_send, mut a_recv, answer) = a.register(Some(TOKEN), &["home"]).await;
+    match answer {
+        ServerMsg::Registered { observed, stun_alt } => {
+            assert_eq!(observed, a.local());
+            assert_eq!(stun_alt, Some(s.alt));
+        }
+        other => panic!("expected Registered, got {other:?}"),
+    }
+
+    // Another identity cannot take A's name; the connection is closed with the reason.
+    let thief = new_agent(s.addr).await;
+    let (_, _, answer) = thief.register(Some(TOKEN), &["web", "home"]).await;
+    expect_error(answer, ErrorCode::NameTaken, "'home'");
+    let reason = closed_reason(&thief.conn).await;
+    assert!(reason.contains("another identity"), "{reason}");
+
+    // Tokens.
+    let c = new_agent(s.addr).await;
+    let (_, _, answer) = c.register(Some("guess"), &[]).await;
+    expect_error(answer, ErrorCode::BadToken, "the token is wrong");
+    let c = new_agent(s.addr).await;
+    let (_, _, answer) = c.register(None, &[]).await;
+    expect_error(answer, ErrorCode::BadToken, "requires a token");
+
+    // Versions and names.
+    let c = new_agent(s.addr).await;
+    let (_, _, answer) = c
+        .request(&ClientMsg::Register {
+            version: PROTOCOL_VERSION + 1,
+            token: Some(TOKEN.into()),
+            names: vec![],
+            candidates: vec![],
+        })
+        .await;
+    expect_error(answer, ErrorCode::BadVersion, "version");
+    let c = new_agent(s.addr).await;
+    let (_, _, answer) = c.register(Some(TOKEN), &["Bad_Name"]).await;
+    expect_error(answer, ErrorCode::InvalidName, "Bad_Name");
+
+    // B forwards: requests before registering, and malformed ones, fail on their stream only.
+    let b = new_agent(s.addr).await;
+    expect_error(
+        b.connect_to("home").await,
+        ErrorCode::BadRequest,
+        "Register",
+    );
+    let (mut send, mut recv) = b.conn.open_bi().await.unwrap();
+    send.write_all(&[0, 0, 0, 5, b'h', b'e', b'l', b'l', b'o'])
+        .await
+        .unwrap();
+    expect_error(read(&mut recv).await, ErrorCode::BadRequest, "malformed");
+    let (_b_send, _b_recv, answer) = b.register(Some(TOKEN), &[]).await;
+    assert!(matches!(answer, ServerMsg::Registered { .. }), "{answer:?}");
+    let (_, _, answer) = b.register(Some(TOKEN), &[]).await;
+    expect_error(answer, ErrorCode::BadRequest, "already registered");
+    expect_error(
+        b.connect_to("nope").await,
+        ErrorCode::UnknownName,
+        "nobody exposes 'nope' on this server right now",
+    );
+
+    // The introduction: both sides hear of each other, with mirrored credentials.
+    let to_b = match b.connect_to("home").await {
+        ServerMsg::Rendezvous(r) => r,
+        other => panic!("expected Rendezvous, got {other:?}"),
+    };
+    let to_a = match read(&mut a_recv).await {
+        ServerMsg::Incoming(r) => r,
+        other => panic!("expected Incoming, got {other:?}"),
+    };
+    assert_eq!(to_a.session, to_b.session);
+    assert_eq!((to_a.name.as_str(), to_b.name.as_str()), ("home", "home"));
+    assert_eq!(to_b.peer_fingerprint, a.identity.fingerprint());
+    assert_eq!(to_a.peer_fingerprint, b.identity.fingerprint());
+    let (ca, cb) = (&to_a.credentials, &to_b.credentials);
+    assert_eq!(ca.local_ufrag, cb.remote_ufrag);
+    assert_eq!(ca.local_pwd, cb.remote_pwd);
+    assert_eq!(ca.remote_ufrag, cb.local_ufrag);
+    assert_eq!(ca.remote_pwd, cb.local_pwd);
+    assert_eq!(
+        to_a.peer_candidates,
+        vec![
+            host(5000),
+            Candidate {
+                kind: CandidateKind::ServerReflexive,
+                addr: b.local()
+            }
+        ]
+    );
+    assert!(to_b.peer_candidates.contains(&host(4000)));
+    assert!(to_b.peer_candidates.contains(&Candidate {
+        kind: CandidateKind::ServerReflexive,
+        addr: a.local()
+    }));
+    assert!(to_a.start_in_ms <= 1000 && to_b.start_in_ms <= 1000);
+
+    // A reconnects with the same key: the new registration replaces the old connection.
+    let a2 = connect(s.addr, a.identity).await;
+    let (_a2_send, mut a2_recv, answer) = a2.register(Some(TOKEN), &["home"]).await;
+    assert!(matches!(answer, ServerMsg::Registered { .. }), "{answer:?}");
+    let reason = closed_reason(&a.conn).await;
+    assert!(reason.contains("replaced"), "{reason}");
+    assert!(matches!(
+        b.connect_to("home").await,
+        ServerMsg::Rendezvous(_)
+    ));
+    assert!(matches!(read(&mut a2_recv).await, ServerMsg::Incoming(_)));
+
+    // When A leaves, its name goes offline but stays A's.
+    a2.conn.close(0u32.into(), b"bye");
+    let mut offline = false;
+    for _ in 0..50 {
+        if let ServerMsg::Error(e) = b.connect_to("home").await {
+            assert_eq!(e.code, ErrorCode::UnknownName);
+            offline = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(offline, "'home' should go offline when its agent leaves");
+    let thief = new_agent(s.addr).await;
+    let (_, _, answer) = thief.register(Some(TOKEN), &["home"]).await;
+    expect_error(answer, ErrorCode::NameTaken, "'home'");
+}
+
+#[tokio::test]
+async fn claims_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let owner = Identity::load_or_create(&dir.path().join("owner.pem")).unwrap();
+    let fingerprint_before;
+    {
+        let s = start(&dir.path().join("s"), &[]).await;
+        let a = connect(s.addr, owner).await;
+        let (_, _, answer) = a.register(None, &["home"]).await;
+        assert!(matches!(answer, ServerMsg::Registered { .. }), "{answer:?}");
+        fingerprint_before = tls::peer_fingerprint(&a.conn);
+    }
+    let s = start(&dir.path().join("s"), &[]).await;
+    let a = new_agent(s.addr).await;
+    // S's own key is kept, so agents' pins hold.
+    assert_eq!(tls::peer_fingerprint(&a.conn), fingerprint_before);
+    let (_, _, answer) = a.register(None, &["home"]).await;
+    expect_error(answer, ErrorCode::NameTaken, "'home'");
+    let owner = Identity::load_or_create(&dir.path().join("owner.pem")).unwrap();
+    let a = connect(s.addr, owner).await;
+    let (_, _, answer) = a.register(None, &["home"]).await;
+    assert!(matches!(answer, ServerMsg::Registered { .. }), "{answer:?}");
+}
+
+#[tokio::test]
+async fn stun_on_both_ports_and_garbage_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), &[]);
+    // This test sends far more than one source may; the limit has its own test.
+    config.limits.stun_rate_per_ip = 100_000;
+    let s = start_with(config).await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let me = sock.local_addr().unwrap();
+
+    // Garbage of every kind at both ports: nothing answers, nothing breaks.
+    let mut junk: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0; 1],
+        vec![0xff; 1200],
+        vec![0xc0; 1200],
+        vec![0x40; 50],
+    ];
+    let mut truncated = stun::binding_request(stun::new_tid(), Some((true, true)));
+    truncated.truncate(22);
+    junk.push(truncated);
+    let mut bad_len = stun::binding_request(stun::new_tid(), None);
+    bad_len[3] = 200;
+    junk.push(bad_len);
+    for seed in 0..40u8 {
+        let mut j = stun::binding_request(stun::new_tid(), None);
+        j.extend((0..40u8).map(|i| i.wrapping_mul(seed) ^ seed));
+        junk.push(j);
+    }
+    for j in &junk {
+        for to in [s.addr, s.alt] {
+            sock.send_to(j, to).await.unwrap();
+        }
+    }
+    let mut buf = [0u8; 1500];
+    if let Ok(Ok((n, from))) = timeout(Duration::from_millis(300), sock.recv_from(&mut buf)).await {
+        // A datagram that happens to be a valid request would be answered; none of these is.
+        panic!("S answered garbage from {from}: {:?}", &buf[..n]);
+    }
+
+    // Plain requests are answered by the port asked; CHANGE-REQUEST by the other one.
+    assert_eq!(stun_query(&sock, s.addr, None).await, Some((s.addr, me)));
+    assert_eq!(stun_query(&sock, s.alt, None).await, Some((s.alt, me)));
+    assert_eq!(
+        stun_query(&sock, s.addr, Some((false, true))).await,
+        Some((s.alt, me))
+    );
+    assert_eq!(
+        stun_query(&sock, s.alt, Some((true, true))).await,
+        Some((s.addr, me))
+    );
+
+    // QUIC still works after all that.
+    let a = new_agent(s.addr).await;
+    let (_, _, answer) = a.register(None, &["after-garbage"]).await;
+    assert!(matches!(answer, ServerMsg::Registered { .. }), "{answer:?}");
+}
+
+#[tokio::test]
+async fn stun_is_rate_limited_per_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), &[]);
+    config.limits.stun_rate_per_ip = 1;
+    let s = start_with(config).await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // A burst of twice the rate passes, then nothing until tokens refill.
+    assert!(stun_query(&sock, s.addr, None).await.is_some());
+    assert!(stun_query(&sock, s.alt, None).await.is_some());
+    assert!(stun_query(&sock, s.addr, None).await.is_none());
+}
+
+#[tokio::test]
+async fn connections_per_source_are_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), &[]);
+    config.limits.max_connections_per_ip = 2;
+    let s = start_with(config).await;
+    let a = new_agent(s.addr).await;
+    let b = new_agent(s.addr).await;
+    // The third from 127.0.0.1 is refused at the handshake.
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let id = Identity::ephemeral().unwrap();
+    endpoint.set_default_client_config(tls::client_config(&id, ALPN_CONTROL).unwrap());
+    let third = timeout(WAIT, endpoint.connect(s.addr, "p2ptun").unwrap())
+        .await
+        .expect("an answer in time");
+    assert!(third.is_err(), "a third connection should be refused");
+    // Once one leaves, its slot is free again.
+    a.conn.close(0u32.into(), b"bye");
+    a._endpoint.wait_idle().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c = new_agent(s.addr).await;
+    let (_, _, answer) = c.register(None, &[]).await;
+    assert!(matches!(answer, ServerMsg::Registered { .. }), "{answer:?}");
+    drop(b);
+}
