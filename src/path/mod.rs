@@ -9,4 +9,4 @@ mod socket;
 mod table;
 
 pub use socket::{PathSocket, Policy, StunPacket};
-pub use table::{canonical, PathKind, PathStatus, PathTable, PeerStatus};
+pub use table::{canonical, PathKind, PathStatus, PathTable, PeerStatus, Route};

@@ -14,7 +14,7 @@ use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::io::Interest;
 use tokio::sync::mpsc;
 
-use super::table::{canonical, PathTable};
+use super::table::{canonical, PathTable, Route};
 use crate::proto::stun;
 
 /// A STUN datagram taken out of the stream before quinn saw it.
@@ -23,6 +23,16 @@ pub struct StunPacket {
     /// Who sent it.
     pub from: SocketAddr,
     /// The whole datagram.
+    pub data: Bytes,
+}
+
+/// A QUIC datagram that arrived on a path other than the UDP socket (framed on TCP, or
+/// relayed by S), to be handed to quinn as if it came from `from`.
+#[derive(Debug, Clone)]
+pub struct Injected {
+    /// The peer's virtual address.
+    pub from: SocketAddr,
+    /// One whole QUIC datagram.
     pub data: Bytes,
 }
 
@@ -44,6 +54,8 @@ pub struct PathSocket {
     allowed: RwLock<Vec<SocketAddr>>,
     policy: Policy,
     stun_tx: mpsc::Sender<StunPacket>,
+    inject_tx: mpsc::Sender<Injected>,
+    inject_rx: std::sync::Mutex<mpsc::Receiver<Injected>>,
     ipv6: bool,
 }
 
@@ -58,6 +70,10 @@ impl fmt::Debug for PathSocket {
 
 /// How many STUN datagrams may wait for their handler before new ones are dropped.
 const STUN_QUEUE: usize = 1024;
+
+/// How many datagrams from TCP and relay paths may wait for quinn; beyond that they are
+/// lost, as on a congested link.
+const INJECT_QUEUE: usize = 4096;
 
 impl PathSocket {
     /// Binds a UDP socket at `addr`. STUN datagrams that arrive on it come out of the
@@ -80,6 +96,7 @@ impl PathSocket {
         let ipv6 = std.local_addr()?.is_ipv6();
         let io = tokio::net::UdpSocket::from_std(std)?;
         let (stun_tx, stun_rx) = mpsc::channel(STUN_QUEUE);
+        let (inject_tx, inject_rx) = mpsc::channel(INJECT_QUEUE);
         let socket = PathSocket {
             io,
             state,
@@ -87,6 +104,8 @@ impl PathSocket {
             allowed: RwLock::new(Vec::new()),
             policy,
             stun_tx,
+            inject_tx,
+            inject_rx: std::sync::Mutex::new(inject_rx),
             ipv6,
         };
         Ok((Arc::new(socket), stun_rx))
@@ -104,6 +123,11 @@ impl PathSocket {
         if !allowed.contains(&addr) {
             allowed.push(addr);
         }
+    }
+
+    /// Where TCP and relay paths hand the QUIC datagrams they receive.
+    pub fn injector(&self) -> mpsc::Sender<Injected> {
+        self.inject_tx.clone()
     }
 
     /// Sends one datagram (STUN) straight to a real address.
@@ -186,14 +210,27 @@ impl AsyncUdpSocket for PathSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let Some(dest) = self
-            .table_read()
-            .route_out(transmit.destination, transmit.contents.len())
-        else {
+        let table = self.table_read();
+        let dest = match table.route_out(transmit.destination, transmit.contents.len()) {
+            Route::Udp(dest) => dest,
+            Route::Channel(tx) => {
+                // One message per QUIC datagram: a GSO batch is split at its segment size.
+                let size = transmit
+                    .segment_size
+                    .unwrap_or(transmit.contents.len())
+                    .max(1);
+                for packet in transmit.contents.chunks(size) {
+                    if tx.try_send(Bytes::copy_from_slice(packet)).is_err() {
+                        tracing::trace!("path queue full, datagram lost");
+                    }
+                }
+                return Ok(());
+            }
             // A peer without a working path: the datagram is lost, and QUIC's loss recovery
             // resends it once a path exists.
-            return Ok(());
+            Route::Lost => return Ok(()),
         };
+        drop(table);
         let out = Transmit {
             destination: self.family(dest),
             ecn: transmit.ecn,
@@ -215,6 +252,66 @@ impl AsyncUdpSocket for PathSocket {
     }
 
     fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(n) = self.poll_injected(cx, bufs, meta) {
+            return Poll::Ready(Ok(n));
+        }
+        self.poll_udp(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.io.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.state.gro_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.state.may_fragment()
+    }
+}
+
+impl PathSocket {
+    /// Moves datagrams that arrived on TCP and relay paths into quinn's buffers, if any wait.
+    fn poll_injected(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Option<usize> {
+        let mut rx = self.inject_rx.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        while n < bufs.len().min(meta.len()) {
+            let Poll::Ready(Some(packet)) = rx.poll_recv(cx) else {
+                break;
+            };
+            if packet.data.len() > bufs[n].len() {
+                continue;
+            }
+            bufs[n][..packet.data.len()].copy_from_slice(&packet.data);
+            self.table_read().count_in(packet.from, packet.data.len());
+            meta[n] = RecvMeta {
+                addr: self.family(packet.from),
+                len: packet.data.len(),
+                stride: packet.data.len(),
+                ecn: None,
+                dst_ip: None,
+            };
+            n += 1;
+        }
+        (n > 0).then_some(n)
+    }
+
+    fn poll_udp(
         &self,
         cx: &mut Context,
         bufs: &mut [IoSliceMut<'_>],
@@ -250,22 +347,6 @@ impl AsyncUdpSocket for PathSocket {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.io.local_addr()
-    }
-
-    fn max_transmit_segments(&self) -> usize {
-        self.state.max_gso_segments()
-    }
-
-    fn max_receive_segments(&self) -> usize {
-        self.state.gro_segments()
-    }
-
-    fn may_fragment(&self) -> bool {
-        self.state.may_fragment()
     }
 }
 

@@ -11,7 +11,6 @@ use tokio::time::Instant;
 
 use super::checks::{self, DEADLINE, PACING, SETTLE};
 use super::router::{SessionHandle, StunRouter};
-use crate::path::PathKind;
 use crate::proto::stun;
 use crate::proto::{Credentials, Rendezvous};
 
@@ -123,7 +122,7 @@ fn add_path(router: &StunRouter, virt: SocketAddr, remote: SocketAddr, rtt: Opti
         .table()
         .write()
         .unwrap_or_else(|e| e.into_inner())
-        .add_path(virt, PathKind::DirectUdp, remote, rtt);
+        .add_udp_path(virt, remote, rtt);
 }
 
 /// Checks one pair from `start` until answered or `deadline`: `Some((remote, rtt))` when a
