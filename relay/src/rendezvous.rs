@@ -59,6 +59,7 @@ pub fn introduce(session: u64, name: &str, forwarder: Side, exposer: Side) -> In
                 remote_pwd: e_pwd.clone(),
             },
             start_in_ms: millis(f_wait),
+            relay: false,
         },
         to_exposer: Rendezvous {
             session,
@@ -72,6 +73,7 @@ pub fn introduce(session: u64, name: &str, forwarder: Side, exposer: Side) -> In
                 remote_pwd: f_pwd,
             },
             start_in_ms: millis(e_wait),
+            relay: false,
         },
     }
 }

@@ -7,6 +7,7 @@
 
 mod socket;
 mod table;
+pub mod tcp;
 
-pub use socket::{PathSocket, Policy, StunPacket};
+pub use socket::{Injected, PathSocket, Policy, StunPacket};
 pub use table::{canonical, PathKind, PathStatus, PathTable, PeerStatus, Route};

@@ -7,6 +7,7 @@
 mod fingerprint;
 mod frame;
 mod msg;
+pub mod relay;
 pub mod stun;
 
 pub use fingerprint::{Fingerprint, FingerprintError};

@@ -54,6 +54,14 @@ pub enum ServerMsg {
     Rendezvous(Rendezvous),
     /// Pushed to an exposer: a forwarder wants one of its names.
     Incoming(Rendezvous),
+    /// Pushed to both agents of a session: S stops relaying it (over budget, or the other
+    /// agent left). Their direct paths, if any, are unaffected.
+    RelayClosed {
+        /// The session.
+        session: u64,
+        /// Why, for the agents' logs.
+        reason: String,
+    },
     /// The request failed.
     Error(ErrorMsg),
 }
@@ -74,6 +82,8 @@ pub struct Rendezvous {
     pub credentials: Credentials,
     /// Milliseconds to wait before checking, so that both sides start together.
     pub start_in_ms: u64,
+    /// Whether S relays this session's packets (see [`relay`](super::relay)).
+    pub relay: bool,
 }
 
 /// ICE-style short-term credentials (RFC 8445 §7.2.2): a check from A to B carries USERNAME

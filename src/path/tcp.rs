@@ -1,0 +1,121 @@
+//! A TCP connection as a path: QUIC datagrams framed on the byte stream.
+//!
+//! Used for hole-punched TCP between agents and for agents whose UDP cannot reach S. Each
+//! datagram is sent as a 2-byte big-endian length and the datagram. QUIC inside keeps its
+//! own encryption and loss recovery; TCP only carries it.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::mpsc;
+
+use super::socket::Injected;
+
+/// What an agent writes first on a TCP connection to S's port, before the framed QUIC: it
+/// tells S that this TCP connection carries the agent's control connection.
+pub const SERVER_PREAMBLE: &[u8; 8] = b"P2PTQ/1\n";
+
+/// Datagrams waiting to be written before new ones are lost.
+const QUEUE: usize = 1024;
+
+/// Runs a framed path over `stream` for the peer at virtual address `virt`: datagrams put
+/// into the returned sender are written to the stream; datagrams read from it go to
+/// `injector`. The returned receiver yields once, when the connection has ended.
+pub fn spawn<S>(
+    stream: S,
+    virt: SocketAddr,
+    injector: mpsc::Sender<Injected>,
+) -> (
+    mpsc::Sender<Bytes>,
+    tokio::sync::oneshot::Receiver<std::io::Result<()>>,
+)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let (mut reader, writer) = tokio::io::split(stream);
+    tokio::spawn(async move {
+        let mut writer = BufWriter::new(writer);
+        let write = async {
+            while let Some(packet) = rx.recv().await {
+                write_frame(&mut writer, &packet).await?;
+                // Batch what is already queued into one write.
+                while let Ok(more) = rx.try_recv() {
+                    write_frame(&mut writer, &more).await?;
+                }
+                writer.flush().await?;
+            }
+            Ok::<(), std::io::Error>(())
+        };
+        let read = async {
+            loop {
+                let mut len = [0u8; 2];
+                reader.read_exact(&mut len).await?;
+                let len = usize::from(u16::from_be_bytes(len));
+                let mut data = vec![0u8; len];
+                reader.read_exact(&mut data).await?;
+                if len == 0 {
+                    continue;
+                }
+                let packet = Injected {
+                    from: virt,
+                    data: Bytes::from(data),
+                };
+                if injector.send(packet).await.is_err() {
+                    return Ok(());
+                }
+            }
+        };
+        let result: std::io::Result<()> = tokio::select! {
+            r = write => r,
+            r = read => r,
+        };
+        let _ = done_tx.send(result);
+    });
+    (tx, done_rx)
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, packet: &[u8]) -> std::io::Result<()> {
+    let Ok(len) = u16::try_from(packet.len()) else {
+        return Ok(()); // Never happens for QUIC datagrams; a lost datagram if it did.
+    };
+    w.write_all(&len.to_be_bytes()).await?;
+    w.write_all(packet).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn datagrams_cross_a_stream_with_their_boundaries() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let virt_a: SocketAddr = "240.0.0.1:1".parse().unwrap();
+        let virt_b: SocketAddr = "240.0.0.2:1".parse().unwrap();
+        let (inj_a, mut got_a) = mpsc::channel(16);
+        let (inj_b, mut got_b) = mpsc::channel(16);
+        let (to_b, _done_a) = spawn(a, virt_b, inj_a);
+        let (to_a, _done_b) = spawn(b, virt_a, inj_b);
+        for n in [1usize, 1200, 1452, 65_535] {
+            to_b.send(Bytes::from(vec![n as u8; n])).await.unwrap();
+        }
+        to_a.send(Bytes::from_static(b"back")).await.unwrap();
+        for n in [1usize, 1200, 1452, 65_535] {
+            let p = got_b.recv().await.unwrap();
+            assert_eq!((p.from, p.data.len()), (virt_a, n));
+        }
+        let p = got_a.recv().await.unwrap();
+        assert_eq!((p.from, &p.data[..]), (virt_b, &b"back"[..]));
+    }
+
+    #[tokio::test]
+    async fn the_end_of_the_stream_is_reported() {
+        let (a, b) = tokio::io::duplex(1024);
+        let (inj, _rx) = mpsc::channel(16);
+        let (_tx, done) = spawn(a, "240.0.0.1:1".parse().unwrap(), inj);
+        drop(b);
+        assert!(done.await.unwrap().is_err());
+    }
+}
