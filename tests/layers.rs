@@ -64,6 +64,7 @@ fn rendezvous(peer: &Side, creds: Credentials) -> Rendezvous {
         ],
         credentials: creds,
         start_in_ms: 0,
+        relay: false,
     }
 }
 
