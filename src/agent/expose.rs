@@ -9,6 +9,8 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use super::relay;
+use super::server::Registered;
 use super::status::Role;
 use super::{Ctx, ExposeSpec};
 use crate::path::PathKind;
@@ -41,15 +43,18 @@ impl Exposer {
         self.ctx.opts.exposes.iter().find(|e| e.name == name)
     }
 
-    /// Punches toward every forwarder S introduces.
-    pub async fn answer_introductions(self, mut incoming: mpsc::Receiver<Rendezvous>) {
-        while let Some(rv) = incoming.recv().await {
+    /// Makes paths to every forwarder S introduces: the relay at once, then a punch.
+    pub async fn answer_introductions(
+        self,
+        mut incoming: mpsc::Receiver<(Rendezvous, Arc<Registered>)>,
+    ) {
+        while let Some((rv, reg)) = incoming.recv().await {
             let this = self.clone();
-            tokio::spawn(async move { this.punch_for(rv).await });
+            tokio::spawn(async move { this.punch_for(rv, &reg).await });
         }
     }
 
-    async fn punch_for(&self, rv: Rendezvous) {
+    async fn punch_for(&self, rv: Rendezvous, reg: &Registered) {
         if self.spec(&rv.name).is_none() {
             tracing::warn!(name = %rv.name, "S introduced a forwarder for a name not exposed here");
             return;
@@ -64,6 +69,9 @@ impl Exposer {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .peer(peer);
+        if rv.relay {
+            relay::open(&self.ctx, reg, rv.session, virt);
+        }
         match punch(&self.ctx.router, virt, &rv).await {
             Ok(punched) => {
                 tracing::info!(
@@ -78,6 +86,9 @@ impl Exposer {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(peer, punched);
+            }
+            Err(e) if rv.relay => {
+                tracing::warn!(name = %rv.name, %peer, "{e}; the forwarder stays on the relay")
             }
             Err(e) => tracing::warn!(name = %rv.name, %peer, "{e}"),
         }

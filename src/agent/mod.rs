@@ -10,6 +10,7 @@ pub mod expose;
 pub mod forward;
 pub mod known;
 pub mod peers;
+pub mod relay;
 pub mod server;
 pub mod status;
 
@@ -78,6 +79,8 @@ pub struct Ctx {
     pub registration: watch::Receiver<Option<Arc<server::Registered>>>,
     /// What status reports.
     pub activity: status::Activity,
+    /// Sessions whose packets S relays.
+    pub relays: relay::RelaySessions,
 }
 
 impl Ctx {
@@ -126,6 +129,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         router,
         registration: reg_rx,
         activity: status::Activity::default(),
+        relays: relay::RelaySessions::default(),
     });
     tracing::info!(id = %ctx.identity.fingerprint(), udp = ?ctx.router.socket().local().ok(), "agent started");
 

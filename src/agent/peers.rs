@@ -9,7 +9,7 @@ use quinn::Connection;
 use tokio::sync::Mutex;
 
 use super::known::{PinFile, Pinned};
-use super::Ctx;
+use super::{relay, Ctx};
 use crate::proto::{Fingerprint, ALPN_PEER};
 use crate::punch::{punch, Punched};
 use crate::tunnel::tls;
@@ -17,10 +17,10 @@ use crate::tunnel::tls;
 /// How long a new local connection waits for a registration with S.
 const WAIT_FOR_S: std::time::Duration = std::time::Duration::from_secs(15);
 
-/// A live connection to a peer, with the session that keeps its path checked.
+/// A live connection to a peer, with the direct path (once punched) that keeps it checked.
 struct Live {
     conn: Connection,
-    _punched: Punched,
+    direct: std::sync::Mutex<Option<Punched>>,
 }
 
 /// The connection for one name, behind a lock held while it is being made.
@@ -114,7 +114,22 @@ impl Peers {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .peer(peer);
-        let punched = punch(&ctx.router, virt, &rv).await?;
+        // With a relay, traffic starts through S at once and moves to the direct path when
+        // the punch finds one; without, the punch must succeed first.
+        if rv.relay {
+            relay::open(ctx, &reg, rv.session, virt);
+        }
+        let punching = {
+            let (router, rv) = (ctx.router.clone(), rv.clone());
+            tokio::spawn(async move { punch(&router, virt, &rv).await })
+        };
+        let mut direct = None;
+        let mut punching = Some(punching);
+        if !rv.relay {
+            if let Some(task) = punching.take() {
+                direct = Some(task.await.context("punch task failed")??);
+            }
+        }
         let config = tls::client_config(&ctx.identity, ALPN_PEER)?;
         let conn = ctx
             .endpoint
@@ -136,18 +151,49 @@ impl Peers {
         if pinned == Pinned::New {
             tracing::info!(%name, %peer, "pinned the exposer's key in {}", pins.path().display());
         }
+        let path = ctx
+            .router
+            .socket()
+            .table()
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .selected(virt);
+        let (kind, remote) = path
+            .map(|(k, a)| (k.to_string(), a.to_string()))
+            .unwrap_or_else(|| ("no path".into(), "-".into()));
         tracing::info!(
             %name,
             %peer,
-            path = "direct UDP",
-            remote = %punched.remote,
-            rtt_ms = format_args!("{:.2}", punched.rtt.as_secs_f64() * 1000.0),
-            "connected to peer via direct UDP"
+            path = %kind,
+            %remote,
+            rtt_ms = format_args!("{:.2}", conn.rtt().as_secs_f64() * 1000.0),
+            "connected to peer via {kind}"
         );
         let live = Arc::new(Live {
             conn,
-            _punched: punched,
+            direct: std::sync::Mutex::new(direct),
         });
+        if let Some(task) = punching {
+            let weak = Arc::downgrade(&live);
+            let name = name.to_owned();
+            tokio::spawn(async move {
+                match task.await {
+                    Ok(Ok(punched)) => {
+                        tracing::info!(
+                            %name,
+                            remote = %punched.remote,
+                            rtt_ms = format_args!("{:.2}", punched.rtt.as_secs_f64() * 1000.0),
+                            "direct UDP path found; traffic moves off the relay"
+                        );
+                        if let Some(live) = weak.upgrade() {
+                            *live.direct.lock().unwrap_or_else(|e| e.into_inner()) = Some(punched);
+                        }
+                    }
+                    Ok(Err(e)) => tracing::warn!(%name, "{e}; staying on the relay"),
+                    Err(e) => tracing::warn!(%name, "punch task failed: {e}"),
+                }
+            });
+        }
         self.by_peer
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -98,7 +98,7 @@ fn local_candidates(ctx: &Ctx) -> Vec<Candidate> {
 pub async fn run(
     ctx: Arc<Ctx>,
     current: watch::Sender<Option<Arc<Registered>>>,
-    incoming: mpsc::Sender<Rendezvous>,
+    incoming: mpsc::Sender<(Rendezvous, Arc<Registered>)>,
 ) -> anyhow::Error {
     let mut backoff = Backoff::default();
     loop {
@@ -107,12 +107,17 @@ pub async fn run(
                 backoff.reset();
                 let reg = Arc::new(reg);
                 current.send_replace(Some(reg.clone()));
+                let pump = tokio::spawn(super::relay::pump(ctx.clone(), reg.conn.clone()));
                 let why = loop {
                     match read_frame::<ServerMsg, _>(&mut events).await {
                         Ok(Some(ServerMsg::Incoming(rv))) => {
-                            if incoming.send(rv).await.is_err() {
+                            if incoming.send((rv, reg.clone())).await.is_err() {
                                 break "agent shutting down".to_owned();
                             }
+                        }
+                        Ok(Some(ServerMsg::RelayClosed { session, reason })) => {
+                            tracing::warn!(session, "S stopped relaying a session: {reason}");
+                            super::relay::close(&ctx, session, reg.server);
                         }
                         Ok(Some(other)) => tracing::warn!(?other, "unexpected message from S"),
                         Ok(None) => break "S closed the connection".to_owned(),
@@ -120,6 +125,7 @@ pub async fn run(
                     }
                 };
                 current.send_replace(None);
+                pump.abort();
                 let why = reg
                     .conn
                     .close_reason()

@@ -8,6 +8,7 @@
 
 pub mod candidates;
 pub mod checks;
+pub mod monitor;
 pub mod netcheck;
 pub mod router;
 mod session;

@@ -22,6 +22,8 @@ pub struct Punched {
     pub rtt: Duration,
     /// Keeps answering the peer's checks; drop it when the connection ends.
     pub session: SessionHandle,
+    /// Keeps checking the path (and marks it dead or live); stops when dropped.
+    pub monitor: super::monitor::AbortOnDrop,
 }
 
 /// Why a punch found no path.
@@ -109,10 +111,17 @@ pub async fn punch(
         });
     };
     add_path(router, virt, remote, Some(rtt));
+    let monitor = tokio::spawn(super::monitor::watch(
+        router.clone(),
+        virt,
+        remote,
+        rv.credentials.clone(),
+    ));
     Ok(Punched {
         remote,
         rtt,
         session,
+        monitor: super::monitor::AbortOnDrop(monitor),
     })
 }
 
@@ -127,7 +136,7 @@ fn add_path(router: &StunRouter, virt: SocketAddr, remote: SocketAddr, rtt: Opti
 
 /// Checks one pair from `start` until answered or `deadline`: `Some((remote, rtt))` when a
 /// response with valid integrity came back from the address the check went to.
-async fn check(
+pub(crate) async fn check(
     router: Arc<StunRouter>,
     to: SocketAddr,
     creds: Credentials,

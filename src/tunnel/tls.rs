@@ -53,8 +53,38 @@ pub fn transport_config() -> quinn::TransportConfig {
     t
 }
 
+/// The largest UDP payload the end-to-end connection probes up to. Relayed, its packets ride
+/// inside DATAGRAM frames of the control connection (initial MTU [`CONTROL_MTU`]) with an
+/// 8-byte session tag and about 40 bytes of outer QUIC overhead, so they must stay below it.
+pub const PEER_MAX_MTU: u16 = 1400;
+
+/// The control connection's initial MTU: room for relayed packets of [`PEER_MAX_MTU`]. quinn
+/// falls back to 1200 if the path cannot carry it, and oversized relay packets then go on
+/// streams.
+pub const CONTROL_MTU: u16 = 1452;
+
+/// Transport settings of the end-to-end connection between agents.
+pub fn peer_transport_config() -> quinn::TransportConfig {
+    let mut t = transport_config();
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(PEER_MAX_MTU);
+    t.mtu_discovery_config(Some(mtu));
+    t
+}
+
+/// Transport settings of an agent's control connection to S, which also carries relayed
+/// packets as datagrams.
+pub fn control_transport_config() -> quinn::TransportConfig {
+    let mut t = transport_config();
+    t.initial_mtu(CONTROL_MTU);
+    t.datagram_receive_buffer_size(Some(4 << 20));
+    t.datagram_send_buffer_size(4 << 20);
+    t
+}
+
 /// A client configuration presenting `identity`, accepting any certificate whose handshake
-/// signature checks out; the caller then checks [`peer_fingerprint`].
+/// signature checks out; the caller then checks [`peer_fingerprint`]. The transport settings
+/// follow the ALPN: [`control_transport_config`] for S, [`peer_transport_config`] otherwise.
 pub fn client_config(identity: &Identity, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -64,7 +94,12 @@ pub fn client_config(identity: &Identity, alpn: &[u8]) -> Result<quinn::ClientCo
     tls.alpn_protocols = vec![alpn.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(Arc::new(transport_config()));
+    let transport = if alpn == crate::proto::ALPN_CONTROL {
+        control_transport_config()
+    } else {
+        peer_transport_config()
+    };
+    config.transport_config(Arc::new(transport));
     Ok(config)
 }
 
@@ -83,7 +118,12 @@ pub fn server_config(
     tls.max_early_data_size = 0;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(Arc::new(transport_config()));
+    let transport = if alpn == crate::proto::ALPN_CONTROL {
+        control_transport_config()
+    } else {
+        peer_transport_config()
+    };
+    config.transport_config(Arc::new(transport));
     Ok(config)
 }
 
