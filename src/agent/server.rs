@@ -156,14 +156,21 @@ async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlE
     let host = host_part(&ctx.opts.server);
     let config = tls::client_config(&ctx.identity, crate::proto::ALPN_CONTROL)
         .map_err(|e| ControlError::Fatal(e.into()))?;
-    let connecting = ctx
-        .endpoint
-        .connect_with(config, server, host)
-        .map_err(|e| retry(anyhow!("cannot connect to {server}: {e}")))?;
-    let conn = tokio::time::timeout(EXCHANGE_TIMEOUT, connecting)
-        .await
-        .map_err(|_| retry(anyhow!("no answer from {server}")))?
-        .map_err(|e| retry(anyhow!("QUIC handshake with {server} failed: {e}")))?;
+    let conn = match connect_udp(ctx, config.clone(), server, host).await {
+        Ok(conn) => conn,
+        Err(udp_err) => {
+            // UDP may be blocked on this network: the same QUIC connection also runs framed
+            // on TCP to S's port.
+            tracing::debug!(%server, "no QUIC over UDP ({udp_err:#}); trying TCP");
+            connect_tcp(ctx, config, server, host)
+                .await
+                .map_err(|tcp_err| {
+                    retry(anyhow!(
+                        "cannot reach S at {server}: over UDP: {udp_err:#}; over TCP: {tcp_err:#}"
+                    ))
+                })?
+        }
+    };
     verify_server(ctx, &conn, host).map_err(ControlError::Fatal)?;
 
     let exchange = async {
@@ -212,6 +219,71 @@ async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlE
                 .unwrap_or_default()
         ))),
     }
+}
+
+/// How long a QUIC handshake with S over UDP may take before TCP is tried.
+const UDP_HANDSHAKE: Duration = Duration::from_secs(4);
+
+async fn connect_udp(
+    ctx: &Ctx,
+    config: quinn::ClientConfig,
+    server: SocketAddr,
+    host: &str,
+) -> anyhow::Result<Connection> {
+    let connecting = ctx
+        .endpoint
+        .connect_with(config, server, host)
+        .map_err(|e| anyhow!("cannot connect to {server}: {e}"))?;
+    tokio::time::timeout(UDP_HANDSHAKE, connecting)
+        .await
+        .map_err(|_| anyhow!("no answer within {}s", UDP_HANDSHAKE.as_secs()))?
+        .map_err(|e| anyhow!("QUIC handshake failed: {e}"))
+}
+
+/// The control connection framed on TCP to S's port: S gets a virtual address in the path
+/// table whose only path is the TCP connection, and quinn connects to that.
+async fn connect_tcp(
+    ctx: &Ctx,
+    config: quinn::ClientConfig,
+    server: SocketAddr,
+    host: &str,
+) -> anyhow::Result<Connection> {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = tokio::time::timeout(EXCHANGE_TIMEOUT, tokio::net::TcpStream::connect(server))
+        .await
+        .map_err(|_| anyhow!("TCP connect timed out"))??;
+    let _ = tcp.set_nodelay(true);
+    tcp.write_all(crate::path::tcp::SERVER_PREAMBLE).await?;
+    let socket = ctx.router.socket().clone();
+    let virt = socket
+        .table()
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .anonymous_peer();
+    let (tx, done) = crate::path::tcp::spawn(tcp, virt, socket.injector());
+    socket
+        .table()
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .add_channel_path(virt, crate::path::PathKind::DirectTcp, server, tx, None);
+    tokio::spawn(async move {
+        let _ = done.await;
+        socket
+            .table()
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove_peer(virt);
+    });
+    let connecting = ctx
+        .endpoint
+        .connect_with(config, virt, host)
+        .map_err(|e| anyhow!("cannot connect: {e}"))?;
+    let conn = tokio::time::timeout(EXCHANGE_TIMEOUT, connecting)
+        .await
+        .map_err(|_| anyhow!("no QUIC answer over TCP"))?
+        .map_err(|e| anyhow!("QUIC handshake over TCP failed: {e}"))?;
+    tracing::info!(%server, "connected to S over TCP (UDP gets no answer on this network)");
+    Ok(conn)
 }
 
 fn classify(e: ErrorMsg) -> ControlError {
