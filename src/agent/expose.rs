@@ -9,13 +9,11 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::relay;
 use super::server::Registered;
 use super::status::Role;
+use super::{paths, relay};
 use super::{Ctx, ExposeSpec};
-use crate::path::PathKind;
 use crate::proto::{Fingerprint, Rendezvous};
-use crate::punch::{punch, Punched};
 use crate::tunnel::header::{self, close, codes};
 use crate::tunnel::{copy, tls};
 
@@ -26,8 +24,8 @@ const STREAM_SETUP: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct Exposer {
     ctx: Arc<Ctx>,
-    /// The latest punch per forwarder; it keeps answering that forwarder's checks.
-    sessions: Arc<Mutex<HashMap<Fingerprint, Punched>>>,
+    /// The direct paths of the latest session per forwarder.
+    sessions: Arc<Mutex<HashMap<Fingerprint, paths::Held>>>,
 }
 
 impl Exposer {
@@ -72,26 +70,12 @@ impl Exposer {
         if rv.relay {
             relay::open(&self.ctx, reg, rv.session, virt);
         }
-        match punch(&self.ctx.router, virt, &rv).await {
-            Ok(punched) => {
-                tracing::info!(
-                    name = %rv.name,
-                    %peer,
-                    path = %PathKind::DirectUdp,
-                    remote = %punched.remote,
-                    rtt_ms = format_args!("{:.2}", punched.rtt.as_secs_f64() * 1000.0),
-                    "path to forwarder found"
-                );
-                self.sessions
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(peer, punched);
-            }
-            Err(e) if rv.relay => {
-                tracing::warn!(name = %rv.name, %peer, "{e}; the forwarder stays on the relay")
-            }
-            Err(e) => tracing::warn!(name = %rv.name, %peer, "{e}"),
-        }
+        let outcomes = paths::start(&self.ctx, &rv, virt, false);
+        let found = paths::keep(outcomes, format!("expose '{}' to {peer}", rv.name));
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer, found);
     }
 
     /// Accepts forwarders' QUIC connections and serves their streams.

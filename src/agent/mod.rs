@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod expose;
 pub mod forward;
 pub mod known;
+pub mod paths;
 pub mod peers;
 pub mod relay;
 pub mod server;
@@ -81,6 +82,8 @@ pub struct Ctx {
     pub activity: status::Activity,
     /// Sessions whose packets S relays.
     pub relays: relay::RelaySessions,
+    /// The TCP punching port, if one could be bound.
+    pub tcp: Option<Arc<crate::punch::tcp::TcpPunch>>,
 }
 
 impl Ctx {
@@ -115,6 +118,13 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let (socket, stun_rx) = PathSocket::bind(opts.bind, Policy::KnownOnly)
         .with_context(|| format!("cannot bind the UDP socket at {}", opts.bind))?;
     let router = StunRouter::start(socket.clone(), stun_rx);
+    // The TCP punching port takes the UDP port's number when it is free, which keeps
+    // firewall rules simple; any port works.
+    let udp_local = socket.local()?;
+    let tcp = crate::punch::tcp::TcpPunch::bind(udp_local)
+        .or_else(|_| crate::punch::tcp::TcpPunch::bind(SocketAddr::new(udp_local.ip(), 0)))
+        .map_err(|e| tracing::warn!("no TCP punching port ({e}); only UDP and relay paths"))
+        .ok();
     let server_config =
         tls::server_config(identity.cert_chain(), identity.private_key(), ALPN_PEER)?;
     let endpoint = endpoint::make_endpoint(socket, Some(server_config), Some(&identity))
@@ -130,6 +140,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         registration: reg_rx,
         activity: status::Activity::default(),
         relays: relay::RelaySessions::default(),
+        tcp,
     });
     tracing::info!(id = %ctx.identity.fingerprint(), udp = ?ctx.router.socket().local().ok(), "agent started");
 

@@ -9,18 +9,17 @@ use quinn::Connection;
 use tokio::sync::Mutex;
 
 use super::known::{PinFile, Pinned};
-use super::{relay, Ctx};
+use super::{paths, relay, Ctx};
 use crate::proto::{Fingerprint, ALPN_PEER};
-use crate::punch::{punch, Punched};
 use crate::tunnel::tls;
 
 /// How long a new local connection waits for a registration with S.
 const WAIT_FOR_S: std::time::Duration = std::time::Duration::from_secs(15);
 
-/// A live connection to a peer, with the direct path (once punched) that keeps it checked.
+/// A live connection to a peer, with the direct paths (once punched) it may use.
 struct Live {
     conn: Connection,
-    direct: std::sync::Mutex<Option<Punched>>,
+    _direct: paths::Held,
 }
 
 /// The connection for one name, behind a lock held while it is being made.
@@ -119,15 +118,17 @@ impl Peers {
         if rv.relay {
             relay::open(ctx, &reg, rv.session, virt);
         }
-        let punching = {
-            let (router, rv) = (ctx.router.clone(), rv.clone());
-            tokio::spawn(async move { punch(&router, virt, &rv).await })
-        };
-        let mut direct = None;
-        let mut punching = Some(punching);
+        let mut outcomes = paths::start(ctx, &rv, virt, true);
+        let mut found = Vec::new();
         if !rv.relay {
-            if let Some(task) = punching.take() {
-                direct = Some(task.await.context("punch task failed")??);
+            // No relay: a direct path must exist before QUIC can start.
+            let mut failures = Vec::new();
+            while found.is_empty() {
+                match outcomes.recv().await {
+                    Some(Ok(path)) => found.push(path),
+                    Some(Err(e)) => failures.push(e),
+                    None => bail!("{}", failures.join("; ")),
+                }
             }
         }
         let config = tls::client_config(&ctx.identity, ALPN_PEER)?;
@@ -169,31 +170,15 @@ impl Peers {
             rtt_ms = format_args!("{:.2}", conn.rtt().as_secs_f64() * 1000.0),
             "connected to peer via {kind}"
         );
+        let direct = paths::keep(outcomes, format!("forward '{name}'"));
+        direct
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(found);
         let live = Arc::new(Live {
             conn,
-            direct: std::sync::Mutex::new(direct),
+            _direct: direct,
         });
-        if let Some(task) = punching {
-            let weak = Arc::downgrade(&live);
-            let name = name.to_owned();
-            tokio::spawn(async move {
-                match task.await {
-                    Ok(Ok(punched)) => {
-                        tracing::info!(
-                            %name,
-                            remote = %punched.remote,
-                            rtt_ms = format_args!("{:.2}", punched.rtt.as_secs_f64() * 1000.0),
-                            "direct UDP path found; traffic moves off the relay"
-                        );
-                        if let Some(live) = weak.upgrade() {
-                            *live.direct.lock().unwrap_or_else(|e| e.into_inner()) = Some(punched);
-                        }
-                    }
-                    Ok(Err(e)) => tracing::warn!(%name, "{e}; staying on the relay"),
-                    Err(e) => tracing::warn!(%name, "punch task failed: {e}"),
-                }
-            });
-        }
         self.by_peer
             .lock()
             .unwrap_or_else(|e| e.into_inner())

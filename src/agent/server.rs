@@ -31,6 +31,8 @@ pub struct Registered {
     pub server: SocketAddr,
     /// Where S saw this agent come from: its server-reflexive address.
     pub observed: SocketAddr,
+    /// Where S saw this agent's TCP punching port come from, if it could tell.
+    pub tcp_observed: Option<SocketAddr>,
     /// The send half of the registration stream; finishing it would end the registration.
     _registration: quinn::SendStream,
 }
@@ -80,16 +82,29 @@ impl Registered {
             kind: CandidateKind::ServerReflexive,
             addr: self.observed,
         });
+        out.extend(self.tcp_observed.map(|addr| Candidate {
+            kind: CandidateKind::TcpServerReflexive,
+            addr,
+        }));
         out
     }
 }
 
+/// This agent's host candidates: its interfaces with the UDP port, and with the TCP port.
 fn local_candidates(ctx: &Ctx) -> Vec<Candidate> {
-    ctx.router
+    let mut out = ctx
+        .router
         .socket()
         .local()
         .map(host_candidates)
-        .unwrap_or_default()
+        .unwrap_or_default();
+    if let Some(tcp) = &ctx.tcp {
+        out.extend(host_candidates(tcp.local()).into_iter().map(|c| Candidate {
+            kind: CandidateKind::TcpHost,
+            ..c
+        }));
+    }
+    out
 }
 
 /// Keeps this agent registered with S for as long as it runs: publishes each registration in
@@ -172,6 +187,10 @@ async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlE
         }
     };
     verify_server(ctx, &conn, host).map_err(ControlError::Fatal)?;
+    let tcp_observed = match &ctx.tcp {
+        Some(tcp) => tcp.reflexive(server).await,
+        None => None,
+    };
 
     let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await?;
@@ -179,7 +198,13 @@ async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlE
             version: PROTOCOL_VERSION,
             token: ctx.opts.token.clone(),
             names: ctx.opts.exposes.iter().map(|e| e.name.clone()).collect(),
-            candidates: local_candidates(ctx),
+            candidates: local_candidates(ctx)
+                .into_iter()
+                .chain(tcp_observed.map(|addr| Candidate {
+                    kind: CandidateKind::TcpServerReflexive,
+                    addr,
+                }))
+                .collect(),
         };
         write_frame(&mut send, &msg).await?;
         // The send side stays open: closing it would end the registration.
@@ -205,6 +230,7 @@ async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlE
                     conn,
                     server,
                     observed,
+                    tcp_observed,
                     _registration: send,
                 },
                 recv,

@@ -133,6 +133,20 @@ pub enum CandidateKind {
     PortMapped,
     /// An address learnt from a check that arrived from it.
     PeerReflexive,
+    /// A TCP address of one of the agent's own interfaces (for the TCP hole punch).
+    TcpHost,
+    /// The agent's TCP address as S sees it (learnt with STUN over TCP).
+    TcpServerReflexive,
+}
+
+impl CandidateKind {
+    /// Whether the candidate is a TCP address.
+    pub fn is_tcp(self) -> bool {
+        matches!(
+            self,
+            CandidateKind::TcpHost | CandidateKind::TcpServerReflexive
+        )
+    }
 }
 
 /// An error S reports, with a code callers match on.

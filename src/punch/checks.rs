@@ -38,16 +38,19 @@ pub fn send_offset(n: u32) -> Duration {
 
 /// The remote addresses to check, best first, without duplicates: host candidates (a shared
 /// LAN is the best path there is), then mapped, reflexive and learnt ones. At most
-/// [`MAX_CANDIDATES`], of the socket's address family.
-pub fn plan(candidates: &[Candidate], ipv4: bool) -> Vec<SocketAddr> {
+/// [`MAX_CANDIDATES`], of the socket's address family, and of UDP or (`tcp`) TCP kinds.
+pub fn plan(candidates: &[Candidate], ipv4: bool, tcp: bool) -> Vec<SocketAddr> {
     let rank = |k: CandidateKind| match k {
         CandidateKind::Host => 0,
         CandidateKind::PortMapped => 1,
         CandidateKind::ServerReflexive => 2,
         CandidateKind::PeerReflexive => 3,
+        CandidateKind::TcpHost => 0,
+        CandidateKind::TcpServerReflexive => 2,
     };
     let mut sorted: Vec<&Candidate> = candidates
         .iter()
+        .filter(|c| c.kind.is_tcp() == tcp)
         .filter(|c| c.addr.is_ipv4() == ipv4 && c.addr.port() != 0)
         .filter(|c| !c.addr.ip().is_unspecified() && !c.addr.ip().is_multicast())
         .collect();
@@ -87,7 +90,7 @@ mod tests {
             cand(CandidateKind::Host, "0.0.0.0:4000"),
             cand(CandidateKind::Host, "10.0.0.3:0"),
         ];
-        let p = plan(&cands, true);
+        let p = plan(&cands, true, false);
         assert_eq!(
             p,
             vec![
@@ -102,7 +105,8 @@ mod tests {
         let cands: Vec<Candidate> = (1..100)
             .map(|i| cand(CandidateKind::Host, &format!("10.0.0.{i}:4000")))
             .collect();
-        assert_eq!(plan(&cands, true).len(), MAX_CANDIDATES);
+        assert_eq!(plan(&cands, true, false).len(), MAX_CANDIDATES);
+        assert!(plan(&cands, true, true).is_empty());
     }
 
     #[test]

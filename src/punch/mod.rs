@@ -12,6 +12,7 @@ pub mod monitor;
 pub mod netcheck;
 pub mod router;
 mod session;
+pub mod tcp;
 
 pub use router::StunRouter;
 pub use session::{punch, PunchError, Punched};

@@ -58,7 +58,7 @@ pub async fn punch(
     tokio::time::sleep(Duration::from_millis(rv.start_in_ms).min(MAX_START_DELAY)).await;
 
     let ipv4 = router.socket().local().map(|a| a.is_ipv4()).unwrap_or(true);
-    let targets = checks::plan(&rv.peer_candidates, ipv4);
+    let targets = checks::plan(&rv.peer_candidates, ipv4, false);
     let started = Instant::now();
     let deadline = started + DEADLINE;
     let mut checking: HashSet<SocketAddr> = HashSet::new();
