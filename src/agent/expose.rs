@@ -59,14 +59,7 @@ impl Exposer {
         }
         let peer = rv.peer_fingerprint;
         tracing::info!(name = %rv.name, %peer, "forwarder introduced; checking paths");
-        let virt = self
-            .ctx
-            .router
-            .socket()
-            .table()
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .peer(peer);
+        let virt = self.ctx.router.socket().table_write().peer(peer);
         if rv.relay {
             relay::open(&self.ctx, reg, rv.session, virt);
         }
@@ -93,14 +86,7 @@ impl Exposer {
 
     async fn serve_connection(&self, conn: Connection) {
         let virt = conn.remote_address();
-        let expected = self
-            .ctx
-            .router
-            .socket()
-            .table()
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .fingerprint_of(virt);
+        let expected = self.ctx.router.socket().table_read().fingerprint_of(virt);
         let Some(peer) = tls::peer_fingerprint(&conn).filter(|seen| Some(*seen) == expected) else {
             tracing::warn!(remote = %virt, "refusing a connection from a key S did not introduce");
             conn.close(close::UNEXPECTED_PEER.into(), b"not introduced by S");

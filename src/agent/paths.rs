@@ -31,9 +31,7 @@ impl Drop for TcpPath {
         // The table holds the path's only sender: removing it ends the framing task, which
         // closes the connection.
         self.socket
-            .table()
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
+            .table_write()
             .remove_path(self.virt, PathKind::DirectTcp, self.remote);
     }
 }
@@ -87,9 +85,7 @@ fn install_tcp(
     let socket = ctx.router.socket().clone();
     let (tx, done) = crate::path::tcp::spawn(stream, virt, socket.injector());
     socket
-        .table()
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
+        .table_write()
         .add_channel_path(virt, PathKind::DirectTcp, remote, tx, None);
     {
         let socket = socket.clone();
@@ -100,9 +96,7 @@ fn install_tcp(
             };
             tracing::debug!(%remote, "direct TCP path ended: {why}");
             socket
-                .table()
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
+                .table_write()
                 .remove_path(virt, PathKind::DirectTcp, remote);
         });
     }

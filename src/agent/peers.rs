@@ -106,13 +106,7 @@ impl Peers {
             return Ok(live);
         }
 
-        let virt = ctx
-            .router
-            .socket()
-            .table()
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .peer(peer);
+        let virt = ctx.router.socket().table_write().peer(peer);
         // With a relay, traffic starts through S at once and moves to the direct path when
         // the punch finds one; without, the punch must succeed first.
         if rv.relay {
@@ -152,13 +146,7 @@ impl Peers {
         if pinned == Pinned::New {
             tracing::info!(%name, %peer, "pinned the exposer's key in {}", pins.path().display());
         }
-        let path = ctx
-            .router
-            .socket()
-            .table()
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .selected(virt);
+        let path = ctx.router.socket().table_read().selected(virt);
         let (kind, remote) = path
             .map(|(k, a)| (k.to_string(), a.to_string()))
             .unwrap_or_else(|| ("no path".into(), "-".into()));

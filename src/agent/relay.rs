@@ -37,9 +37,7 @@ pub fn open(ctx: &Ctx, reg: &Registered, session: u64, virt: SocketAddr) {
     ctx.relays.lock().insert(session, virt);
     ctx.router
         .socket()
-        .table()
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
+        .table_write()
         .add_channel_path(virt, PathKind::Relay, reg.server, tx, None);
     let conn = reg.conn.clone();
     let server = reg.server;
@@ -52,9 +50,7 @@ pub fn open(ctx: &Ctx, reg: &Registered, session: u64, virt: SocketAddr) {
         }
         // The control connection is gone: so is this path.
         table_owner
-            .table()
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
+            .table_write()
             .remove_path(virt, PathKind::Relay, server);
     });
 }
@@ -87,9 +83,7 @@ pub fn close(ctx: &Ctx, session: u64, server: SocketAddr) {
     if let Some(virt) = ctx.relays.lock().remove(&session) {
         ctx.router
             .socket()
-            .table()
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
+            .table_write()
             .remove_path(virt, PathKind::Relay, server);
     }
 }

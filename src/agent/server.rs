@@ -281,24 +281,14 @@ async fn connect_tcp(
     let _ = tcp.set_nodelay(true);
     tcp.write_all(crate::path::tcp::SERVER_PREAMBLE).await?;
     let socket = ctx.router.socket().clone();
-    let virt = socket
-        .table()
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .anonymous_peer();
+    let virt = socket.table_write().anonymous_peer();
     let (tx, done) = crate::path::tcp::spawn(tcp, virt, socket.injector());
     socket
-        .table()
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
+        .table_write()
         .add_channel_path(virt, crate::path::PathKind::DirectTcp, server, tx, None);
     tokio::spawn(async move {
         let _ = done.await;
-        socket
-            .table()
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove_peer(virt);
+        socket.table_write().remove_peer(virt);
     });
     let connecting = ctx
         .endpoint

@@ -163,12 +163,7 @@ pub struct ServiceReport {
 /// A snapshot of `ctx`'s status.
 pub fn snapshot(ctx: &Ctx) -> Status {
     let registration = ctx.registration.borrow().clone();
-    let table = ctx
-        .router
-        .socket()
-        .table()
-        .read()
-        .unwrap_or_else(|e| e.into_inner());
+    let table = ctx.router.socket().table_read();
     let peers = ctx.activity.peers.lock().unwrap_or_else(|e| e.into_inner());
     let mut peer_reports: Vec<PeerReport> = peers
         .iter()

@@ -150,10 +150,15 @@ impl PathSocket {
         }
     }
 
-    fn table_read(&self) -> std::sync::RwLockReadGuard<'_, PathTable> {
-        // A panic elsewhere while holding the lock leaves consistent data behind (every
-        // update is a few map operations), so carry on rather than poison the socket.
+    /// The path table, to read. A panic elsewhere while holding the lock leaves consistent
+    /// data behind (every update is a few map operations), so poisoning is ignored.
+    pub fn table_read(&self) -> std::sync::RwLockReadGuard<'_, PathTable> {
         self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The path table, to change (poisoning ignored, as for [`Self::table_read`]).
+    pub fn table_write(&self) -> std::sync::RwLockWriteGuard<'_, PathTable> {
+        self.table.write().unwrap_or_else(|e| e.into_inner())
     }
 
     fn divert_stun(&self, from: SocketAddr, data: &[u8]) {

@@ -41,11 +41,7 @@ pub async fn watch(
             start + TIMEOUT,
         )
         .await;
-        let mut table = router
-            .socket()
-            .table()
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut table = router.socket().table_write();
         match answered {
             Some((_, rtt)) => {
                 table.add_udp_path(virt, remote, Some(rtt));

@@ -128,9 +128,7 @@ pub async fn punch(
 fn add_path(router: &StunRouter, virt: SocketAddr, remote: SocketAddr, rtt: Option<Duration>) {
     router
         .socket()
-        .table()
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
+        .table_write()
         .add_udp_path(virt, remote, rtt);
 }
 

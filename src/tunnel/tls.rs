@@ -82,6 +82,15 @@ pub fn control_transport_config() -> quinn::TransportConfig {
     t
 }
 
+/// The transport settings for a connection speaking `alpn`.
+fn transport_for(alpn: &[u8]) -> quinn::TransportConfig {
+    if alpn == crate::proto::ALPN_CONTROL {
+        control_transport_config()
+    } else {
+        peer_transport_config()
+    }
+}
+
 /// A client configuration presenting `identity`, accepting any certificate whose handshake
 /// signature checks out; the caller then checks [`peer_fingerprint`]. The transport settings
 /// follow the ALPN: [`control_transport_config`] for S, [`peer_transport_config`] otherwise.
@@ -94,12 +103,7 @@ pub fn client_config(identity: &Identity, alpn: &[u8]) -> Result<quinn::ClientCo
     tls.alpn_protocols = vec![alpn.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    let transport = if alpn == crate::proto::ALPN_CONTROL {
-        control_transport_config()
-    } else {
-        peer_transport_config()
-    };
-    config.transport_config(Arc::new(transport));
+    config.transport_config(Arc::new(transport_for(alpn)));
     Ok(config)
 }
 
@@ -118,12 +122,7 @@ pub fn server_config(
     tls.max_early_data_size = 0;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    let transport = if alpn == crate::proto::ALPN_CONTROL {
-        control_transport_config()
-    } else {
-        peer_transport_config()
-    };
-    config.transport_config(Arc::new(transport));
+    config.transport_config(Arc::new(transport_for(alpn)));
     Ok(config)
 }
 
