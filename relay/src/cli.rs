@@ -15,14 +15,19 @@ Configuration file keys (TOML; all optional; relay/relay.example.toml documents 
   max_connections = 10000        QUIC connections in all
   max_pending_handshakes = 256   QUIC handshakes in progress at once
   stun_rate_per_ip = 20          STUN answers per second per source (bursts of twice that)
+  relay_session_bytes = 4294967296   as --relay-session-bytes
+  relay_session_rate = 100000000     as --relay-session-rate
+  relay_rate_per_ip = 200000000      as --relay-rate-per-ip
 
 Logging: RUST_LOG (default: info), e.g. RUST_LOG=p2ptun_relay=debug.";
 
 /// The p2ptun rendezvous server (S).
 ///
 /// Agents register their names here and are introduced to each other so they can connect
-/// directly. One UDP port carries QUIC (the agents' control connections) and STUN; a second
-/// UDP port answers STUN too, so agents can tell how their NAT maps.
+/// directly, or relays their encrypted packets when they cannot. One UDP port carries QUIC
+/// (the agents' control connections) and STUN; the same port on TCP carries QUIC for agents
+/// whose UDP is blocked; a second UDP port answers STUN too, so agents can tell how their
+/// NAT maps.
 ///
 /// Flags override the configuration file; the file overrides the defaults.
 #[derive(Debug, Parser)]
@@ -38,7 +43,8 @@ pub struct Cli {
     #[arg(short = 'c', long = "config", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// UDP address for QUIC and STUN [default: 0.0.0.0:7000].
+    /// UDP address for QUIC and STUN, and TCP address for QUIC over TCP
+    /// [default: 0.0.0.0:7000].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
 
@@ -72,6 +78,20 @@ pub struct Cli {
     /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9100).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
+
+    /// Bytes one relayed session may carry in all; 0 switches relaying off
+    /// [default: 4294967296].
+    #[arg(long, value_name = "BYTES")]
+    pub relay_session_bytes: Option<u64>,
+
+    /// Bytes per second one relayed session may carry [default: 100000000].
+    #[arg(long, value_name = "BYTES_PER_SEC")]
+    pub relay_session_rate: Option<u64>,
+
+    /// Bytes per second one source may send through the relay, over all its sessions
+    /// [default: 200000000].
+    #[arg(long, value_name = "BYTES_PER_SEC")]
+    pub relay_rate_per_ip: Option<u64>,
 }
 
 impl Cli {
@@ -106,6 +126,15 @@ impl Cli {
         if let Some(metrics) = self.metrics {
             config.metrics = Some(metrics);
         }
+        if let Some(bytes) = self.relay_session_bytes {
+            config.relay.session_bytes = bytes;
+        }
+        if let Some(rate) = self.relay_session_rate {
+            config.relay.session_rate = rate;
+        }
+        if let Some(rate) = self.relay_rate_per_ip {
+            config.relay.rate_per_ip = rate;
+        }
     }
 }
 
@@ -138,6 +167,10 @@ mod tests {
             "a",
             "--token",
             "b",
+            "--relay-session-bytes",
+            "0",
+            "--relay-rate-per-ip",
+            "5000",
         ])
         .unwrap();
         let config = cli.into_config().unwrap();
@@ -148,6 +181,9 @@ mod tests {
         );
         assert_eq!(config.tokens, vec!["a", "b"]);
         assert_eq!(config.limits.max_connections, 5);
+        assert_eq!(config.relay.session_bytes, 0);
+        assert_eq!(config.relay.rate_per_ip, 5000);
+        assert_eq!(config.relay.session_rate, 100_000_000);
     }
 
     #[test]

@@ -71,6 +71,32 @@ impl Default for Limits {
     }
 }
 
+/// What relaying one session's packets may cost. Sized so that a busy session (a large
+/// copy through the relay) is not cut short, while one agent cannot take all of S's
+/// bandwidth: per-source rates cover every session of that source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayBudgets {
+    /// Bytes one session may relay in all (both directions); the session is closed when
+    /// they are used up. 0 switches relaying off: agents are still introduced, without it.
+    pub session_bytes: u64,
+    /// Bytes per second one session may relay (both directions), with a second's burst;
+    /// packets beyond it are dropped like on a congested link.
+    pub session_rate: u64,
+    /// Bytes per second one source (IPv4 address or IPv6 /64) may send through the relay,
+    /// over all its sessions.
+    pub rate_per_ip: u64,
+}
+
+impl Default for RelayBudgets {
+    fn default() -> Self {
+        RelayBudgets {
+            session_bytes: 4 << 30,
+            session_rate: 100_000_000,
+            rate_per_ip: 200_000_000,
+        }
+    }
+}
+
 /// A CA-issued certificate chain and its key, both PEM files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
@@ -98,6 +124,8 @@ pub struct RelayConfig {
     pub metrics: Option<SocketAddr>,
     /// Resource limits.
     pub limits: Limits,
+    /// What relaying may cost.
+    pub relay: RelayBudgets,
 }
 
 impl Default for RelayConfig {
@@ -110,6 +138,7 @@ impl Default for RelayConfig {
             tls: None,
             metrics: None,
             limits: Limits::default(),
+            relay: RelayBudgets::default(),
         }
     }
 }
@@ -125,6 +154,7 @@ impl fmt::Debug for RelayConfig {
             .field("tls", &self.tls)
             .field("metrics", &self.metrics)
             .field("limits", &self.limits)
+            .field("relay", &self.relay)
             .finish()
     }
 }
@@ -159,6 +189,22 @@ impl RelayConfig {
                 return Err(ConfigError::Invalid {
                     key,
                     problem: "must be at least 1".into(),
+                });
+            }
+        }
+        // `relay_session_bytes` may be 0 (no relaying); a rate of 0 would relay nothing
+        // while claiming to relay, so it is refused.
+        let rates = [
+            ("relay_session_rate", self.relay.session_rate),
+            ("relay_rate_per_ip", self.relay.rate_per_ip),
+        ];
+        for (key, value) in rates {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    problem: "must be at least 1 (bytes per second); set \
+                              `relay_session_bytes = 0` to switch relaying off"
+                        .into(),
                 });
             }
         }
@@ -227,11 +273,22 @@ pub struct FileConfig {
     /// See [`Limits::stun_rate_per_ip`].
     #[serde(default, deserialize_with = "de_stun_rate_per_ip")]
     pub stun_rate_per_ip: Option<u32>,
+    /// See [`RelayBudgets::session_bytes`].
+    #[serde(default, deserialize_with = "de_relay_session_bytes")]
+    pub relay_session_bytes: Option<u64>,
+    /// See [`RelayBudgets::session_rate`].
+    #[serde(default, deserialize_with = "de_relay_session_rate")]
+    pub relay_session_rate: Option<u64>,
+    /// See [`RelayBudgets::rate_per_ip`].
+    #[serde(default, deserialize_with = "de_relay_rate_per_ip")]
+    pub relay_rate_per_ip: Option<u64>,
 }
 
 const ADDR: &str = "an IP address and port in quotes, such as \"0.0.0.0:7000\" or \"[::]:7000\"";
 const PATH: &str = "a path in quotes";
 const COUNT: &str = "a whole number from 1 to 4294967295";
+const BYTES: &str = "a whole number of bytes, such as 4294967296 (4 GiB)";
+const BYTE_RATE: &str = "a whole number of bytes per second, such as 100000000 (100 MB/s)";
 
 /// Reads one value, turning any failure into a message that names `key` and what it takes.
 fn typed<'de, D, T>(d: D, key: &str, expected: &str) -> Result<Option<T>, D::Error>
@@ -267,6 +324,9 @@ field_readers! {
     de_max_connections: u32 = "max_connections", COUNT;
     de_max_pending_handshakes: u32 = "max_pending_handshakes", COUNT;
     de_stun_rate_per_ip: u32 = "stun_rate_per_ip", COUNT;
+    de_relay_session_bytes: u64 = "relay_session_bytes", BYTES;
+    de_relay_session_rate: u64 = "relay_session_rate", BYTE_RATE;
+    de_relay_rate_per_ip: u64 = "relay_rate_per_ip", BYTE_RATE;
 }
 
 impl FileConfig {
@@ -328,6 +388,15 @@ impl FileConfig {
             tls,
             metrics: self.metrics,
             limits,
+            relay: RelayBudgets {
+                session_bytes: self
+                    .relay_session_bytes
+                    .unwrap_or(defaults.relay.session_bytes),
+                session_rate: self
+                    .relay_session_rate
+                    .unwrap_or(defaults.relay.session_rate),
+                rate_per_ip: self.relay_rate_per_ip.unwrap_or(defaults.relay.rate_per_ip),
+            },
         })
     }
 }
@@ -357,6 +426,9 @@ mod tests {
             max_connections = 100
             max_pending_handshakes = 10
             stun_rate_per_ip = 5
+            relay_session_bytes = 1000000
+            relay_session_rate = 2000
+            relay_rate_per_ip = 3000
             "#,
         )
         .unwrap();
@@ -382,6 +454,14 @@ mod tests {
                 max_connections: 100,
                 max_pending_handshakes: 10,
                 stun_rate_per_ip: 5
+            }
+        );
+        assert_eq!(
+            config.relay,
+            RelayBudgets {
+                session_bytes: 1_000_000,
+                session_rate: 2000,
+                rate_per_ip: 3000
             }
         );
     }
@@ -431,6 +511,32 @@ mod tests {
             "{err}"
         );
 
+        let err = parse("relay_session_rate = 0").unwrap_err().to_string();
+        assert!(
+            err.contains("`relay_session_rate` must be at least 1"),
+            "{err}"
+        );
+        let err = parse("relay_rate_per_ip = \"fast\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`relay_rate_per_ip` must be a whole number of bytes per second"),
+            "{err}"
+        );
+        let err = parse("relay_session_bytes = -5").unwrap_err().to_string();
+        assert!(
+            err.contains("`relay_session_bytes` must be a whole number of bytes"),
+            "{err}"
+        );
+        // 0 bytes is allowed: it switches relaying off.
+        assert_eq!(
+            parse("relay_session_bytes = 0")
+                .unwrap()
+                .relay
+                .session_bytes,
+            0
+        );
+
         let err = parse("tokens = [\"\"]").unwrap_err().to_string();
         assert!(err.contains("`tokens`"), "{err}");
 
@@ -469,6 +575,7 @@ mod tests {
         assert_eq!(config.metrics, Some("127.0.0.1:9100".parse().unwrap()));
         assert!(config.tls.is_some());
         assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.relay, RelayBudgets::default());
     }
 
     #[test]

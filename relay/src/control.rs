@@ -1,13 +1,18 @@
 //! One agent's control connection: its registration stream (Register, then S's pushes of
-//! Incoming) and its request streams (one Connect each). Everything an agent does wrong is
+//! Incoming and RelayClosed), its request streams (one Connect each), and the relayed
+//! packets it sends (handed to [`crate::forward`]). Everything an agent does wrong is
 //! answered on the stream it did it on; only a broken registration stream ends the
 //! connection, and nothing here can affect another agent's.
+//!
+//! The connection may come over UDP or, for an agent whose UDP is blocked, over TCP
+//! ([`Carrier`]); everything that needs the agent's address asks the carrier, never the
+//! connection's `remote_address()`, which for TCP is only a virtual address.
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use p2ptun::path::canonical;
 use p2ptun::proto::{
@@ -19,9 +24,12 @@ use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::config::RelayBudgets;
 use crate::directory::Directory;
+use crate::forward;
 use crate::metrics::Metrics;
 use crate::names::{NameRegistry, NamesError};
+use crate::relay::{NotOpened, Party, Sessions};
 use crate::rendezvous::{introduce, Side};
 use crate::token::Tokens;
 
@@ -39,6 +47,8 @@ pub mod close {
     pub const REPLACED: VarInt = VarInt::from_u32(3);
     /// The agent closed its registration stream: it is leaving.
     pub const LEFT: VarInt = VarInt::from_u32(4);
+    /// The TCP connection carrying the control connection ended.
+    pub const LINK_LOST: VarInt = VarInt::from_u32(5);
 }
 
 /// The most names one agent may expose.
@@ -58,6 +68,43 @@ const REFUSAL_GRACE: Duration = Duration::from_secs(2);
 pub const REGISTER_DEADLINE: Duration = Duration::from_secs(15);
 /// Introductions queued for an exposer that is slow to take them.
 const PUSH_QUEUE: usize = 32;
+/// The relay party number of a connection that has not registered: registration numbers
+/// start at 1, so it is nobody's, and its packets are dropped as not a session's.
+const UNREGISTERED: u64 = 0;
+
+/// How an agent's control connection reaches S.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carrier {
+    /// QUIC over UDP: the connection's own remote address is the agent's.
+    Udp,
+    /// QUIC framed on a TCP connection; the QUIC connection only sees a virtual address.
+    Tcp {
+        /// The TCP peer: the agent's address as S sees it.
+        peer: SocketAddr,
+        /// S's address the TCP connection reached.
+        local: SocketAddr,
+    },
+}
+
+impl Carrier {
+    /// Where the agent's packets come from, as S sees it: the agent's server-reflexive
+    /// address, and its source for limits. Read anew each time for UDP, where the
+    /// connection migrates when the agent's NAT mapping changes.
+    pub fn remote(self, conn: &Connection) -> SocketAddr {
+        match self {
+            Carrier::Udp => canonical(conn.remote_address()),
+            Carrier::Tcp { peer, .. } => peer,
+        }
+    }
+
+    /// S's address the agent's packets reach, when known.
+    pub fn local_ip(self, conn: &Connection) -> Option<IpAddr> {
+        match self {
+            Carrier::Udp => conn.local_ip(),
+            Carrier::Tcp { local, .. } => Some(local.ip()),
+        }
+    }
+}
 
 /// What S shares between all connections.
 #[derive(Debug)]
@@ -72,6 +119,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Where the alternate STUN socket is bound.
     pub stun_alt: SocketAddr,
+    /// The relay sessions.
+    pub relay: Mutex<Sessions<Agent>>,
     next_registration: AtomicU64,
 }
 
@@ -82,6 +131,7 @@ impl Shared {
         names: NameRegistry,
         metrics: Arc<Metrics>,
         stun_alt: SocketAddr,
+        budgets: RelayBudgets,
     ) -> Self {
         Shared {
             tokens,
@@ -89,8 +139,14 @@ impl Shared {
             directory: Mutex::new(Directory::default()),
             metrics,
             stun_alt,
-            next_registration: AtomicU64::new(1),
+            relay: Mutex::new(Sessions::new(budgets)),
+            next_registration: AtomicU64::new(UNREGISTERED + 1),
         }
+    }
+
+    /// The relay sessions (the lock is never held across an await).
+    pub fn relay(&self) -> MutexGuard<'_, Sessions<Agent>> {
+        self.relay.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The online agents (the lock is never held across an await).
@@ -103,19 +159,60 @@ impl Shared {
     }
 }
 
-/// A registered agent, as the directory keeps it.
+/// A registered agent, as the directory and the relay sessions keep it.
 #[derive(Debug)]
 pub struct Agent {
     fingerprint: Fingerprint,
+    registration: u64,
     candidates: Vec<Candidate>,
     conn: Connection,
+    carrier: Carrier,
     push: mpsc::Sender<ServerMsg>,
+}
+
+/// How long a push may wait for room in a full queue before it is given up.
+const PUSH_WAIT: Duration = Duration::from_secs(10);
+
+impl Agent {
+    /// The agent's control connection.
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// The agent's address as S sees it.
+    pub fn remote(&self) -> SocketAddr {
+        self.carrier.remote(&self.conn)
+    }
+
+    /// Queues `msg` for the agent's registration stream. Never waits: when the queue is
+    /// full, a task waits for room a while (an agent that reads nothing for that long is
+    /// disconnected by its stream's write timeout anyway).
+    pub fn push(&self, msg: ServerMsg) {
+        match self.push.try_send(msg) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                let push = self.push.clone();
+                tokio::spawn(async move {
+                    let _ = push.send_timeout(msg, PUSH_WAIT).await;
+                });
+            }
+        }
+    }
+
+    fn party(self: &Arc<Self>) -> Party<Agent> {
+        Party {
+            id: self.registration,
+            ip: self.remote().ip(),
+            agent: Arc::clone(self),
+        }
+    }
 }
 
 /// One connection's state, shared by its stream tasks.
 struct Session {
     shared: Arc<Shared>,
     conn: Connection,
+    carrier: Carrier,
     fingerprint: Fingerprint,
     register_started: AtomicBool,
     registered: Mutex<Option<(u64, Arc<Agent>)>>,
@@ -127,6 +224,15 @@ impl Session {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// This connection's relay party number.
+    fn party_id(&self) -> u64 {
+        self.registered().map_or(UNREGISTERED, |(r, _)| r)
+    }
+
+    fn remote(&self) -> SocketAddr {
+        self.carrier.remote(&self.conn)
     }
 }
 
@@ -153,8 +259,8 @@ pub fn stun_alt_for(alt: SocketAddr, local_ip: Option<IpAddr>) -> Option<SocketA
     local_ip.map(|ip| SocketAddr::new(ip.to_canonical(), alt.port()))
 }
 
-/// Serves one established connection until it ends.
-pub async fn serve(shared: Arc<Shared>, conn: Connection) {
+/// Serves one established connection, carried by `carrier`, until it ends.
+pub async fn serve(shared: Arc<Shared>, conn: Connection, carrier: Carrier) {
     let Some(fingerprint) = peer_fingerprint(&conn) else {
         conn.close(close::PROTOCOL, b"no usable client certificate");
         return;
@@ -162,11 +268,12 @@ pub async fn serve(shared: Arc<Shared>, conn: Connection) {
     let session = Arc::new(Session {
         shared,
         conn: conn.clone(),
+        carrier,
         fingerprint,
         register_started: AtomicBool::new(false),
         registered: Mutex::new(None),
     });
-    let remote = conn.remote_address();
+    let remote = session.remote();
     tracing::debug!(%remote, agent = %fingerprint, "agent connected");
     let mut streams = JoinSet::new();
     let deadline = tokio::time::sleep(REGISTER_DEADLINE);
@@ -186,6 +293,19 @@ pub async fn serve(shared: Arc<Shared>, conn: Connection) {
                 }
                 Err(e) => break e,
             },
+            datagram = conn.read_datagram() => match datagram {
+                Ok(payload) => {
+                    forward::datagram(&session.shared, session.party_id(), payload, &mut streams);
+                }
+                Err(e) => break e,
+            },
+            accepted = conn.accept_uni() => match accepted {
+                Ok(recv) => {
+                    let shared = Arc::clone(&session.shared);
+                    streams.spawn(forward::stream(shared, session.party_id(), recv));
+                }
+                Err(e) => break e,
+            },
             Some(done) = streams.join_next() => {
                 if let Err(e) = done {
                     tracing::error!(agent = %fingerprint, error = %e, "stream task failed");
@@ -201,6 +321,10 @@ pub async fn serve(shared: Arc<Shared>, conn: Connection) {
             .remove(&fingerprint, registration)
         {
             tracing::info!(%remote, agent = %fingerprint, %reason, "agent went offline");
+        }
+        let closed = session.shared.relay().remove_party(registration);
+        for c in closed {
+            forward::announce(&session.shared, c);
         }
     } else {
         tracing::debug!(%remote, agent = %fingerprint, %reason, "connection ended");
@@ -340,16 +464,18 @@ fn register(
         })?;
 
     let (push, push_rx) = mpsc::channel(PUSH_QUEUE);
-    let agent = Arc::new(Agent {
-        fingerprint,
-        candidates: req.candidates,
-        conn: session.conn.clone(),
-        push,
-    });
     let registration = session
         .shared
         .next_registration
         .fetch_add(1, Ordering::Relaxed);
+    let agent = Arc::new(Agent {
+        fingerprint,
+        registration,
+        candidates: req.candidates,
+        conn: session.conn.clone(),
+        carrier: session.carrier,
+        push,
+    });
     *session.registered.lock().unwrap_or_else(|e| e.into_inner()) =
         Some((registration, Arc::clone(&agent)));
     let replaced =
@@ -364,8 +490,12 @@ fn register(
         );
     }
     Metrics::inc(&session.shared.metrics.registrations_total);
-    let observed = canonical(session.conn.remote_address());
-    tracing::info!(agent = %fingerprint, %observed, ?names, "agent registered");
+    let observed = session.remote();
+    let via = match session.carrier {
+        Carrier::Udp => "UDP",
+        Carrier::Tcp { .. } => "TCP",
+    };
+    tracing::info!(agent = %fingerprint, %observed, via, ?names, "agent registered");
     Ok((registration, push_rx, observed))
 }
 
@@ -394,7 +524,7 @@ async fn registered_stream(
     let conn = &session.conn;
     let registered = ServerMsg::Registered {
         observed,
-        stun_alt: stun_alt_for(session.shared.stun_alt, conn.local_ip()),
+        stun_alt: stun_alt_for(session.shared.stun_alt, session.carrier.local_ip(conn)),
     };
     if let Err(e) = timed_write(&mut send, &registered).await {
         conn.close(
@@ -446,7 +576,7 @@ async fn refuse_registration(session: &Session, mut send: SendStream, err: Error
     session.shared.metrics.error(err.code);
     tracing::info!(
         agent = %session.fingerprint,
-        remote = %session.conn.remote_address(),
+        remote = %session.remote(),
         code = ?err.code,
         error = %err,
         "registration refused"
@@ -484,28 +614,35 @@ fn connect(
     let forwarder = Side {
         fingerprint: me.fingerprint,
         candidates: &candidates,
-        observed: canonical(session.conn.remote_address()),
+        observed: session.remote(),
         rtt: session.conn.rtt(),
     };
     let exposer_side = Side {
         fingerprint: exposer.fingerprint,
         candidates: &exposer.candidates,
-        observed: canonical(exposer.conn.remote_address()),
+        observed: exposer.remote(),
         rtt: exposer.conn.rtt(),
     };
-    let session_id = rand::random::<u64>();
-    let intro = introduce(session_id, name, forwarder, exposer_side);
-    match exposer.push.try_send(ServerMsg::Incoming(intro.to_exposer)) {
-        Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            return Err(error(
-                ErrorCode::RateLimited,
-                format!(
-                "the agent exposing '{name}' has too many introductions waiting; try again shortly"
+    // The relay session exists before either side hears of it: each may send through S as
+    // soon as its message arrives.
+    let (session_id, relay) = open_relay(&session.shared, &me, &exposer);
+    let intro = introduce(session_id, name, forwarder, exposer_side, relay);
+    let refused = match exposer.push.try_send(ServerMsg::Incoming(intro.to_exposer)) {
+        Ok(()) => None,
+        Err(mpsc::error::TrySendError::Full(_)) => Some(error(
+            ErrorCode::RateLimited,
+            format!(
+                "the agent exposing '{name}' has too many introductions waiting; try again \
+                 shortly"
             ),
-            ))
+        )),
+        Err(mpsc::error::TrySendError::Closed(_)) => Some(unknown()),
+    };
+    if let Some(err) = refused {
+        if relay {
+            session.shared.relay().forget(session_id);
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => return Err(unknown()),
+        return Err(err);
     }
     Metrics::inc(&session.shared.metrics.sessions_total);
     tracing::info!(
@@ -513,9 +650,37 @@ fn connect(
         %name,
         forwarder = %me.fingerprint,
         exposer = %exposer.fingerprint,
+        relay,
         "introduced"
     );
     Ok(intro.to_forwarder)
+}
+
+/// Draws a session ID and makes its relay session, if S relays. Returns the ID and whether
+/// the session is relayed.
+fn open_relay(shared: &Shared, forwarder: &Arc<Agent>, exposer: &Arc<Agent>) -> (u64, bool) {
+    loop {
+        let id = rand::random::<u64>();
+        let opened = shared
+            .relay()
+            .open(id, forwarder.party(), exposer.party(), Instant::now());
+        match opened {
+            Ok(evicted) => {
+                Metrics::inc(&shared.metrics.relay_sessions_total);
+                if let Some(closed) = evicted {
+                    forward::announce(shared, closed);
+                }
+                return (id, true);
+            }
+            Err(NotOpened::Exists) => continue,
+            Err(why @ (NotOpened::Disabled | NotOpened::Full)) => {
+                if why == NotOpened::Full {
+                    tracing::warn!("relay sessions are at their limit; introducing without relay");
+                }
+                return (id, false);
+            }
+        }
+    }
 }
 
 async fn reply_error(session: &Session, send: &mut SendStream, err: ErrorMsg) {

@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::limits::Refusal;
+use crate::relay::{CloseCause, Dropped};
 
 const CODES: [ErrorCode; 8] = [
     ErrorCode::BadVersion,
@@ -25,6 +26,67 @@ const CODES: [ErrorCode; 8] = [
 ];
 
 const REFUSALS: [Refusal; 3] = [Refusal::Total, Refusal::PerSource, Refusal::Pending];
+
+/// What became of one relayed packet, as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayOutcome {
+    /// Sent on to the other agent.
+    Forwarded,
+    /// Dropped: a session or source rate was exceeded.
+    RateLimited,
+    /// Dropped: no such session.
+    UnknownSession,
+    /// Dropped: the sender is not one of the session's agents.
+    NotAParty,
+    /// Dropped: the session had used up its byte budget.
+    OverBudget,
+    /// Dropped: too short to carry a session ID and a packet, or a stream that broke.
+    Malformed,
+    /// Dropped on the way out: too many oversized packets of its session were on streams
+    /// already, or the other agent's connection could not take it.
+    SendFailed,
+}
+
+const OUTCOMES: [RelayOutcome; 7] = [
+    RelayOutcome::Forwarded,
+    RelayOutcome::RateLimited,
+    RelayOutcome::UnknownSession,
+    RelayOutcome::NotAParty,
+    RelayOutcome::OverBudget,
+    RelayOutcome::Malformed,
+    RelayOutcome::SendFailed,
+];
+
+impl RelayOutcome {
+    fn label(self) -> &'static str {
+        match self {
+            RelayOutcome::Forwarded => "forwarded",
+            RelayOutcome::RateLimited => "rate_limited",
+            RelayOutcome::UnknownSession => "unknown_session",
+            RelayOutcome::NotAParty => "not_a_party",
+            RelayOutcome::OverBudget => "over_budget",
+            RelayOutcome::Malformed => "malformed",
+            RelayOutcome::SendFailed => "send_failed",
+        }
+    }
+}
+
+impl From<Dropped> for RelayOutcome {
+    fn from(d: Dropped) -> Self {
+        match d {
+            Dropped::UnknownSession => RelayOutcome::UnknownSession,
+            Dropped::NotAParty => RelayOutcome::NotAParty,
+            Dropped::SessionRate | Dropped::SourceRate => RelayOutcome::RateLimited,
+        }
+    }
+}
+
+const CLOSE_CAUSES: [CloseCause; 4] = [
+    CloseCause::Budget,
+    CloseCause::AgentLeft,
+    CloseCause::Idle,
+    CloseCause::Evicted,
+];
 
 fn code_index(code: ErrorCode) -> usize {
     CODES
@@ -65,6 +127,18 @@ pub struct Metrics {
     /// Datagrams on a STUN socket that were not Binding requests S answers.
     pub stun_ignored_total: AtomicU64,
     errors: [AtomicU64; 8],
+    relay_packets: [AtomicU64; 7],
+    relay_closed: [AtomicU64; 4],
+    /// Bytes of relay payload sent on to agents.
+    pub relay_bytes_total: AtomicU64,
+    /// Relayed packets sent on a stream because they did not fit in a datagram.
+    pub relay_stream_packets_total: AtomicU64,
+    /// Relay sessions made.
+    pub relay_sessions_total: AtomicU64,
+    /// TCP connections that carried a control connection (their preamble was right).
+    pub tcp_connections_total: AtomicU64,
+    /// TCP connections closed for a wrong or missing preamble.
+    pub tcp_bad_preamble_total: AtomicU64,
 }
 
 /// Values owned elsewhere, read at rendering time.
@@ -78,6 +152,8 @@ pub struct Gauges {
     pub agents_online: u64,
     /// Names ever claimed.
     pub names_claimed: u64,
+    /// Relay sessions held.
+    pub relay_sessions: u64,
 }
 
 impl Metrics {
@@ -95,6 +171,22 @@ impl Metrics {
     /// Counts an error reported to an agent.
     pub fn error(&self, code: ErrorCode) {
         Self::inc(&self.errors[code_index(code)]);
+    }
+
+    /// Counts one relayed packet of `len` payload bytes by what became of it.
+    pub fn relayed(&self, outcome: RelayOutcome, len: usize) {
+        let i = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(0);
+        Self::inc(&self.relay_packets[i]);
+        if outcome == RelayOutcome::Forwarded {
+            self.relay_bytes_total
+                .fetch_add(len as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a relay session closed for `cause`.
+    pub fn relay_closed(&self, cause: CloseCause) {
+        let i = CLOSE_CAUSES.iter().position(|c| *c == cause).unwrap_or(0);
+        Self::inc(&self.relay_closed[i]);
     }
 
     /// The Prometheus text exposition of everything.
@@ -180,6 +272,66 @@ impl Metrics {
                 ),
                 ("{result=\"ignored\"}", get(&self.stun_ignored_total)),
             ],
+        );
+        metric(
+            "relay_sessions",
+            "gauge",
+            "Relay sessions held.",
+            &[("", gauges.relay_sessions)],
+        );
+        metric(
+            "relay_sessions_total",
+            "counter",
+            "Relay sessions made.",
+            &[("", get(&self.relay_sessions_total))],
+        );
+        let closed: Vec<(String, u64)> = CLOSE_CAUSES
+            .iter()
+            .zip(&self.relay_closed)
+            .map(|(c, n)| (format!("{{reason=\"{}\"}}", c.label()), get(n)))
+            .collect();
+        let closed: Vec<(&str, u64)> = closed.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(
+            "relay_sessions_closed_total",
+            "counter",
+            "Relay sessions closed, by why.",
+            &closed,
+        );
+        let packets: Vec<(String, u64)> = OUTCOMES
+            .iter()
+            .zip(&self.relay_packets)
+            .map(|(o, n)| (format!("{{result=\"{}\"}}", o.label()), get(n)))
+            .collect();
+        let packets: Vec<(&str, u64)> = packets.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(
+            "relay_packets_total",
+            "counter",
+            "Relayed packets, by what became of them.",
+            &packets,
+        );
+        metric(
+            "relay_bytes_total",
+            "counter",
+            "Relay payload bytes sent on to agents.",
+            &[("", get(&self.relay_bytes_total))],
+        );
+        metric(
+            "relay_stream_packets_total",
+            "counter",
+            "Relayed packets sent on a stream because they did not fit in a datagram.",
+            &[("", get(&self.relay_stream_packets_total))],
+        );
+        metric(
+            "tcp_connections_total",
+            "counter",
+            "TCP connections that carried a control connection.",
+            &[("", get(&self.tcp_connections_total))],
+        );
+        metric(
+            "tcp_bad_preamble_total",
+            "counter",
+            "TCP connections closed for a wrong or missing preamble.",
+            &[("", get(&self.tcp_bad_preamble_total))],
         );
         let errors: Vec<(String, u64)> = CODES
             .iter()
@@ -315,6 +467,21 @@ mod tests {
             "p2ptun_relay_connections_refused_total{limit=\"max_connections_per_ip\"} 1"
         ));
         assert!(text.contains("# TYPE p2ptun_relay_stun_requests_total counter"));
+        m.relayed(RelayOutcome::Forwarded, 1200);
+        m.relayed(Dropped::SourceRate.into(), 1200);
+        m.relay_closed(CloseCause::Idle);
+        let text = m.render(Gauges {
+            relay_sessions: 2,
+            ..Gauges::default()
+        });
+        assert!(text.contains("p2ptun_relay_relay_sessions 2\n"), "{text}");
+        assert!(
+            text.contains("p2ptun_relay_relay_bytes_total 1200\n"),
+            "{text}"
+        );
+        assert!(text.contains("p2ptun_relay_relay_packets_total{result=\"forwarded\"} 1\n"));
+        assert!(text.contains("p2ptun_relay_relay_packets_total{result=\"rate_limited\"} 1\n"));
+        assert!(text.contains("p2ptun_relay_relay_sessions_closed_total{reason=\"idle\"} 1\n"));
     }
 
     #[tokio::test]

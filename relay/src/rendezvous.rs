@@ -41,8 +41,15 @@ pub struct Introduction {
     pub to_exposer: Rendezvous,
 }
 
-/// Makes the session `session` between `forwarder`, which asked for `name`, and `exposer`.
-pub fn introduce(session: u64, name: &str, forwarder: Side, exposer: Side) -> Introduction {
+/// Makes the session `session` between `forwarder`, which asked for `name`, and `exposer`;
+/// `relay` says whether S relays its packets.
+pub fn introduce(
+    session: u64,
+    name: &str,
+    forwarder: Side,
+    exposer: Side,
+    relay: bool,
+) -> Introduction {
     let (f_ufrag, f_pwd) = (random_string(UFRAG_LEN), random_string(PWD_LEN));
     let (e_ufrag, e_pwd) = (random_string(UFRAG_LEN), random_string(PWD_LEN));
     let (f_wait, e_wait) = start_delays(forwarder.rtt, exposer.rtt);
@@ -59,7 +66,7 @@ pub fn introduce(session: u64, name: &str, forwarder: Side, exposer: Side) -> In
                 remote_pwd: e_pwd.clone(),
             },
             start_in_ms: millis(f_wait),
-            relay: false,
+            relay,
         },
         to_exposer: Rendezvous {
             session,
@@ -73,7 +80,7 @@ pub fn introduce(session: u64, name: &str, forwarder: Side, exposer: Side) -> In
                 remote_pwd: f_pwd,
             },
             start_in_ms: millis(e_wait),
-            relay: false,
+            relay,
         },
     }
 }
@@ -158,7 +165,7 @@ mod tests {
             observed: observed_e,
             rtt: ms(20),
         };
-        let intro = introduce(7, "home", forwarder, exposer);
+        let intro = introduce(7, "home", forwarder, exposer, true);
         let (f, e) = (&intro.to_forwarder, &intro.to_exposer);
         assert_eq!((f.session, e.session), (7, 7));
         assert_eq!((f.name.as_str(), e.name.as_str()), ("home", "home"));
@@ -189,5 +196,8 @@ mod tests {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric()));
         assert_eq!((f.start_in_ms, e.start_in_ms), (20, 50));
+        assert!(f.relay && e.relay);
+        let intro = introduce(8, "home", forwarder, exposer, false);
+        assert!(!intro.to_forwarder.relay && !intro.to_exposer.relay);
     }
 }

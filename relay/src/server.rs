@@ -1,9 +1,10 @@
 //! [`Relay`]: binding S's sockets, and the accept loop that admits connections under the
-//! limits and hands each to [`crate::control`].
+//! limits and hands each to [`crate::control`], whether it came over UDP or over TCP.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,12 +17,15 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinSet;
 
 use crate::config::{ConfigError, RelayConfig};
-use crate::control::{self, close, Shared};
+use crate::control::{self, close, Carrier, Shared};
+use crate::forward;
 use crate::identity::{ServerIdentity, ServerIdentityError};
 use crate::limits::{Admission, ConnLimits, ConnSlot};
+use crate::links::{self, Claim, Links, TcpLink};
 use crate::metrics::{self, Gauges, Metrics};
 use crate::names::{NameRegistry, NamesError};
 use crate::stun_server::StunServer;
+use crate::tcp::TcpFront;
 use crate::token::Tokens;
 
 /// How long a QUIC handshake may take.
@@ -33,6 +37,16 @@ const MAX_STREAMS_PER_AGENT: u32 = 16;
 const STREAM_WINDOW: u32 = 256 * 1024;
 /// Per-connection receive window, so a stranger's unread data is bounded.
 const CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// The first MTU tried on control connections: room for a relayed packet of an inner
+/// connection (1200 bytes and up) plus the relay header in one datagram. Where the path
+/// cannot carry it, quinn's black-hole detection falls back to 1200.
+const INITIAL_MTU: u16 = 1452;
+/// Relayed datagrams buffered per connection in each direction before the oldest are lost.
+const DATAGRAM_BUFFER: usize = 4 << 20;
+/// Unidirectional streams (one oversized relayed packet each) an agent may have open at once.
+const RELAY_STREAMS_PER_AGENT: u32 = 128;
+/// How often S tries to find a port number free on both UDP and TCP when told port 0.
+const PORT_ATTEMPTS: usize = 16;
 
 /// Why S could not start or keep running.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +95,9 @@ pub struct Relay {
     stun_alt_addr: SocketAddr,
     stun: StunServer,
     metrics_listener: Option<TcpListener>,
+    tcp_listener: TcpListener,
+    socket: Arc<PathSocket>,
+    links: Arc<Links>,
     shared: Arc<Shared>,
     limits: Arc<ConnLimits>,
     fingerprint: Fingerprint,
@@ -120,11 +137,16 @@ impl Relay {
         let mut server_config = tls::server_config(identity.certs, identity.key, ALPN_CONTROL)?;
         let mut transport = tls::transport_config();
         transport.max_concurrent_bidi_streams((MAX_STREAMS_PER_AGENT + 1).into());
+        transport.max_concurrent_uni_streams(RELAY_STREAMS_PER_AGENT.into());
         transport.stream_receive_window(STREAM_WINDOW.into());
         transport.receive_window(CONNECTION_WINDOW.into());
+        transport.initial_mtu(INITIAL_MTU);
+        transport.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
+        transport.datagram_send_buffer_size(DATAGRAM_BUFFER);
         server_config.transport_config(Arc::new(transport));
 
-        let (socket, stun_rx) = PathSocket::bind(config.listen, Policy::AcceptAll)
+        let (udp, tcp_listener) = bind_udp_and_tcp(config.listen).await?;
+        let (socket, stun_rx) = PathSocket::from_std(udp, Policy::AcceptAll)
             .map_err(bind_error("QUIC and STUN", config.listen, "listen"))?;
         let local_addr =
             socket
@@ -168,7 +190,7 @@ impl Relay {
         }
         let metrics = Arc::new(Metrics::default());
         let stun = StunServer::new(
-            socket,
+            Arc::clone(&socket),
             stun_rx,
             alt,
             config.limits.stun_rate_per_ip,
@@ -182,7 +204,16 @@ impl Relay {
                  (set `tokens` or pass --token)"
             );
         }
-        let shared = Arc::new(Shared::new(tokens, names, metrics, stun_alt_addr));
+        let shared = Arc::new(Shared::new(
+            tokens,
+            names,
+            metrics,
+            stun_alt_addr,
+            config.relay,
+        ));
+        if config.relay.session_bytes == 0 {
+            tracing::info!("relaying is off (relay_session_bytes = 0)");
+        }
 
         // The fingerprint comes before "listening": whoever waits for the latter (a test
         // harness, an operator's script) finds the former already written.
@@ -192,7 +223,8 @@ impl Relay {
         );
         tracing::info!(
             state_dir = %config.state_dir.display(),
-            "listening for QUIC and STUN on {local_addr}, STUN also on {stun_alt_addr}"
+            "listening for QUIC and STUN on {local_addr}, STUN also on {stun_alt_addr}, \
+             QUIC over TCP on {local_addr}"
         );
         let relay = Relay {
             endpoint,
@@ -200,6 +232,9 @@ impl Relay {
             stun_alt_addr,
             stun,
             metrics_listener,
+            tcp_listener,
+            socket,
+            links: Arc::new(Links::default()),
             shared,
             limits: ConnLimits::new(config.limits),
             fingerprint,
@@ -207,7 +242,8 @@ impl Relay {
         Ok(relay)
     }
 
-    /// The UDP address QUIC and STUN are served on.
+    /// The UDP address QUIC and STUN are served on; the same address on TCP serves QUIC
+    /// over TCP.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
@@ -240,6 +276,9 @@ impl Relay {
             endpoint,
             stun,
             metrics_listener,
+            tcp_listener,
+            socket,
+            links,
             shared,
             limits,
             ..
@@ -247,6 +286,14 @@ impl Relay {
         // Everything spawned lives in these sets, so dropping this future stops all of it.
         let mut background = JoinSet::new();
         background.spawn(stun.run());
+        background.spawn(forward::sweep(Arc::clone(&shared)));
+        let front = TcpFront {
+            socket,
+            links: Arc::clone(&links),
+            limits: Arc::clone(&limits),
+            metrics: Arc::clone(&shared.metrics),
+        };
+        background.spawn(front.serve(tcp_listener));
         if let Some(listener) = metrics_listener {
             let (shared, limits) = (Arc::clone(&shared), Arc::clone(&limits));
             background.spawn(metrics::serve(listener, move || {
@@ -255,6 +302,7 @@ impl Relay {
                     handshakes_pending: limits.pending().into(),
                     agents_online: shared.directory().len() as u64,
                     names_claimed: shared.names.lock().map(|n| n.len()).unwrap_or(0) as u64,
+                    relay_sessions: shared.relay().len() as u64,
                 })
             }));
         }
@@ -264,7 +312,7 @@ impl Relay {
             tokio::select! {
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    admit(&shared, &limits, &mut connections, incoming);
+                    admit(&shared, &limits, &links, &mut connections, incoming);
                 }
                 Some(_) = connections.join_next() => {}
                 () = &mut shutdown => {
@@ -279,13 +327,63 @@ impl Relay {
     }
 }
 
+/// Binds UDP at `listen` and TCP at the same address and port. Told port 0, it draws UDP
+/// ports until one is free on TCP as well.
+async fn bind_udp_and_tcp(
+    listen: SocketAddr,
+) -> Result<(std::net::UdpSocket, TcpListener), RelayError> {
+    let mut attempt = 1;
+    loop {
+        let udp = std::net::UdpSocket::bind(listen).map_err(bind_error(
+            "QUIC and STUN",
+            listen,
+            "listen",
+        ))?;
+        let addr = udp
+            .local_addr()
+            .map_err(bind_error("QUIC and STUN", listen, "listen"))?;
+        match TcpListener::bind(addr).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e)
+                if listen.port() == 0
+                    && e.kind() == std::io::ErrorKind::AddrInUse
+                    && attempt < PORT_ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            Err(e) => return Err(bind_error("QUIC over TCP", addr, "listen")(e)),
+        }
+    }
+}
+
 fn admit(
     shared: &Arc<Shared>,
     limits: &Arc<ConnLimits>,
+    links: &Links,
     connections: &mut JoinSet<()>,
     incoming: quinn::Incoming,
 ) {
     let remote = incoming.remote_address();
+    if links::is_virtual(remote) {
+        // Carried on TCP: the TCP connection was admitted under the limits already, and its
+        // slot passes to the QUIC connection. Anything else from a virtual address (a second
+        // connection on one link, or a UDP datagram that claims such a source) is dropped.
+        match links.claim(remote) {
+            Some(Claim { slot, link }) => {
+                connections.spawn(handshake_and_serve(
+                    Arc::clone(shared),
+                    incoming,
+                    slot,
+                    Some(link),
+                ));
+            }
+            None => {
+                tracing::debug!(%remote, "ignoring QUIC from a virtual address without a free link");
+                incoming.ignore();
+            }
+        }
+        return;
+    }
     let metrics = &shared.metrics;
     match limits.admit(
         remote.ip(),
@@ -293,7 +391,12 @@ fn admit(
         incoming.may_retry(),
     ) {
         Admission::Accept(slot) => {
-            connections.spawn(handshake_and_serve(Arc::clone(shared), incoming, slot));
+            connections.spawn(handshake_and_serve(
+                Arc::clone(shared),
+                incoming,
+                slot,
+                None,
+            ));
         }
         Admission::Retry => {
             Metrics::inc(&metrics.retries_total);
@@ -309,8 +412,17 @@ fn admit(
     }
 }
 
-async fn handshake_and_serve(shared: Arc<Shared>, incoming: quinn::Incoming, mut slot: ConnSlot) {
-    let remote = incoming.remote_address();
+/// Completes the handshake and serves the connection; `link` is the TCP connection carrying
+/// it, if any (dropping it at the end tells the TCP side).
+async fn handshake_and_serve(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    mut slot: ConnSlot,
+    link: Option<TcpLink>,
+) {
+    let remote = link
+        .as_ref()
+        .map_or(incoming.remote_address(), |link| link.peer);
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(e) => {
@@ -331,7 +443,25 @@ async fn handshake_and_serve(shared: Arc<Shared>, incoming: quinn::Incoming, mut
     };
     slot.handshake_done();
     Metrics::inc(&shared.metrics.connections_total);
-    control::serve(shared, conn).await;
+    match link {
+        None => control::serve(shared, conn, Carrier::Udp).await,
+        Some(link) => {
+            let carrier = Carrier::Tcp {
+                peer: link.peer,
+                local: link.local,
+            };
+            let mut serve = pin!(control::serve(shared, conn.clone(), carrier));
+            tokio::select! {
+                () = &mut serve => {}
+                () = link.tcp_ended.notified() => {
+                    // Closing lets the agent's state at S be cleaned up now rather than at
+                    // the idle timeout; serve() notices and finishes.
+                    conn.close(close::LINK_LOST, b"the TCP connection carrying it ended");
+                    serve.await;
+                }
+            }
+        }
+    }
     drop(slot);
 }
 
