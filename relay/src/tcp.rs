@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use p2ptun::path::tcp::{spawn, SERVER_PREAMBLE};
 use p2ptun::path::{canonical, PathKind, PathSocket};
+use p2ptun::proto::stun;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -92,7 +93,14 @@ impl TcpFront {
         let _ = stream.set_nodelay(true);
         let mut preamble = [0u8; SERVER_PREAMBLE.len()];
         let read = tokio::time::timeout(PREAMBLE_TIMEOUT, stream.read_exact(&mut preamble));
-        if !matches!(read.await, Ok(Ok(_))) || &preamble != SERVER_PREAMBLE {
+        let read_ok = matches!(read.await, Ok(Ok(_)));
+        if read_ok && looks_like_stun(&preamble) {
+            // STUN over TCP (RFC 8489 §6.2.2): how an agent learns the NAT mapping of its TCP
+            // punching port. One Binding request, one answer, then the connection closes.
+            answer_stun_over_tcp(&mut stream, preamble, peer).await;
+            return;
+        }
+        if !read_ok || &preamble != SERVER_PREAMBLE {
             Metrics::inc(&self.metrics.tcp_bad_preamble_total);
             tracing::debug!(%peer, "closing a TCP connection without the p2ptun preamble");
             return;
@@ -149,5 +157,76 @@ impl TcpFront {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove_peer(virt);
+    }
+}
+
+/// Whether the first 8 bytes of a TCP connection start a STUN message: the two top bits of
+/// the type are zero and bytes 4..8 are the magic cookie.
+fn looks_like_stun(first: &[u8; 8]) -> bool {
+    first[0] & 0xc0 == 0 && first[4..8] == [0x21, 0x12, 0xa4, 0x42]
+}
+
+/// Reads the rest of a STUN Binding request whose first 8 bytes are `first` and answers it
+/// with the TCP peer's address. Anything malformed or larger than a Binding request needs is
+/// dropped with the connection.
+async fn answer_stun_over_tcp(stream: &mut TcpStream, first: [u8; 8], peer: SocketAddr) {
+    use tokio::io::AsyncWriteExt;
+    const MAX_ATTRIBUTES: usize = 512;
+    let attributes = usize::from(u16::from_be_bytes([first[2], first[3]]));
+    if attributes > MAX_ATTRIBUTES {
+        return;
+    }
+    let mut request = first.to_vec();
+    request.resize(20 + attributes, 0);
+    let rest = tokio::time::timeout(PREAMBLE_TIMEOUT, stream.read_exact(&mut request[8..]));
+    if !matches!(rest.await, Ok(Ok(_))) {
+        return;
+    }
+    let Ok(msg) = stun::decode(&request) else {
+        return;
+    };
+    if !stun::is_binding_request(&msg) {
+        return;
+    }
+    let reply = stun::binding_success(
+        msg.transaction_id(),
+        canonical(peer),
+        stun::ResponseExtras::default(),
+        None,
+        usize::MAX,
+    );
+    let _ = tokio::time::timeout(PREAMBLE_TIMEOUT, stream.write_all(&reply)).await;
+    let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod stun_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_binding_request_over_tcp_learns_the_tcp_mapping() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, peer) = listener.accept().await.unwrap();
+            let mut first = [0u8; 8];
+            s.read_exact(&mut first).await.unwrap();
+            assert!(looks_like_stun(&first));
+            answer_stun_over_tcp(&mut s, first, peer).await;
+        });
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let me = c.local_addr().unwrap();
+        let tid = stun::new_tid();
+        c.write_all(&stun::binding_request(tid, None))
+            .await
+            .unwrap();
+        let mut reply = Vec::new();
+        c.read_to_end(&mut reply).await.unwrap();
+        let msg = stun::decode(&reply).unwrap();
+        assert_eq!(msg.transaction_id(), tid);
+        assert_eq!(stun::mapped_address(&msg), Some(me));
+        server.await.unwrap();
+        assert!(!looks_like_stun(SERVER_PREAMBLE));
     }
 }

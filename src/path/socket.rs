@@ -192,6 +192,11 @@ impl PathSocket {
                 }
             }
         }
+        if super::table::is_virtual(&canonical(meta.addr)) {
+            // Virtual addresses exist only inside this process; one on the wire is spoofed.
+            meta.len = 0;
+            return;
+        }
         if let Some(virt) = self.table_read().route_in(meta.addr, meta.len) {
             meta.addr = self.family(virt);
             return;

@@ -132,7 +132,7 @@ pub struct PathTable {
 
 /// Virtual addresses are taken from 240.0.0.0/4 ("reserved for future use", never routed),
 /// so one can never be confused with a real address.
-fn is_virtual(addr: &SocketAddr) -> bool {
+pub(crate) fn is_virtual(addr: &SocketAddr) -> bool {
     matches!(addr.ip(), IpAddr::V4(v4) if v4.octets()[0] & 0xf0 == 240)
 }
 

@@ -77,6 +77,8 @@ pub fn peer_transport_config() -> quinn::TransportConfig {
 pub fn control_transport_config() -> quinn::TransportConfig {
     let mut t = transport_config();
     t.initial_mtu(CONTROL_MTU);
+    // S sends relayed packets too large for a datagram on streams of their own.
+    t.max_concurrent_uni_streams(128u32.into());
     t.datagram_receive_buffer_size(Some(4 << 20));
     t.datagram_send_buffer_size(4 << 20);
     t
