@@ -1,0 +1,316 @@
+//! End-to-end tunnel tests: real S and agents on 127.0.0.1, every byte checked by SHA-256.
+//!
+//! Run: `cargo test --release --test tunnel` (debug works too, only slower).
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_mib_each_way_through_one_connection() {
+    let lab = Lab::new("big-transfer");
+    let pair = Pair::start(&lab, "home").await;
+    let len = 64 * MIB;
+    let t = within(
+        "64 MiB each way through one connection",
+        Duration::from_secs(300),
+        transfer_via(pair.port, Mode::Duplex, (0xA11CE, len), (0xB0B, len)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("64 MiB each way: {e:#}\n{}", reports(&pair.procs())));
+    println!(
+        "64 MiB each way at once in {:.2} s ({:.1} MiB/s each way)",
+        t.elapsed.as_secs_f64(),
+        t.mib_per_s()
+    );
+    pair.assert_healthy("after the 64 MiB transfer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_connections_and_one_stalled_reader() {
+    const STALL_SEED: u64 = 0x5747_1100;
+    // More than every buffer on the way can hold (two TCP sockets that may autotune to tens of
+    // MiB, the QUIC stream window), so the service's writer must block.
+    const STALL_LEN: u64 = 128 * MIB;
+    const CONNS: u64 = 199;
+    const EACH: u64 = 256 * 1024;
+
+    let lab = Lab::new("many-connections");
+    let pair = Pair::start(&lab, "many").await;
+
+    // The stalled connection: it asks for 128 MiB and never reads. A small receive buffer
+    // keeps the client's socket from swallowing much.
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(64 * 1024).expect("SO_RCVBUF");
+    let mut stalled = sock
+        .connect(([127, 0, 0, 1], pair.port).into())
+        .await
+        .expect("connect the stalled connection");
+    stalled
+        .write_all(&header(Mode::Duplex, STALL_SEED, STALL_LEN))
+        .await
+        .expect("send the stalled connection's header");
+    stalled.shutdown().await.expect("shutdown write");
+    let prog = pair.service.progress(STALL_SEED);
+    let plateau = within(
+        "the stalled connection's writer to block",
+        Duration::from_secs(60),
+        async {
+            loop {
+                let a = prog.sent.load(Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let b = prog.sent.load(Ordering::Relaxed);
+                assert!(
+                    !prog.done.load(Ordering::SeqCst),
+                    "all {STALL_LEN} bytes for a client that reads nothing were taken: something \
+                     buffers without bound"
+                );
+                if a == b && b > 0 {
+                    return b;
+                }
+            }
+        },
+    )
+    .await;
+    println!(
+        "the stalled connection holds {:.1} MiB in buffers",
+        plateau as f64 / MIB as f64
+    );
+
+    // 199 others at once, each with its own data both ways.
+    let started = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..CONNS {
+        let port = pair.port;
+        set.spawn(async move {
+            let r = transfer_via(port, Mode::Duplex, (1000 + i, EACH), (5000 + i, EACH)).await;
+            (i, r)
+        });
+    }
+    let mut failures = Vec::new();
+    let mut ok = 0;
+    let all = within(
+        "199 concurrent connections beside a stalled one",
+        Duration::from_secs(120),
+        async {
+            while let Some(joined) = set.join_next().await {
+                match joined {
+                    Ok((_, Ok(_))) => ok += 1,
+                    Ok((i, Err(e))) => failures.push(format!("connection {i}: {e:#}")),
+                    Err(e) => failures.push(format!("task: {e}")),
+                }
+            }
+        },
+    );
+    all.await;
+    assert!(
+        failures.is_empty(),
+        "{} of {CONNS} connections failed, e.g.:\n{}\n{}",
+        failures.len(),
+        failures[..failures.len().min(5)].join("\n"),
+        reports(&pair.procs())
+    );
+    assert_eq!(ok, CONNS);
+    println!(
+        "{CONNS} connections x 256 KiB each way in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // The stalled one is still stalled: its writer has not finished.
+    let now = prog.sent.load(Ordering::Relaxed);
+    assert!(
+        now < STALL_LEN && !prog.done.load(Ordering::SeqCst),
+        "the stalled connection should still be blocked (sent {now} of {STALL_LEN})"
+    );
+
+    // Reading it now gets every byte, intact.
+    let (mut r, _w) = stalled.into_split();
+    let (got, trailer) = within(
+        "draining the stalled connection",
+        Duration::from_secs(180),
+        async {
+            let got = hash_exact(&mut r, STALL_LEN).await?;
+            let mut trailer = [0u8; 64];
+            r.read_exact(&mut trailer).await?;
+            anyhow::Ok((got, trailer))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "draining the stalled connection: {e:#}\n{}",
+            reports(&pair.procs())
+        )
+    });
+    assert_eq!(
+        hex(&got),
+        hex(&trailer[..32]),
+        "the stalled connection's bytes differ from what the service sent"
+    );
+    pair.assert_healthy("after the concurrent connections");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_is_carried_both_ways() {
+    let lab = Lab::new("half-close");
+    let pair = Pair::start(&lab, "half").await;
+
+    // The client finishes its side first; the service reads to EOF and only then answers
+    // with 1 MiB and its digest of what it read.
+    within(
+        "request, FIN, then the reply",
+        Duration::from_secs(60),
+        transfer_via(pair.port, Mode::Reply, (11, MIB), (12, MIB)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("reply after FIN: {e:#}\n{}", reports(&pair.procs())));
+    // The same with an empty request (as `sha256sum < /dev/null` would be).
+    within(
+        "empty request, FIN, then the reply",
+        Duration::from_secs(60),
+        transfer_via(pair.port, Mode::Reply, (13, 0), (14, MIB)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("reply after bare FIN: {e:#}\n{}", reports(&pair.procs())));
+
+    // The service finishes its side first; the client still sends 1 MiB after seeing EOF.
+    let mut s = connect(pair.port).await.expect("connect");
+    s.write_all(&header(Mode::Sink, 15, 0))
+        .await
+        .expect("header");
+    let mut b = [0u8; 1];
+    let n = within(
+        "the service's FIN to arrive",
+        Duration::from_secs(10),
+        s.read(&mut b),
+    )
+    .await
+    .expect("read the service's EOF");
+    assert_eq!(n, 0, "expected EOF from a service that shut its write side");
+    let (mut r, mut w) = s.into_split();
+    let sent = within(
+        "sending after the peer's FIN",
+        Duration::from_secs(60),
+        send_data(&mut w, 15, MIB, None),
+    )
+    .await
+    .expect("send after the service's FIN");
+    w.shutdown().await.expect("shutdown");
+    let prog = pair.service.progress(15);
+    within(
+        "the service to receive everything after its FIN",
+        Duration::from_secs(30),
+        async {
+            while !prog.done.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        prog.received_digest.lock().expect("lock").map(|d| hex(&d)),
+        Some(hex(&sent)),
+        "the service received other bytes than were sent after its FIN"
+    );
+    // And the connection then ends for the client too.
+    let n = within(
+        "the connection to end",
+        Duration::from_secs(10),
+        r.read(&mut b),
+    )
+    .await
+    .unwrap_or(0);
+    assert_eq!(n, 0);
+    pair.assert_healthy("after the half-closes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_local_service_ends_only_its_stream() {
+    let lab = Lab::new("refused-service");
+    let relay = lab.relay("relay", RelayOpts::default()).await;
+    let service = Service::start().await;
+    let dead_port = free_tcp_port(); // nothing listens there
+    let expose_agent = lab.agent("exposer", &relay);
+    let exposer = expose_agent.up(
+        &[
+            UpExpose {
+                name: "dead".into(),
+                local: format!("127.0.0.1:{dead_port}"),
+                allow: vec![],
+            },
+            UpExpose {
+                name: "live".into(),
+                local: service.port().to_string(),
+                allow: vec![],
+            },
+        ],
+        &[],
+    );
+    // Without --server-fingerprint: S's key is pinned on first use.
+    let mut forward_agent = lab.agent("forwarder", &relay);
+    forward_agent.server_fingerprint = None;
+    let (dport, lport) = (free_tcp_port(), free_tcp_port());
+    let forwarder = forward_agent.up(
+        &[],
+        &[
+            UpForward {
+                name: "dead".into(),
+                local: dport.to_string(),
+            },
+            UpForward {
+                name: "live".into(),
+                local: format!("127.0.0.1:{lport}"),
+            },
+        ],
+    );
+    let procs = [&relay.proc, &exposer, &forwarder];
+    wait_tunnel(lport, &procs, TUNNEL_READY).await;
+
+    // A connection to the live service stays open throughout.
+    let mut live = EchoConn::open(lport).await.expect("open a live connection");
+    live.ping(1000, Duration::from_secs(10))
+        .await
+        .expect("live echo");
+    for round in 0..3u64 {
+        let start = Instant::now();
+        let how = expect_closed(dport, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "round {round}: a connection to a refused service: {e:#}\n{}",
+                    reports(&procs)
+                )
+            });
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_secs(5),
+            "round {round}: closing a connection to a refused service took {took:?} ({how:?})"
+        );
+        live.ping(1000, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the open live connection: {e:#}"));
+        within(
+            "a new live connection",
+            Duration::from_secs(60),
+            transfer_via(lport, Mode::Duplex, (100 + round, MIB), (200 + round, MIB)),
+        )
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "round {round}: the other name after a refused stream: {e:#}\n{}",
+                reports(&procs)
+            )
+        });
+    }
+    live.close().await.expect("close the live connection");
+    assert_all_running(&procs, "after refused streams");
+    for p in procs {
+        p.assert_no_panic();
+    }
+}
