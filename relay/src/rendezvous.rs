@@ -99,7 +99,9 @@ pub fn start_delays(rtt_forwarder: Duration, rtt_exposer: Duration) -> (Duration
 /// agent listed that address already.
 pub fn with_observed(candidates: &[Candidate], observed: SocketAddr) -> Vec<Candidate> {
     let mut all = candidates.to_vec();
-    if !all.iter().any(|c| c.addr == observed) {
+    // A TCP candidate with the same address (NATs that keep ports map the TCP punching port,
+    // which shares the UDP port's number, to the same public port) is no UDP candidate.
+    if !all.iter().any(|c| c.addr == observed && !c.kind.is_tcp()) {
         all.push(Candidate {
             kind: CandidateKind::ServerReflexive,
             addr: observed,
@@ -124,6 +126,25 @@ fn random_string(len: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_tcp_candidate_at_the_observed_address_does_not_hide_the_udp_one() {
+        use super::*;
+        let observed: SocketAddr = "203.0.113.10:4000".parse().unwrap();
+        let tcp = Candidate {
+            kind: CandidateKind::TcpServerReflexive,
+            addr: observed,
+        };
+        let all = with_observed(&[tcp], observed);
+        assert!(all
+            .iter()
+            .any(|c| c.kind == CandidateKind::ServerReflexive && c.addr == observed));
+        let udp = Candidate {
+            kind: CandidateKind::ServerReflexive,
+            addr: observed,
+        };
+        assert_eq!(with_observed(&[udp], observed).len(), 1);
+    }
+
     use super::*;
 
     fn ms(n: u64) -> Duration {

@@ -205,12 +205,14 @@ pub async fn netcheck(
     server: &str,
     bind: SocketAddr,
 ) -> anyhow::Result<crate::punch::netcheck::Report> {
-    let open = || -> anyhow::Result<Arc<StunRouter>> {
+    // A PathSocket is read by quinn's endpoint driver: without an endpoint nothing receives.
+    let open = || -> anyhow::Result<(Arc<StunRouter>, quinn::Endpoint)> {
         let (socket, rx) = PathSocket::bind(bind, Policy::KnownOnly)
             .with_context(|| format!("cannot bind a UDP socket at {bind}"))?;
-        Ok(StunRouter::start(socket, rx))
+        let endpoint = endpoint::make_endpoint(socket.clone(), None, None)?;
+        Ok((StunRouter::start(socket, rx), endpoint))
     };
-    let (main, fresh) = (open()?, open()?);
+    let ((main, _main_endpoint), (fresh, _fresh_endpoint)) = (open()?, open()?);
     let server_addr = server::resolve(server, bind.is_ipv4()).await?;
     let locals: Vec<SocketAddr> = main
         .socket()

@@ -127,7 +127,9 @@ pub fn binding_success(
     // Sizes: header 20, address attribute 12 (IPv4) or 24 (IPv6), integrity 24, fingerprint 8.
     let addr_len = |a: SocketAddr| if a.is_ipv4() { 12 } else { 24 };
     let mut size = 20 + addr_len(mapped) + 8 + if password.is_some() { 24 } else { 0 };
-    for (attr, addr) in [(0u8, extras.response_origin), (1u8, extras.other_address)] {
+    // OTHER-ADDRESS first: a client's behaviour tests need it, RESPONSE-ORIGIN is only
+    // informative, and a small request's budget has room for one of them.
+    for (attr, addr) in [(1u8, extras.other_address), (0u8, extras.response_origin)] {
         let Some(addr) = addr else { continue };
         if size + addr_len(addr) > budget {
             continue;
@@ -264,7 +266,13 @@ mod tests {
         let mapped = "203.0.113.7:4242".parse().unwrap();
         let small = binding_success(tid, mapped, extras, None, 60);
         assert!(small.len() <= 60, "{}", small.len());
-        assert_eq!(mapped_address(&decode(&small).unwrap()), Some(mapped));
+        let small = decode(&small).unwrap();
+        assert_eq!(mapped_address(&small), Some(mapped));
+        assert_eq!(
+            other_address(&small),
+            extras.other_address,
+            "OTHER-ADDRESS fits in 3 x 20"
+        );
     }
 
     #[test]
