@@ -83,10 +83,27 @@ fn install_tcp(
     remote: SocketAddr,
 ) -> Found {
     let socket = ctx.router.socket().clone();
-    let (tx, done) = crate::path::tcp::spawn(stream, virt, socket.injector());
+    let (tx, done, mut live) = crate::path::tcp::spawn_checked(stream, virt, socket.injector());
     socket
         .table_write()
         .add_channel_path(virt, PathKind::DirectTcp, remote, tx, None);
+    {
+        // A black-holed TCP connection stays open: follow its pings instead.
+        let socket = socket.clone();
+        tokio::spawn(async move {
+            while live.changed().await.is_ok() {
+                let now = *live.borrow_and_update();
+                socket
+                    .table_write()
+                    .set_live(virt, PathKind::DirectTcp, remote, now);
+                if now {
+                    tracing::info!(%remote, "direct TCP path answers again");
+                } else {
+                    tracing::warn!(%remote, "direct TCP path went silent; using the next path");
+                }
+            }
+        });
+    }
     {
         let socket = socket.clone();
         tokio::spawn(async move {

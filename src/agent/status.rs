@@ -135,6 +135,9 @@ pub struct PeerReport {
     pub connected: bool,
     /// The path in use: kind (`direct_udp`), remote address, RTT, time on it.
     pub path: Option<PathStatus>,
+    /// Every known path, live or not.
+    #[serde(default)]
+    pub paths: Vec<PathStatus>,
     /// QUIC's smoothed RTT estimate in milliseconds.
     pub rtt_ms: f64,
     /// Bytes sent to the peer (UDP payloads).
@@ -175,6 +178,7 @@ pub fn snapshot(ctx: &Ctx) -> Status {
                 names: entry.names.iter().cloned().collect(),
                 connected: entry.conn.close_reason().is_none(),
                 path: paths.as_ref().and_then(|p| p.path.clone()),
+                paths: paths.as_ref().map(|p| p.paths.clone()).unwrap_or_default(),
                 rtt_ms: entry.conn.rtt().as_secs_f64() * 1000.0,
                 tx_bytes: paths.as_ref().map_or(0, |p| p.tx_bytes),
                 rx_bytes: paths.as_ref().map_or(0, |p| p.rx_bytes),

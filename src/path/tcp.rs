@@ -3,6 +3,11 @@
 //! Used for hole-punched TCP between agents and for agents whose UDP cannot reach S. Each
 //! datagram is sent as a 2-byte big-endian length and the datagram. QUIC inside keeps its
 //! own encryption and loss recovery; TCP only carries it.
+//!
+//! A TCP connection whose packets are being dropped stays open for minutes, so each end
+//! pings every [`PING_INTERVAL`] (a frame of length 0, answered by a frame holding the one
+//! byte 0 — no QUIC datagram is that short); a connection that has received nothing for
+//! [`DEAD_AFTER`] is reported not live, and live again when frames arrive.
 
 use std::net::SocketAddr;
 
@@ -19,9 +24,16 @@ pub const SERVER_PREAMBLE: &[u8; 8] = b"P2PTQ/1\n";
 /// Datagrams waiting to be written before new ones are lost.
 const QUEUE: usize = 1024;
 
+/// How often each end pings.
+pub const PING_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Silence after which the connection is reported not live.
+pub const DEAD_AFTER: std::time::Duration = std::time::Duration::from_millis(1500);
+
 /// Runs a framed path over `stream` for the peer at virtual address `virt`: datagrams put
 /// into the returned sender are written to the stream; datagrams read from it go to
-/// `injector`. The returned receiver yields once, when the connection has ended.
+/// `injector`. The returned receiver yields once, when the connection has ended. The path
+/// ends when the sender (every clone of it) is dropped.
 pub fn spawn<S>(
     stream: S,
     virt: SocketAddr,
@@ -33,21 +45,55 @@ pub fn spawn<S>(
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    let (tx, done, _live) = spawn_checked(stream, virt, injector);
+    (tx, done)
+}
+
+/// [`spawn`], also reporting whether the connection is live (see the module doc).
+pub fn spawn_checked<S>(
+    stream: S,
+    virt: SocketAddr,
+    injector: mpsc::Sender<Injected>,
+) -> (
+    mpsc::Sender<Bytes>,
+    tokio::sync::oneshot::Receiver<std::io::Result<()>>,
+    tokio::sync::watch::Receiver<bool>,
+)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
     let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let (live_tx, live_rx) = tokio::sync::watch::channel(true);
+    let (pong_tx, mut pong_rx) = mpsc::channel::<()>(4);
+    let last_rx = std::sync::Mutex::new(tokio::time::Instant::now());
     let (mut reader, writer) = tokio::io::split(stream);
     tokio::spawn(async move {
         let mut writer = BufWriter::new(writer);
         let write = async {
-            while let Some(packet) = rx.recv().await {
-                write_frame(&mut writer, &packet).await?;
-                // Batch what is already queued into one write.
-                while let Ok(more) = rx.try_recv() {
-                    write_frame(&mut writer, &more).await?;
+            let mut ticker = tokio::time::interval(PING_INTERVAL);
+            loop {
+                tokio::select! {
+                    packet = rx.recv() => {
+                        let Some(packet) = packet else { return Ok(()) };
+                        write_datagram(&mut writer, &packet).await?;
+                        // Batch what is already queued into one write.
+                        while let Ok(more) = rx.try_recv() {
+                            write_datagram(&mut writer, &more).await?;
+                        }
+                    }
+                    Some(()) = pong_rx.recv() => write_frame(&mut writer, &[0]).await?,
+                    _ = ticker.tick() => {
+                        write_frame(&mut writer, &[]).await?;
+                        let silent = last_rx.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
+                        live_tx.send_if_modified(|live| {
+                            let now = silent < DEAD_AFTER;
+                            std::mem::replace(live, now) != now
+                        });
+                    }
                 }
                 writer.flush().await?;
             }
-            Ok::<(), std::io::Error>(())
         };
         let read = async {
             loop {
@@ -56,8 +102,15 @@ where
                 let len = usize::from(u16::from_be_bytes(len));
                 let mut data = vec![0u8; len];
                 reader.read_exact(&mut data).await?;
-                if len == 0 {
-                    continue;
+                *last_rx.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
+                live_tx.send_if_modified(|live| !std::mem::replace(live, true));
+                match len {
+                    0 => {
+                        let _ = pong_tx.try_send(());
+                        continue;
+                    }
+                    1 => continue, // a pong
+                    _ => {}
                 }
                 let packet = Injected {
                     from: virt,
@@ -74,13 +127,23 @@ where
         };
         let _ = done_tx.send(result);
     });
-    (tx, done_rx)
+    (tx, done_rx, live_rx)
+}
+
+/// Writes a datagram's frame. Lengths 0 and 1 are pings and pongs; no QUIC datagram is that
+/// short, so such a "datagram" is dropped rather than mistaken for one.
+async fn write_datagram<W: AsyncWrite + Unpin>(w: &mut W, packet: &[u8]) -> std::io::Result<()> {
+    if packet.len() < 2 {
+        return Ok(());
+    }
+    write_frame(w, packet).await
 }
 
 async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, packet: &[u8]) -> std::io::Result<()> {
     let Ok(len) = u16::try_from(packet.len()) else {
         return Ok(()); // Never happens for QUIC datagrams; a lost datagram if it did.
     };
+
     w.write_all(&len.to_be_bytes()).await?;
     w.write_all(packet).await
 }
@@ -98,16 +161,37 @@ mod tests {
         let (inj_b, mut got_b) = mpsc::channel(16);
         let (to_b, _done_a) = spawn(a, virt_b, inj_a);
         let (to_a, _done_b) = spawn(b, virt_a, inj_b);
-        for n in [1usize, 1200, 1452, 65_535] {
+        for n in [2usize, 1200, 1452, 65_535] {
             to_b.send(Bytes::from(vec![n as u8; n])).await.unwrap();
         }
         to_a.send(Bytes::from_static(b"back")).await.unwrap();
-        for n in [1usize, 1200, 1452, 65_535] {
+        for n in [2usize, 1200, 1452, 65_535] {
             let p = got_b.recv().await.unwrap();
             assert_eq!((p.from, p.data.len()), (virt_a, n));
         }
         let p = got_a.recv().await.unwrap();
         assert_eq!((p.from, &p.data[..]), (virt_b, &b"back"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_silent_connection_is_reported_dead_and_live_again() {
+        // The far end is a bare duplex end: it reads our pings but never answers.
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let (inj, _rx) = mpsc::channel(16);
+        let (_tx, _done, mut live) = spawn_checked(a, "240.0.0.1:1".parse().unwrap(), inj);
+        assert!(*live.borrow());
+        tokio::time::timeout(DEAD_AFTER * 3, live.changed())
+            .await
+            .expect("reported dead in time")
+            .unwrap();
+        assert!(!*live.borrow());
+        use tokio::io::AsyncWriteExt;
+        b.write_all(&[0, 1, 0]).await.unwrap(); // a pong
+        tokio::time::timeout(PING_INTERVAL * 2, live.changed())
+            .await
+            .expect("live again")
+            .unwrap();
+        assert!(*live.borrow());
     }
 
     #[tokio::test]
