@@ -1,0 +1,945 @@
+//! What `tests/lab_paths.rs` needs around the NAT lab: S, an exposer and a forwarder in
+//! their namespaces, a checked TCP service inside the exposer's namespace, paced transfers
+//! from inside the forwarder's namespace that measure gaps in arriving bytes, the agents'
+//! status (read from their status sockets), drop rules between two peers, and a timeline.
+//!
+//! # The service's protocol
+//!
+//! A connection carries any number of *rounds*. The client sends a 24-byte header (`LABP`,
+//! 4 zero bytes, seed, length; big-endian) and then `length` bytes of [`DataGen`]`(seed)`.
+//! At the same time the service sends `length` bytes of `DataGen(down_seed(seed))`; when it
+//! has read all of the client's bytes it sends their SHA-256 (32 bytes). The client checks
+//! that digest against what it sent, and the digest of what it received against what the
+//! service must have sent. EOF instead of a header ends the connection. Both sides pace
+//! their sending by a [`Pace`] shared through the test (keyed by seed), so a transfer can
+//! be made to last across events (a block, an unblock) and unpaced afterwards.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+use crate::common::{self, DataGen, Proc};
+use crate::natlab::{self, Host, Lab};
+
+/// S's QUIC/STUN address (and TCP port) in the lab.
+pub const S_LISTEN: &str = "203.0.113.1:7000";
+/// S's second STUN address, on its other IP.
+pub const S_ALT: &str = "203.0.113.2:7001";
+/// The forwarder's local port (inside the forwarder's namespace, so it is always free).
+pub const FORWARD_PORT: u16 = 4000;
+/// The name the exposer registers.
+pub const NAME: &str = "svc";
+/// How long S may take to say "listening".
+const RELAY_START: Duration = Duration::from_secs(20);
+/// How long an agent may take to register with S.
+const REGISTER: Duration = Duration::from_secs(20);
+/// How long one status query may take.
+const STATUS_WAIT: Duration = Duration::from_secs(3);
+
+/// Header magic of the service's protocol.
+const MAGIC: [u8; 4] = *b"LABP";
+
+/// The seed of the service's data in the round whose client seed is `seed`.
+pub fn down_seed(seed: u64) -> u64 {
+    seed ^ 0xD0E5_11C3_5EED_0001
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timeline
+
+/// Events with their time since the test's start; printed as they happen (the test harness
+/// shows them when a test fails, or with `--nocapture`) and all together at the end.
+pub struct Timeline {
+    start: Instant,
+    events: Mutex<Vec<(f64, String)>>,
+}
+
+impl Timeline {
+    /// A timeline starting now.
+    pub fn new() -> Timeline {
+        Timeline {
+            start: Instant::now(),
+            events: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Seconds from the start to `t`.
+    pub fn at(&self, t: Instant) -> f64 {
+        t.saturating_duration_since(self.start).as_secs_f64()
+    }
+
+    /// Records `what` as happening now.
+    pub fn event(&self, what: impl Into<String>) {
+        self.event_at(Instant::now(), what);
+    }
+
+    /// Records `what` as happening at `t`.
+    pub fn event_at(&self, t: Instant, what: impl Into<String>) {
+        let what = what.into();
+        let secs = self.at(t);
+        println!("[{secs:8.3} s] {what}");
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((secs, what));
+    }
+
+    /// Every event, sorted by time.
+    pub fn render(&self) -> String {
+        let mut events = self
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        events.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut out = String::from("timeline:\n");
+        for (t, what) in events {
+            let _ = writeln!(out, "  {t:8.3} s  {what}");
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pacing and progress
+
+/// A sending rate in bytes per second shared by the two ends of a transfer; 0 is unlimited.
+#[derive(Debug, Default)]
+pub struct Pace(AtomicU64);
+
+impl Pace {
+    /// A pace of `bytes_per_sec` (0: unlimited).
+    pub fn new(bytes_per_sec: u64) -> Arc<Pace> {
+        Arc::new(Pace(AtomicU64::new(bytes_per_sec)))
+    }
+
+    /// The rate now.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Changes the rate (0: unlimited) for the bytes sent from now on.
+    pub fn set(&self, bytes_per_sec: u64) {
+        self.0.store(bytes_per_sec, Ordering::Relaxed);
+    }
+}
+
+/// What a client has moved on one connection, and the longest pause in arriving bytes.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes of data sent (headers not counted).
+    pub sent: AtomicU64,
+    /// Bytes of data received (trailers not counted).
+    pub received: AtomicU64,
+    gaps: Mutex<Gaps>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Gaps {
+    longest: Duration,
+    longest_end: Option<Instant>,
+    /// Pauses over [`Progress::NOTABLE`]: (end, length).
+    notable: Vec<(Instant, Duration)>,
+}
+
+impl Progress {
+    /// Pauses at least this long are kept for the timeline.
+    pub const NOTABLE: Duration = Duration::from_millis(300);
+
+    /// A fresh counter.
+    pub fn new() -> Arc<Progress> {
+        Arc::new(Progress::default())
+    }
+
+    fn gap(&self, length: Duration, end: Instant) {
+        let mut g = self.gaps.lock().unwrap_or_else(|e| e.into_inner());
+        if length > g.longest {
+            g.longest = length;
+            g.longest_end = Some(end);
+        }
+        if length >= Self::NOTABLE {
+            g.notable.push((end, length));
+        }
+    }
+
+    /// The longest time between two reads that returned data within one round (from its
+    /// first byte to its last), and when it ended.
+    pub fn longest_gap(&self) -> (Duration, Option<Instant>) {
+        let g = self.gaps.lock().unwrap_or_else(|e| e.into_inner());
+        (g.longest, g.longest_end)
+    }
+
+    /// Every pause of at least [`Progress::NOTABLE`]: (when it ended, how long).
+    pub fn notable_gaps(&self) -> Vec<(Instant, Duration)> {
+        self.gaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .notable
+            .clone()
+    }
+}
+
+/// Writes the `len` bytes of `seed` at `pace`; returns their SHA-256.
+async fn send_paced<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    seed: u64,
+    len: u64,
+    pace: &Pace,
+    progress: Option<&AtomicU64>,
+) -> std::io::Result<[u8; 32]> {
+    let mut gen = DataGen::new(seed, len);
+    let mut h = Sha256::new();
+    let mut sent = 0u64;
+    // (time, bytes sent then, rate) when the current rate took effect.
+    let mut mark: Option<(Instant, u64, u64)> = None;
+    while let Some(chunk) = gen.next_chunk() {
+        let rate = pace.get();
+        if rate > 0 {
+            let (t0, b0, _) = match mark {
+                Some(m) if m.2 == rate => m,
+                _ => {
+                    let m = (Instant::now(), sent, rate);
+                    mark = Some(m);
+                    m
+                }
+            };
+            let due = t0 + Duration::from_secs_f64((sent - b0) as f64 / rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+        } else {
+            mark = None;
+        }
+        h.update(chunk);
+        w.write_all(chunk).await?;
+        sent += chunk.len() as u64;
+        if let Some(p) = progress {
+            p.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+    }
+    w.flush().await?;
+    Ok(h.finalize().into())
+}
+
+/// Reads exactly `len` bytes; returns their SHA-256. Counts into `progress` and records the
+/// pauses between reads there.
+async fn receive<R: AsyncRead + Unpin>(
+    r: &mut R,
+    len: u64,
+    progress: Option<&Progress>,
+) -> anyhow::Result<[u8; 32]> {
+    let mut buf = vec![0u8; common::CHUNK];
+    let mut h = Sha256::new();
+    let mut got = 0u64;
+    let mut last: Option<Instant> = None;
+    while got < len {
+        let want = (len - got).min(buf.len() as u64) as usize;
+        let n = r
+            .read(&mut buf[..want])
+            .await
+            .with_context(|| format!("reading after {got} of {len} bytes"))?;
+        if n == 0 {
+            bail!("the connection ended after {got} of {len} bytes");
+        }
+        let now = Instant::now();
+        h.update(&buf[..n]);
+        got += n as u64;
+        if let Some(p) = progress {
+            p.received.fetch_add(n as u64, Ordering::Relaxed);
+            if let Some(prev) = last {
+                p.gap(now - prev, now);
+            }
+        }
+        last = Some(now);
+    }
+    Ok(h.finalize().into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The service
+
+#[derive(Default)]
+struct ServiceState {
+    paces: Mutex<HashMap<u64, Arc<Pace>>>,
+    errors: Mutex<Vec<String>>,
+    accepted: AtomicU64,
+    rounds: AtomicU64,
+}
+
+/// The checked TCP service, listening on 127.0.0.1 inside one host's namespace.
+pub struct Service {
+    port: u16,
+    state: Arc<ServiceState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Service {
+    /// Starts it inside `host`'s namespace (the listener is made there; its connections stay
+    /// there), served by the current tokio runtime.
+    pub fn start(host: &Host) -> Service {
+        let listener = host
+            .tcp_listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .expect("bind the service in the exposer's namespace");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let port = listener.local_addr().expect("local_addr").port();
+        let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+        let state = Arc::new(ServiceState::default());
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        st.accepted.fetch_add(1, Ordering::Relaxed);
+                        let st = st.clone();
+                        conns.spawn(async move {
+                            if let Err(e) = serve(stream, &st).await {
+                                st.errors.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{e:#}"));
+                            }
+                        });
+                    }
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
+        });
+        Service { port, state, task }
+    }
+
+    /// Its port on 127.0.0.1 (in its namespace).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Makes the service send the rounds of `seed` at `pace`.
+    pub fn set_pace(&self, seed: u64, pace: Arc<Pace>) {
+        self.state
+            .paces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(seed, pace);
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.state.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Rounds served to their end.
+    pub fn rounds(&self) -> u64 {
+        self.state.rounds.load(Ordering::Relaxed)
+    }
+
+    /// Errors of connections that failed on the service's side.
+    pub fn errors(&self) -> Vec<String> {
+        self.state
+            .errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(stream: TcpStream, st: &ServiceState) -> anyhow::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let (mut r, mut w) = stream.into_split();
+    loop {
+        let mut hdr = [0u8; 24];
+        // EOF before a header: the client is done.
+        match r.read(&mut hdr[..1]).await? {
+            0 => {
+                w.shutdown().await?;
+                return Ok(());
+            }
+            _ => r.read_exact(&mut hdr[1..]).await?,
+        };
+        ensure!(hdr[..4] == MAGIC, "bad header {:?}", &hdr[..8]);
+        let seed = u64::from_be_bytes(hdr[8..16].try_into().expect("8 bytes"));
+        let len = u64::from_be_bytes(hdr[16..24].try_into().expect("8 bytes"));
+        let pace = st
+            .paces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&seed)
+            .cloned()
+            .unwrap_or_default();
+        let (_, received) = tokio::try_join!(
+            async {
+                send_paced(&mut w, down_seed(seed), len, &pace, None)
+                    .await
+                    .context("service sending")
+            },
+            receive(&mut r, len, None),
+        )
+        .with_context(|| format!("service, round of seed {seed:#x}"))?;
+        w.write_all(&received).await?;
+        st.rounds.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+
+/// A client connection to the forwarder, made inside the forwarder's namespace.
+pub struct Conn {
+    r: OwnedReadHalf,
+    w: OwnedWriteHalf,
+    /// What it moved.
+    pub progress: Arc<Progress>,
+}
+
+/// What one round measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Round {
+    /// Bytes each way.
+    pub len: u64,
+    /// How long it took.
+    pub elapsed: Duration,
+}
+
+impl Round {
+    /// MiB/s of one direction.
+    pub fn mib_per_s(&self) -> f64 {
+        self.len as f64 / (1024.0 * 1024.0) / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+impl Conn {
+    /// Connects to 127.0.0.1:`port` inside `host`'s namespace.
+    pub fn open(host: &Host, port: u16) -> anyhow::Result<Conn> {
+        let std = host
+            .tcp_connect(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                Duration::from_secs(5),
+            )
+            .with_context(|| format!("connecting to 127.0.0.1:{port} in {}", host.ns()))?;
+        std.set_nonblocking(true)?;
+        let stream = TcpStream::from_std(std)?;
+        let _ = stream.set_nodelay(true);
+        let (r, w) = stream.into_split();
+        Ok(Conn {
+            r,
+            w,
+            progress: Progress::new(),
+        })
+    }
+
+    /// One round: `len` bytes of `seed` up at `pace`, the service's `len` bytes down (at the
+    /// pace the service was given for `seed`), both checked by SHA-256.
+    pub async fn round(&mut self, seed: u64, len: u64, pace: &Pace) -> anyhow::Result<Round> {
+        let start = Instant::now();
+        let expected_down =
+            tokio::task::spawn_blocking(move || common::data_digest(down_seed(seed), len));
+        let mut hdr = [0u8; 24];
+        hdr[..4].copy_from_slice(&MAGIC);
+        hdr[8..16].copy_from_slice(&seed.to_be_bytes());
+        hdr[16..24].copy_from_slice(&len.to_be_bytes());
+        let progress = self.progress.clone();
+        let (r, w) = (&mut self.r, &mut self.w);
+        let writer = async {
+            w.write_all(&hdr).await?;
+            let digest = send_paced(w, seed, len, pace, Some(&progress.sent))
+                .await
+                .context("sending")?;
+            anyhow::Ok(digest)
+        };
+        let reader = async {
+            let got = receive(r, len, Some(&progress)).await?;
+            let mut trailer = [0u8; 32];
+            r.read_exact(&mut trailer)
+                .await
+                .context("reading the service's digest after the data")?;
+            anyhow::Ok((got, trailer))
+        };
+        let (sent, (got, trailer)) = tokio::try_join!(writer, reader)?;
+        let expected = expected_down.await.context("digest task")?;
+        ensure!(
+            got == expected,
+            "the {len} bytes that arrived differ from what the service sent: SHA-256 {} != {}",
+            common::hex(&got),
+            common::hex(&expected)
+        );
+        ensure!(
+            trailer == sent,
+            "the service received other bytes than the {len} sent: SHA-256 {} != {}",
+            common::hex(&trailer),
+            common::hex(&sent)
+        );
+        Ok(Round {
+            len,
+            elapsed: start.elapsed(),
+        })
+    }
+
+    /// Ends the connection: shuts the write side and expects the service's EOF.
+    pub async fn close(mut self) -> anyhow::Result<()> {
+        self.w.shutdown().await?;
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(10), self.r.read(&mut buf))
+            .await
+            .map_err(|_| anyhow!("no EOF within 10 s after shutting down the write side"))??;
+        ensure!(n == 0, "{n} unexpected bytes after the last round");
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// The environment every child gets: no inherited p2ptun settings, plain logs.
+fn child_env(cmd: &mut Command, default_log: &str) {
+    for var in [
+        "P2PTUN_TOKEN",
+        "P2PTUN_SERVER",
+        "P2PTUN_STATE_DIR",
+        "P2PTUN_SERVER_FINGERPRINT",
+        "P2PTUN_RELAY_TOKEN",
+    ] {
+        cmd.env_remove(var);
+    }
+    let level = std::env::var("P2PTUN_TEST_LOG").unwrap_or_else(|_| default_log.to_owned());
+    cmd.env("RUST_LOG", level)
+        .env("NO_COLOR", "1")
+        .env("RUST_BACKTRACE", "1");
+}
+
+/// Starts S in the lab's S namespace and waits until it listens.
+pub async fn start_relay(lab: &Lab, files: &common::Lab) -> Proc {
+    let mut cmd = lab.s().command(common::relay_bin()).expect("relay command");
+    cmd.args(["--listen", S_LISTEN, "--stun-alt", S_ALT, "--state-dir"])
+        .arg(files.state_dir("relay"));
+    child_env(&mut cmd, "info");
+    let relay = Proc::spawn("relay", cmd, &files.logs());
+    if relay
+        .wait_log_any(&["listening"], RELAY_START)
+        .await
+        .is_none()
+    {
+        panic!(
+            "S did not log \"listening\" within {RELAY_START:?}\n{}",
+            relay.report()
+        );
+    }
+    relay
+}
+
+/// `p2ptun --server S --state-dir STATE ARGS` in `host`'s namespace.
+pub fn start_agent(
+    host: &Host,
+    files: &common::Lab,
+    label: &str,
+    state: &Path,
+    args: &[&str],
+) -> Proc {
+    let mut cmd = host.command(common::agent_bin()).expect("agent command");
+    cmd.args(["--server", S_LISTEN, "--state-dir"])
+        .arg(state)
+        .args(args);
+    child_env(&mut cmd, "info,p2ptun=debug");
+    Proc::spawn(label, cmd, &files.logs())
+}
+
+/// S, the service and both agents: exposer on `a`, forwarder on `b`.
+pub struct Tunnel {
+    /// `p2ptun forward svc 127.0.0.1:4000` in `b`.
+    pub forwarder: Proc,
+    /// `p2ptun expose 127.0.0.1:PORT --name svc` in `a`.
+    pub exposer: Proc,
+    /// S.
+    pub relay: Proc,
+    /// The service in `a`.
+    pub service: Service,
+    /// The forwarder's host.
+    pub b: Host,
+    /// State dirs.
+    pub a_state: PathBuf,
+    pub b_state: PathBuf,
+    /// Logs and state (kept when the test fails). Last, so logs outlive the processes.
+    pub files: common::Lab,
+}
+
+impl Tunnel {
+    /// Starts S, the service in `a`, the exposer in `a` and the forwarder in `b`, and waits
+    /// until both agents are registered with S. Nothing has crossed the tunnel yet.
+    pub async fn start(lab: &Lab, a: &Host, b: &Host, test: &str) -> Tunnel {
+        let files = common::Lab::new(test);
+        let relay = start_relay(lab, &files).await;
+        let service = Service::start(a);
+        let a_state = files.state_dir("exposer");
+        let b_state = files.state_dir("forwarder");
+        let target = format!("127.0.0.1:{}", service.port());
+        let exposer = start_agent(
+            a,
+            &files,
+            "exposer",
+            &a_state,
+            &["expose", &target, "--name", NAME],
+        );
+        let forward_to = format!("127.0.0.1:{FORWARD_PORT}");
+        let forwarder = start_agent(
+            b,
+            &files,
+            "forwarder",
+            &b_state,
+            &["forward", NAME, &forward_to],
+        );
+        let t = Tunnel {
+            forwarder,
+            exposer,
+            relay,
+            service,
+            b: b.clone(),
+            a_state,
+            b_state,
+            files,
+        };
+        t.wait_registered().await;
+        t
+    }
+
+    fn procs(&self) -> [&Proc; 3] {
+        [&self.relay, &self.exposer, &self.forwarder]
+    }
+
+    /// Every process's log tail.
+    pub fn reports(&self) -> String {
+        common::reports(&self.procs())
+    }
+
+    /// Panics with the logs if a process ended or panicked.
+    pub fn assert_healthy(&self, context: &str) {
+        common::assert_all_running(&self.procs(), context);
+        for p in self.procs() {
+            p.assert_no_panic();
+        }
+    }
+
+    async fn wait_registered(&self) {
+        let deadline = Instant::now() + REGISTER;
+        for (label, dir) in [("exposer", &self.a_state), ("forwarder", &self.b_state)] {
+            loop {
+                self.assert_healthy(&format!("waiting for the {label} to register"));
+                let st = status(dir).await.unwrap_or_default();
+                if st.iter().any(|s| s["registered"] == Value::Bool(true)) {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    panic!(
+                        "the {label} did not register with S within {REGISTER:?}; status: {}\n{}",
+                        serde_json::to_string(&st).unwrap_or_default(),
+                        self.reports()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// A client connection to the forwarder, from inside `b`.
+    pub fn connect(&self) -> Conn {
+        Conn::open(&self.b, FORWARD_PORT).unwrap_or_else(|e| panic!("{e:#}\n{}", self.reports()))
+    }
+
+    /// Waits until a small round through a new connection works (the peer connection is then
+    /// made), failing with the logs after `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let start = Instant::now();
+        let mut attempt = 0u64;
+        loop {
+            self.assert_healthy("waiting for the tunnel");
+            attempt += 1;
+            let seed = 0x5EAD_0000 + attempt;
+            let tried = tokio::time::timeout(Duration::from_secs(10), async {
+                let mut c = Conn::open(&self.b, FORWARD_PORT)?;
+                c.round(seed, 4096, &Pace::default()).await?;
+                c.close().await
+            })
+            .await
+            .unwrap_or_else(|_| Err(anyhow!("no round trip within 10 s")));
+            match tried {
+                Ok(()) => {
+                    println!(
+                        "tunnel ready after {:.2} s ({attempt} attempt(s))",
+                        start.elapsed().as_secs_f64()
+                    );
+                    return;
+                }
+                Err(e) if start.elapsed() >= timeout => panic!(
+                    "no round trip through the tunnel within {timeout:?}; last error: {e:#}\n{}",
+                    self.reports()
+                ),
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+
+    /// The forwarder's view of its peer (the exposer).
+    pub async fn forwarder_peer(&self) -> Option<Value> {
+        first_peer(&self.b_state).await
+    }
+
+    /// The exposer's view of its peer (the forwarder).
+    pub async fn exposer_peer(&self) -> Option<Value> {
+        first_peer(&self.a_state).await
+    }
+
+    /// The forwarder's selected path.
+    pub async fn forwarder_path(&self) -> Option<PathView> {
+        self.forwarder_peer().await.as_ref().and_then(PathView::of)
+    }
+
+    /// Waits until the forwarder's selected path is of `kind`; returns it and when it was
+    /// seen, or `None` at the deadline. Samples every `every`.
+    pub async fn wait_path(
+        &self,
+        kind: &str,
+        timeout: Duration,
+        every: Duration,
+    ) -> Option<(PathView, Instant)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(p) = self.forwarder_path().await {
+                if p.kind == kind {
+                    return Some((p, Instant::now()));
+                }
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// Runs `p2ptun status --json --state-dir DIR` (the CLI) for the forwarder.
+    pub async fn status_cli(&self) -> Vec<Value> {
+        let mut cmd = self.b.command(common::agent_bin()).expect("status command");
+        cmd.args(["status", "--json", "--state-dir"])
+            .arg(&self.b_state);
+        child_env(&mut cmd, "info");
+        let out =
+            common::run_command("status", cmd, None, common::ONE_SHOT, &self.files.logs()).await;
+        assert_eq!(
+            out.code(),
+            0,
+            "`p2ptun status --json` failed\n{}",
+            out.describe()
+        );
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "`p2ptun status --json` printed no JSON list ({e})\n{}",
+                out.describe()
+            )
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Status
+
+/// Reads the status of every agent of `state_dir` from its status socket (what
+/// `p2ptun status --json` prints, one entry per agent).
+pub async fn status(state_dir: &Path) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(state_dir)?.flatten() {
+        let path = entry.path();
+        let is_sock = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("agent-") && n.ends_with(".sock"));
+        if !is_sock {
+            continue;
+        }
+        let read = async {
+            let mut s = tokio::net::UnixStream::connect(&path).await?;
+            let mut body = Vec::new();
+            s.read_to_end(&mut body).await?;
+            anyhow::Ok(body)
+        };
+        let body = tokio::time::timeout(STATUS_WAIT, read)
+            .await
+            .map_err(|_| anyhow!("{}: no answer", path.display()))??;
+        out.push(serde_json::from_slice(&body).context("status JSON")?);
+    }
+    Ok(out)
+}
+
+/// The first peer in the status of the agent of `state_dir`.
+pub async fn first_peer(state_dir: &Path) -> Option<Value> {
+    let st = status(state_dir).await.ok()?;
+    st.into_iter()
+        .find_map(|s| s["peers"].as_array().and_then(|p| p.first().cloned()))
+}
+
+/// A path as status reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PathView {
+    /// `direct_udp`, `direct_tcp` or `relay`.
+    pub kind: String,
+    /// The peer's address on it (S's for the relay).
+    pub remote: String,
+    /// Seconds since it was found (or came back).
+    pub age_secs: u64,
+    /// Whether its checks are answered.
+    pub live: bool,
+}
+
+impl PathView {
+    /// The selected path of a status peer entry.
+    pub fn of(peer: &Value) -> Option<PathView> {
+        Self::parse(&peer["path"])
+    }
+
+    fn parse(p: &Value) -> Option<PathView> {
+        Some(PathView {
+            kind: p["kind"].as_str()?.to_owned(),
+            remote: p["remote"].as_str()?.to_owned(),
+            age_secs: p["age_secs"].as_u64().unwrap_or(0),
+            live: p["live"].as_bool().unwrap_or(true),
+        })
+    }
+
+    /// Every path of a status peer entry, if status lists them (`paths`).
+    pub fn all(peer: &Value) -> Vec<PathView> {
+        peer["paths"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Self::parse).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for PathView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} (age {} s{})",
+            self.kind,
+            self.remote,
+            self.age_secs,
+            if self.live { "" } else { ", dead" }
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blocking traffic between two peers
+
+/// The table this file adds to a router (apart from the lab's own `lab` and `labblock`, so
+/// `Lab::block`/`unblock` never touch it).
+const PEER_BLOCK_TABLE: &str = "lab_paths_peerblock";
+
+/// What [`block_peer`] drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerTraffic {
+    /// UDP only (S stays reachable, so the control connection and the relay keep working).
+    Udp,
+    /// UDP and TCP (no direct path of any kind).
+    UdpAndTcp,
+}
+
+/// Drops `what` between `host` and `peer_ip` (the peer's public address) in `host`'s NAT
+/// router: one `forward` chain at priority `filter - 20` in table `lab_paths_peerblock`, with
+/// `ip saddr PEER … drop` and `ip daddr PEER … drop`. Traffic to S (another address) passes.
+/// Forwarded packets are dropped after conntrack has seen them, so the NAT's mappings
+/// toward the peer stay as they were.
+pub fn block_peer(lab: &Lab, host: &Host, peer_ip: Ipv4Addr, what: PeerTraffic) {
+    let router = lab
+        .router_of(host)
+        .expect("block_peer needs a host behind a NAT router");
+    let protos: &[&str] = match what {
+        PeerTraffic::Udp => &["udp"],
+        PeerTraffic::UdpAndTcp => &["udp", "tcp"],
+    };
+    let mut script = format!(
+        "table ip {PEER_BLOCK_TABLE} {{\n  chain forward {{ type filter hook forward priority filter - 20; policy accept; }}\n}}\nflush chain ip {PEER_BLOCK_TABLE} forward\n"
+    );
+    for p in protos {
+        for dir in ["saddr", "daddr"] {
+            let _ = writeln!(
+                script,
+                "add rule ip {PEER_BLOCK_TABLE} forward ip {dir} {peer_ip} meta l4proto {p} counter drop"
+            );
+        }
+    }
+    natlab::netns::nft(router.ns(), &script)
+        .unwrap_or_else(|e| panic!("adding the peer block in {}: {e}", router.ns()));
+}
+
+/// Removes the rules of [`block_peer`].
+pub fn unblock_peer(lab: &Lab, host: &Host) {
+    let router = lab.router_of(host).expect("a host behind a NAT router");
+    natlab::netns::nft(
+        router.ns(),
+        &format!("flush chain ip {PEER_BLOCK_TABLE} forward\n"),
+    )
+    .unwrap_or_else(|e| panic!("removing the peer block in {}: {e}", router.ns()));
+}
+
+/// The rules of [`block_peer`] with their counters, for the log.
+pub fn peer_block_rules(lab: &Lab, host: &Host) -> String {
+    let Some(router) = lab.router_of(host) else {
+        return String::new();
+    };
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            router.ns(),
+            "nft",
+            "list",
+            "table",
+            "ip",
+            PEER_BLOCK_TABLE,
+        ])
+        .output();
+    match out {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Err(e) => format!("(nft list failed: {e})"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interface counters
+
+/// (received, sent) bytes of interface `ifname` in `host`'s namespace.
+pub fn iface_bytes(host: &Host, ifname: &str) -> (u64, u64) {
+    let text = host
+        .run_in(|| std::fs::read_to_string("/proc/thread-self/net/dev"))
+        .expect("read /proc/thread-self/net/dev");
+    for line in text.lines() {
+        let Some((name, rest)) = line.split_once(':') else {
+            continue;
+        };
+        if name.trim() != ifname {
+            continue;
+        }
+        let fields: Vec<u64> = rest
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        if fields.len() >= 9 {
+            return (fields[0], fields[8]);
+        }
+    }
+    panic!("no interface {ifname} in {}:\n{text}", host.ns());
+}
+
+/// MiB, for messages.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
