@@ -7,9 +7,9 @@ use crate::proto::{Candidate, CandidateKind};
 /// The host candidates of a socket bound at `local`: every address of every interface (of the
 /// socket's family) with the socket's port, or just `local` when it is bound to one address.
 ///
-/// Loopback is included: two agents on one machine then find each other at once, and on
-/// another machine a check to it reaches only that machine's own port, where it fails
-/// integrity and is dropped.
+/// Loopback is left out of a wildcard socket's candidates: offered to a peer on another
+/// machine it would make that peer probe its own local ports. Agents on one machine still
+/// find each other through their interface addresses, or bind to 127.0.0.1.
 pub fn host_candidates(local: SocketAddr) -> Vec<Candidate> {
     let host = |ip: IpAddr| Candidate {
         kind: CandidateKind::Host,
@@ -22,7 +22,7 @@ pub fn host_candidates(local: SocketAddr) -> Vec<Candidate> {
         .unwrap_or_default()
         .into_iter()
         .map(|iface| iface.ip())
-        .filter(|ip| ip.is_ipv4() == local.is_ipv4())
+        .filter(|ip| ip.is_ipv4() == local.is_ipv4() && !ip.is_loopback())
         .filter(|ip| !matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80))
         .map(host)
         .collect();
@@ -46,6 +46,6 @@ mod tests {
     fn a_wildcard_socket_lists_interfaces_with_its_port() {
         let c = host_candidates("0.0.0.0:4000".parse().unwrap());
         assert!(c.iter().all(|c| c.addr.port() == 4000 && c.addr.is_ipv4()));
-        assert!(c.iter().any(|c| c.addr.ip().is_loopback()));
+        assert!(!c.iter().any(|c| c.addr.ip().is_loopback()));
     }
 }
