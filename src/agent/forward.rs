@@ -41,7 +41,7 @@ async fn carry(peers: &Peers, name: &str, tcp: TcpStream) -> anyhow::Result<()> 
         Ok(s) => s,
         Err(e) => {
             reset(tcp);
-            anyhow::bail!("cannot open a stream: {e}");
+            anyhow::bail!("cannot open a stream: {}", why_lost(&conn, e));
         }
     };
     if let Some(peer) = crate::tunnel::tls::peer_fingerprint(&conn) {
@@ -51,14 +51,30 @@ async fn carry(peers: &Peers, name: &str, tcp: TcpStream) -> anyhow::Result<()> 
             .peer_connected(peer, Role::Forward, name, &conn);
     }
     let guard = peers.ctx().activity.stream_opened(Role::Forward, name);
-    send.write_all(&header::encode(name)).await?;
+    if let Err(e) = send.write_all(&header::encode(name)).await {
+        reset(tcp);
+        anyhow::bail!("{}", why_lost(&conn, e));
+    }
     let outcome = copy::splice(tcp, send, recv).await;
     guard.moved(outcome.up, outcome.down);
     if let Some(why) = outcome.failure {
-        anyhow::bail!("{why}");
+        anyhow::bail!("{}", why_lost(&conn, why));
     }
     tracing::debug!(%name, up = outcome.up, down = outcome.down, "connection done");
     Ok(())
+}
+
+/// An error, with the reason the peer gave if it closed the connection: quinn's stream errors
+/// say only "connection lost", while the close reason says why (e.g. an `--allow` refusal).
+fn why_lost(conn: &quinn::Connection, err: impl std::fmt::Display) -> String {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(close)) => format!(
+            "{err}: the exposer closed the connection: {}",
+            String::from_utf8_lossy(&close.reason)
+        ),
+        Some(reason) => format!("{err}: {reason}"),
+        None => err.to_string(),
+    }
 }
 
 /// Closes a local connection with RST, so its client sees a failure rather than an empty
