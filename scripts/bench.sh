@@ -1,0 +1,3 @@
+#!/bin/sh
+# The p2ptun benchmark (release build; needs root for the NAT lab). Args: --json --quick --loopback --keep --scale N,N
+exec cargo bench --manifest-path "$(dirname "$0")/../Cargo.toml" --bench tunnel -- "$@"
