@@ -68,22 +68,14 @@ fn rendezvous(peer: &Side, creds: Credentials) -> Rendezvous {
     }
 }
 
+/// The virtual address `at` knows `peer` by.
+fn virt_of(at: &Side, peer: &Side) -> SocketAddr {
+    at.router.socket().table_write().peer(peer.id.fingerprint())
+}
+
 /// Punches both ways and returns each side's virtual address for the other.
 async fn connect_pair(a: &Side, b: &Side) -> (SocketAddr, SocketAddr, Punched, Punched) {
-    let va = a
-        .router
-        .socket()
-        .table()
-        .write()
-        .unwrap()
-        .peer(b.id.fingerprint());
-    let vb = b
-        .router
-        .socket()
-        .table()
-        .write()
-        .unwrap()
-        .peer(a.id.fingerprint());
+    let (va, vb) = (virt_of(a, b), virt_of(b, a));
     let (rv_a, rv_b) = (
         rendezvous(b, creds("aaaa", "bbbb")),
         rendezvous(a, creds("bbbb", "aaaa")),
@@ -171,20 +163,7 @@ async fn punch_then_quic_then_a_spliced_tcp_connection_with_half_close() {
 #[tokio::test]
 async fn checks_with_wrong_credentials_find_no_path() {
     let (a, b) = (side(), side());
-    let va = a
-        .router
-        .socket()
-        .table()
-        .write()
-        .unwrap()
-        .peer(b.id.fingerprint());
-    let vb = b
-        .router
-        .socket()
-        .table()
-        .write()
-        .unwrap()
-        .peer(a.id.fingerprint());
+    let (va, vb) = (virt_of(&a, &b), virt_of(&b, &a));
     let mut wrong = creds("bbbb", "aaaa");
     wrong.local_pwd = "not-the-password-a-expects".into();
     let rv_a = rendezvous(&b, creds("aaaa", "bbbb"));
