@@ -628,6 +628,7 @@ async fn malformed_control(s: SocketAddr) -> Vec<(&'static str, String)> {
             frame_bytes(&ClientMsg::Connect {
                 name: "home".into(),
                 candidates: vec![],
+                nat: Default::default(),
             }),
             false,
         ),
@@ -638,6 +639,7 @@ async fn malformed_control(s: SocketAddr) -> Vec<(&'static str, String)> {
                 token: None,
                 names: vec![],
                 candidates: vec![],
+                nat: Default::default(),
             }),
             false,
         ),
@@ -648,6 +650,7 @@ async fn malformed_control(s: SocketAddr) -> Vec<(&'static str, String)> {
                 token: None,
                 names: vec!["Bad Name".into()],
                 candidates: vec![],
+                nat: Default::default(),
             }),
             false,
         ),
@@ -658,6 +661,7 @@ async fn malformed_control(s: SocketAddr) -> Vec<(&'static str, String)> {
                 token: None,
                 names: vec!["home".into()],
                 candidates: vec![],
+                nat: Default::default(),
             }),
             false,
         ),
@@ -679,6 +683,7 @@ async fn malformed_control(s: SocketAddr) -> Vec<(&'static str, String)> {
             token: None,
             names: vec![],
             candidates: vec![],
+            nat: Default::default(),
         },
     )
     .await

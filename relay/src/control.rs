@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use p2ptun::path::canonical;
 use p2ptun::proto::{
     read_frame, validate_name, write_frame, Candidate, ClientMsg, ErrorCode, ErrorMsg, Fingerprint,
-    FrameError, ServerMsg, PROTOCOL_VERSION,
+    FrameError, NatMapping, ServerMsg, PROTOCOL_VERSION,
 };
 use p2ptun::tunnel::tls::peer_fingerprint;
 use quinn::{Connection, RecvStream, SendStream};
@@ -165,6 +165,7 @@ pub struct Agent {
     fingerprint: Fingerprint,
     registration: u64,
     candidates: Vec<Candidate>,
+    nat: NatMapping,
     conn: Connection,
     carrier: Carrier,
     push: mpsc::Sender<ServerMsg>,
@@ -363,6 +364,7 @@ async fn handle_stream(session: Arc<Session>, mut send: SendStream, mut recv: Re
             token,
             names,
             candidates,
+            nat,
         } => {
             if session.register_started.swap(true, Ordering::SeqCst) {
                 let err = error(
@@ -377,6 +379,7 @@ async fn handle_stream(session: Arc<Session>, mut send: SendStream, mut recv: Re
                 token,
                 names,
                 candidates,
+                nat,
             };
             match register(&session, request) {
                 Ok((registration, push_rx, observed)) => {
@@ -385,8 +388,12 @@ async fn handle_stream(session: Arc<Session>, mut send: SendStream, mut recv: Re
                 Err(err) => refuse_registration(&session, send, err).await,
             }
         }
-        ClientMsg::Connect { name, candidates } => {
-            let answer = match connect(&session, &name, candidates) {
+        ClientMsg::Connect {
+            name,
+            candidates,
+            nat,
+        } => {
+            let answer = match connect(&session, &name, candidates, nat) {
                 Ok(rendezvous) => ServerMsg::Rendezvous(rendezvous),
                 Err(err) => {
                     session.shared.metrics.error(err.code);
@@ -404,6 +411,7 @@ struct RegisterRequest {
     token: Option<String>,
     names: Vec<String>,
     candidates: Vec<Candidate>,
+    nat: NatMapping,
 }
 
 /// Checks a registration and puts the agent online.
@@ -472,6 +480,7 @@ fn register(
         fingerprint,
         registration,
         candidates: req.candidates,
+        nat: req.nat,
         conn: session.conn.clone(),
         carrier: session.carrier,
         push,
@@ -591,6 +600,7 @@ fn connect(
     session: &Session,
     name: &str,
     candidates: Vec<Candidate>,
+    nat: NatMapping,
 ) -> Result<p2ptun::proto::Rendezvous, ErrorMsg> {
     let Some((_, me)) = session.registered() else {
         return Err(error(
@@ -616,12 +626,14 @@ fn connect(
         candidates: &candidates,
         observed: session.remote(),
         rtt: session.conn.rtt(),
+        nat,
     };
     let exposer_side = Side {
         fingerprint: exposer.fingerprint,
         candidates: &exposer.candidates,
         observed: exposer.remote(),
         rtt: exposer.conn.rtt(),
+        nat: exposer.nat,
     };
     // The relay session exists before either side hears of it: each may send through S as
     // soon as its message arrives.

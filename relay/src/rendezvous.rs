@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use p2ptun::proto::{Candidate, CandidateKind, Credentials, Fingerprint, Rendezvous};
+use p2ptun::proto::{Candidate, CandidateKind, Credentials, Fingerprint, NatMapping, Rendezvous};
 use rand::distributions::Alphanumeric;
 use rand::Rng;
 
@@ -30,6 +30,8 @@ pub struct Side<'a> {
     pub observed: SocketAddr,
     /// The round-trip time of its control connection.
     pub rtt: Duration,
+    /// How its NAT picks public ports, as it reported.
+    pub nat: NatMapping,
 }
 
 /// The two messages of a session.
@@ -67,6 +69,7 @@ pub fn introduce(
             },
             start_in_ms: millis(f_wait),
             relay,
+            peer_nat: exposer.nat,
         },
         to_exposer: Rendezvous {
             session,
@@ -81,6 +84,7 @@ pub fn introduce(
             },
             start_in_ms: millis(e_wait),
             relay,
+            peer_nat: forwarder.nat,
         },
     }
 }
@@ -174,6 +178,7 @@ mod tests {
             candidates: &[host_f],
             observed: "198.51.100.1:5000".parse().unwrap(),
             rtt: ms(80),
+            nat: NatMapping::Random,
         };
         let observed_e: SocketAddr = "203.0.113.9:6000".parse().unwrap();
         let listed = [Candidate {
@@ -185,6 +190,7 @@ mod tests {
             candidates: &listed,
             observed: observed_e,
             rtt: ms(20),
+            nat: NatMapping::Independent,
         };
         let intro = introduce(7, "home", forwarder, exposer, true);
         let (f, e) = (&intro.to_forwarder, &intro.to_exposer);
@@ -218,6 +224,9 @@ mod tests {
             .all(|b| b.is_ascii_alphanumeric()));
         assert_eq!((f.start_in_ms, e.start_in_ms), (20, 50));
         assert!(f.relay && e.relay);
+        // Each side learns how the other's NAT maps.
+        assert_eq!(f.peer_nat, NatMapping::Independent);
+        assert_eq!(e.peer_nat, NatMapping::Random);
         let intro = introduce(8, "home", forwarder, exposer, false);
         assert!(!intro.to_forwarder.relay && !intro.to_exposer.relay);
     }

@@ -114,6 +114,7 @@ impl Agent {
             token: token.map(str::to_owned),
             names: names.iter().map(|n| n.to_string()).collect(),
             candidates: vec![host(4000)],
+            nat: Default::default(),
         })
         .await
     }
@@ -122,6 +123,7 @@ impl Agent {
         self.request(&ClientMsg::Connect {
             name: name.into(),
             candidates: vec![host(5000)],
+            nat: Default::default(),
         })
         .await
         .2
@@ -208,6 +210,7 @@ async fn registration_names_tokens_and_introductions() {
             token: Some(TOKEN.into()),
             names: vec![],
             candidates: vec![],
+            nat: Default::default(),
         })
         .await;
     expect_error(answer, ErrorCode::BadVersion, "version");

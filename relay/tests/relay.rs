@@ -174,6 +174,7 @@ impl Agent {
             token: None,
             names: names.iter().map(|n| n.to_string()).collect(),
             candidates: vec![],
+            nat: Default::default(),
         };
         write_frame(&mut send, &msg).await.unwrap();
         let observed = match read(&mut recv).await {
@@ -195,6 +196,7 @@ impl Agent {
         let msg = ClientMsg::Connect {
             name: name.into(),
             candidates: vec![],
+            nat: Default::default(),
         };
         write_frame(&mut send, &msg).await.unwrap();
         read(&mut recv).await

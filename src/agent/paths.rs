@@ -1,38 +1,43 @@
-//! Finding direct paths for a session: the UDP and TCP punches run side by side, and each
-//! path found is installed in the path table, where the best one carries the traffic.
+//! Finding direct paths for a session: the UDP and TCP punches (and, behind a symmetric NAT,
+//! the birthday punch) run side by side, and each path found is installed in the path table,
+//! where the best one carries the traffic.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::Ctx;
 use crate::path::PathKind;
 use crate::proto::Rendezvous;
-use crate::punch::{punch, Punched};
+use crate::punch::symmetric::{self, Strategy};
+use crate::punch::{birthday, checks, punch, start_delay, Punched};
 
 /// A direct path a punch found; dropping it gives the path up.
 pub enum Found {
-    /// UDP, checked by its monitor.
+    /// UDP from the agent's socket, checked by its monitor.
     Udp(Punched),
-    /// A TCP connection; dropping it removes the path, which closes the connection.
-    Tcp(TcpPath),
+    /// A path with a task of its own: a TCP connection, or a birthday punch's UDP socket.
+    /// Dropping it removes the path, which ends the task.
+    Channel(ChannelPath),
 }
 
-/// A direct TCP path in the table.
-pub struct TcpPath {
+/// A path in the table whose datagrams go through a channel to the task that owns it.
+pub struct ChannelPath {
     socket: Arc<crate::path::PathSocket>,
     virt: SocketAddr,
+    kind: PathKind,
     remote: SocketAddr,
 }
 
-impl Drop for TcpPath {
+impl Drop for ChannelPath {
     fn drop(&mut self) {
-        // The table holds the path's only sender: removing it ends the framing task, which
-        // closes the connection.
+        // The table holds the path's only sender: removing it ends the task, which closes
+        // the connection or socket.
         self.socket
             .table_write()
-            .remove_path(self.virt, PathKind::DirectTcp, self.remote);
+            .remove_path(self.virt, self.kind, self.remote);
     }
 }
 
@@ -42,20 +47,46 @@ pub type Held = Arc<std::sync::Mutex<Vec<Found>>>;
 /// What one punch ended with.
 pub type Outcome = Result<Found, String>;
 
-/// Starts both punches toward the peer of `rv` (at virtual address `virt`). Each sends its
-/// outcome on the returned channel, which yields exactly two outcomes (or one, when this
-/// agent has no TCP port).
+/// Starts the punches toward the peer of `rv` (at virtual address `virt`). Each sends its
+/// outcome on the returned channel, which yields one outcome per punch started: UDP, TCP
+/// (when this agent has a TCP port) and the birthday punch (when this side's NAT picks
+/// random ports and the peer's does not).
 pub fn start(
     ctx: &Arc<Ctx>,
     rv: &Rendezvous,
     virt: SocketAddr,
     controlling: bool,
 ) -> mpsc::Receiver<Outcome> {
-    let (tx, rx) = mpsc::channel(2);
+    let mine = ctx
+        .registration
+        .borrow()
+        .as_ref()
+        .map(|r| r.nat)
+        .unwrap_or_default();
+    let strategy = symmetric::strategy(mine, rv.peer_nat, &rv.peer_candidates);
+    match &strategy {
+        Strategy::Ordinary => {}
+        Strategy::Impossible => tracing::info!(
+            session = rv.session,
+            "both NATs give each destination its own port and neither side has a port \
+             mapping: no direct UDP path can be punched; TCP or the relay will carry it"
+        ),
+        other => {
+            tracing::info!(session = rv.session, ?mine, peer = ?rv.peer_nat, strategy = ?other, "through a symmetric NAT")
+        }
+    }
+    let (tx, rx) = mpsc::channel(3);
+    if let Strategy::OpenMany(to) = strategy {
+        let (ctx, rv, tx) = (ctx.clone(), rv.clone(), tx.clone());
+        tokio::spawn(async move {
+            let outcome = open_many(&ctx, &rv, virt, to).await;
+            let _ = tx.send(outcome).await;
+        });
+    }
     {
         let (ctx, rv, tx) = (ctx.clone(), rv.clone(), tx.clone());
         tokio::spawn(async move {
-            let outcome = punch(&ctx.router, virt, &rv)
+            let outcome = punch(&ctx.router, virt, &rv, &strategy)
                 .await
                 .map(Found::Udp)
                 .map_err(|e| e.to_string());
@@ -66,7 +97,12 @@ pub fn start(
         let (ctx, rv) = (ctx.clone(), rv.clone());
         tokio::spawn(async move {
             let outcome = match tcp.punch(&rv, controlling).await {
-                Ok((stream, remote)) => Ok(install_tcp(&ctx, virt, stream, remote)),
+                Ok((stream, remote)) => {
+                    let injector = ctx.router.socket().injector();
+                    let (tx, done, live) = crate::path::tcp::spawn_checked(stream, virt, injector);
+                    let path = Task { tx, done, live };
+                    Ok(install(&ctx, virt, PathKind::DirectTcp, remote, path))
+                }
                 Err(e) => Err(e.to_string()),
             };
             let _ = tx.send(outcome).await;
@@ -75,31 +111,56 @@ pub fn start(
     rx
 }
 
-/// Makes a punched TCP connection the peer's direct TCP path until it ends or is given up.
-fn install_tcp(
+/// The symmetric side of a birthday punch: many sockets toward the peer's mapping; the one
+/// the peer's probes reach becomes a direct UDP path.
+async fn open_many(ctx: &Arc<Ctx>, rv: &Rendezvous, virt: SocketAddr, to: SocketAddr) -> Outcome {
+    tokio::time::sleep(start_delay(rv)).await;
+    let started = tokio::time::Instant::now();
+    let local = ctx.router.socket().local().map_err(|e| e.to_string())?.ip();
+    let (socket, remote) =
+        birthday::open_many(local, to, &rv.credentials, started + checks::DEADLINE)
+            .await
+            .map_err(|e| e.to_string())?;
+    tracing::info!(%remote, after_ms = started.elapsed().as_millis() as u64, "birthday punch: the peer reached one of our sockets");
+    let injector = ctx.router.socket().injector();
+    let (tx, done, live) =
+        birthday::spawn_path(socket, remote, virt, rv.credentials.clone(), injector);
+    let path = Task { tx, done, live };
+    Ok(install(ctx, virt, PathKind::DirectUdp, remote, path))
+}
+
+/// The handles of a task that carries a path: where to send datagrams, when it ended, and
+/// whether it is live.
+struct Task {
+    tx: mpsc::Sender<Bytes>,
+    done: oneshot::Receiver<std::io::Result<()>>,
+    live: watch::Receiver<bool>,
+}
+
+/// Makes the path carried by `task` one of the peer's paths until it ends or is given up.
+fn install(
     ctx: &Arc<Ctx>,
     virt: SocketAddr,
-    stream: tokio::net::TcpStream,
+    kind: PathKind,
     remote: SocketAddr,
+    task: Task,
 ) -> Found {
+    let Task { tx, done, mut live } = task;
     let socket = ctx.router.socket().clone();
-    let (tx, done, mut live) = crate::path::tcp::spawn_checked(stream, virt, socket.injector());
     socket
         .table_write()
-        .add_channel_path(virt, PathKind::DirectTcp, remote, tx, None);
+        .add_channel_path(virt, kind, remote, tx, None);
     {
-        // A black-holed TCP connection stays open: follow its pings instead.
+        // A black-holed path stays open: follow its liveness instead.
         let socket = socket.clone();
         tokio::spawn(async move {
             while live.changed().await.is_ok() {
                 let now = *live.borrow_and_update();
-                socket
-                    .table_write()
-                    .set_live(virt, PathKind::DirectTcp, remote, now);
+                socket.table_write().set_live(virt, kind, remote, now);
                 if now {
-                    tracing::info!(%remote, "direct TCP path answers again");
+                    tracing::info!(%remote, "{kind} path answers again");
                 } else {
-                    tracing::warn!(%remote, "direct TCP path went silent; using the next path");
+                    tracing::warn!(%remote, "{kind} path went silent; using the next path");
                 }
             }
         });
@@ -111,15 +172,14 @@ fn install_tcp(
                 Ok(Ok(())) | Err(_) => "closed".to_owned(),
                 Ok(Err(e)) => e.to_string(),
             };
-            tracing::debug!(%remote, "direct TCP path ended: {why}");
-            socket
-                .table_write()
-                .remove_path(virt, PathKind::DirectTcp, remote);
+            tracing::debug!(%remote, "{kind} path ended: {why}");
+            socket.table_write().remove_path(virt, kind, remote);
         });
     }
-    Found::Tcp(TcpPath {
+    Found::Channel(ChannelPath {
         socket,
         virt,
+        kind,
         remote,
     })
 }
@@ -133,7 +193,7 @@ impl Found {
                 p.remote,
                 p.rtt.as_secs_f64() * 1000.0
             ),
-            Found::Tcp(t) => format!("direct TCP to {}", t.remote),
+            Found::Channel(t) => format!("{} to {}", t.kind, t.remote),
         }
     }
 }

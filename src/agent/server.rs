@@ -13,8 +13,8 @@ use super::backoff::Backoff;
 use super::known::{PinFile, Pinned};
 use super::Ctx;
 use crate::proto::{
-    read_frame, write_frame, Candidate, CandidateKind, ClientMsg, ErrorCode, ErrorMsg, Rendezvous,
-    ServerMsg, PROTOCOL_VERSION,
+    read_frame, write_frame, Candidate, CandidateKind, ClientMsg, ErrorCode, ErrorMsg, NatMapping,
+    Rendezvous, ServerMsg, PROTOCOL_VERSION,
 };
 use crate::punch::candidates::host_candidates;
 use crate::tunnel::tls;
@@ -33,6 +33,8 @@ pub struct Registered {
     pub observed: SocketAddr,
     /// Where S saw this agent's TCP punching port come from, if it could tell.
     pub tcp_observed: Option<SocketAddr>,
+    /// How this agent's NAT picks public ports, found at registration.
+    pub nat: NatMapping,
     /// The send half of the registration stream; finishing it would end the registration.
     _registration: quinn::SendStream,
 }
@@ -60,6 +62,7 @@ impl Registered {
             let msg = ClientMsg::Connect {
                 name: name.to_owned(),
                 candidates,
+                nat: self.nat,
             };
             write_frame(&mut send, &msg).await?;
             let _ = send.finish();
@@ -171,9 +174,11 @@ async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlE
     let host = host_part(&ctx.opts.server);
     let config = tls::client_config(&ctx.identity, crate::proto::ALPN_CONTROL)
         .map_err(|e| ControlError::Fatal(e.into()))?;
+    let mut over_udp = true;
     let conn = match connect_udp(ctx, config.clone(), server, host).await {
         Ok(conn) => conn,
         Err(udp_err) => {
+            over_udp = false;
             // UDP may be blocked on this network: the same QUIC connection also runs framed
             // on TCP to S's port.
             tracing::debug!(%server, "no QUIC over UDP ({udp_err:#}); trying TCP");
@@ -187,10 +192,22 @@ async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlE
         }
     };
     verify_server(ctx, &conn, host).map_err(ControlError::Fatal)?;
-    let tcp_observed = match &ctx.tcp {
-        Some(tcp) => tcp.reflexive(server).await,
-        None => None,
+    let tcp_observed = async {
+        match &ctx.tcp {
+            Some(tcp) => tcp.reflexive(server).await,
+            None => None,
+        }
     };
+    // How the NAT maps decides how peers punch to us (see punch::symmetric); it takes two
+    // STUN round trips, done while the TCP mapping is learnt.
+    let nat = async {
+        if !over_udp {
+            return NatMapping::Unknown;
+        }
+        let locals: Vec<SocketAddr> = local_candidates(ctx).iter().map(|c| c.addr).collect();
+        crate::punch::netcheck::nat_mapping(&ctx.router, server, &locals).await
+    };
+    let (tcp_observed, nat) = tokio::join!(tcp_observed, nat);
 
     let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await?;
@@ -205,6 +222,7 @@ async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlE
                     addr,
                 }))
                 .collect(),
+            nat,
         };
         write_frame(&mut send, &msg).await?;
         // The send side stays open: closing it would end the registration.
@@ -219,7 +237,7 @@ async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlE
         Some(ServerMsg::Registered { observed, .. }) => {
             let observed = crate::path::canonical(observed);
             tracing::info!(
-                %server, %observed, id = %ctx.identity.fingerprint(),
+                %server, %observed, ?nat, id = %ctx.identity.fingerprint(),
                 "registered with S{}",
                 if ctx.opts.exposes.is_empty() { String::new() } else {
                     format!(" exposing {}", ctx.opts.exposes.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", "))
@@ -231,6 +249,7 @@ async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlE
                     server,
                     observed,
                     tcp_observed,
+                    nat,
                     _registration: send,
                 },
                 recv,

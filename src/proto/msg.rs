@@ -28,6 +28,9 @@ pub enum ClientMsg {
         names: Vec<String>,
         /// Addresses the agent can be reached at, as it knows them (host candidates).
         candidates: Vec<Candidate>,
+        /// How the agent's NAT picks public ports, as its STUN probes found.
+        #[serde(default)]
+        nat: NatMapping,
     },
     /// Ask to be introduced to the agent that exposes `name`.
     Connect {
@@ -35,6 +38,9 @@ pub enum ClientMsg {
         name: String,
         /// The asking agent's candidates.
         candidates: Vec<Candidate>,
+        /// How the asking agent's NAT picks public ports.
+        #[serde(default)]
+        nat: NatMapping,
     },
 }
 
@@ -84,6 +90,38 @@ pub struct Rendezvous {
     pub start_in_ms: u64,
     /// Whether S relays this session's packets (see [`relay`](super::relay)).
     pub relay: bool,
+    /// How the other agent's NAT picks public ports: tells the two sides whether and how to
+    /// go through a NAT that maps per destination.
+    #[serde(default)]
+    pub peer_nat: NatMapping,
+}
+
+/// How an agent's NAT chooses the public port of a new mapping (RFC 4787 §4.1), as far as
+/// STUN to S's two addresses can tell. Agents report it and S passes it to the peer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "mapping", rename_all = "snake_case", deny_unknown_fields)]
+pub enum NatMapping {
+    /// Not measured (UDP to S failed, or the agent did not say).
+    #[default]
+    Unknown,
+    /// One public port for every destination, or no NAT at all: the peer can reach the
+    /// mapping S saw.
+    Independent,
+    /// A new public port per destination, each `step` above the last: the next ones can be
+    /// predicted.
+    Sequential {
+        /// The difference between successive ports (negative when they count down).
+        step: i32,
+    },
+    /// A new public port per destination, at random.
+    Random,
+}
+
+impl NatMapping {
+    /// Whether each destination gets its own public port ("symmetric" NAT).
+    pub fn per_destination(self) -> bool {
+        matches!(self, NatMapping::Sequential { .. } | NatMapping::Random)
+    }
 }
 
 /// ICE-style short-term credentials (RFC 8445 §7.2.2): a check from A to B carries USERNAME
@@ -226,13 +264,30 @@ mod tests {
                 kind: CandidateKind::Host,
                 addr: "10.0.0.2:4000".parse().unwrap(),
             }],
+            nat: NatMapping::Sequential { step: 2 },
         };
         let json = serde_json::to_string(&msg).unwrap();
         assert_eq!(
             json,
-            r#"{"type":"connect","name":"home","candidates":[{"kind":"host","addr":"10.0.0.2:4000"}]}"#
+            r#"{"type":"connect","name":"home","candidates":[{"kind":"host","addr":"10.0.0.2:4000"}],"nat":{"mapping":"sequential","step":2}}"#
         );
         assert_eq!(serde_json::from_str::<ClientMsg>(&json).unwrap(), msg);
+    }
+
+    #[test]
+    fn nat_mapping_is_optional_and_checked() {
+        let old = r#"{"type":"connect","name":"home","candidates":[]}"#;
+        match serde_json::from_str::<ClientMsg>(old).unwrap() {
+            ClientMsg::Connect { nat, .. } => assert_eq!(nat, NatMapping::Unknown),
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            r#"{"mapping":"sequential"}"#,
+            r#"{"mapping":"sequential","step":"x"}"#,
+            r#"{"mapping":"cone"}"#,
+        ] {
+            assert!(serde_json::from_str::<NatMapping>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

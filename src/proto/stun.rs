@@ -92,6 +92,16 @@ pub fn binding_request(tid: TransactionId, change: Option<(bool, bool)>) -> Vec<
     encode(msg)
 }
 
+/// A Binding indication (RFC 8489 §3.2): a STUN message nobody answers, sent only to make a
+/// NAT create or keep a mapping.
+pub fn binding_indication() -> Vec<u8> {
+    encode(StunMessage::new(
+        MessageClass::Indication,
+        BINDING,
+        new_tid(),
+    ))
+}
+
 /// A connectivity check (RFC 8445 §7.2.2): a Binding request with USERNAME, keyed by the
 /// receiver's password, with a FINGERPRINT.
 pub fn connectivity_check(tid: TransactionId, username: &str, password: &str) -> Vec<u8> {

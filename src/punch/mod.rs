@@ -5,14 +5,18 @@
 //! (ICE-style connectivity checks, RFC 8445 §7.2). Outgoing checks open each NAT for the
 //! other side's packets; the first check answered proves a path both ways. The schedule and
 //! the choice among answered pairs are pure logic ([`checks`]); [`router`] does the I/O.
+//! NATs that map per destination need more: [`symmetric`] chooses how (port prediction or a
+//! birthday punch), and [`birthday`] runs the symmetric side's many sockets.
 
+pub mod birthday;
 pub mod candidates;
 pub mod checks;
 pub mod monitor;
 pub mod netcheck;
 pub mod router;
 mod session;
+pub mod symmetric;
 pub mod tcp;
 
 pub use router::StunRouter;
-pub use session::{punch, PunchError, Punched};
+pub use session::{punch, start_delay, PunchError, Punched};

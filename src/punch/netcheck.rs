@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::router::StunRouter;
-use crate::proto::stun;
+use crate::proto::{stun, NatMapping};
 
 /// How a NAT chooses the public port for a new destination (RFC 4787 §4.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -123,16 +123,14 @@ pub async fn run(
     locals: &[SocketAddr],
 ) -> Report {
     let mut o = Observations::default();
-    let Some(first) = router.binding(server, None, PROBE).await else {
+    let Some(m) = mappings(router, server).await else {
         return classify(&o);
     };
-    o.primary = stun::mapped_address(&first.msg);
+    o.primary = m.primary;
     o.mapped_is_local = o.primary.is_some_and(|p| locals.contains(&p));
-    if let Some(alt) = stun::other_address(&first.msg) {
+    if let Some(alt) = m.other {
         o.alternate_other_ip = alt.ip() != server.ip();
-        if let Some(r) = router.binding(alt, None, PROBE).await {
-            o.alternate = stun::mapped_address(&r.msg);
-        }
+        o.alternate = m.alternate;
         // The fresh socket opens its NAT toward the primary address only, then asks S to
         // answer from the alternate one.
         if fresh.binding(server, None, PROBE).await.is_some() {
@@ -141,6 +139,54 @@ pub async fn run(
         }
     }
     classify(&o)
+}
+
+/// The mappings of one socket toward S's two STUN addresses.
+struct Mappings {
+    /// Seen by S's main address.
+    primary: Option<SocketAddr>,
+    /// S's other address (RFC 5780 OTHER-ADDRESS), if it named one.
+    other: Option<SocketAddr>,
+    /// Seen by S's other address.
+    alternate: Option<SocketAddr>,
+}
+
+/// Asks S's main address `server`, then the other address it names, where `router`'s socket
+/// comes from. `None` when S's main address does not answer.
+async fn mappings(router: &StunRouter, server: SocketAddr) -> Option<Mappings> {
+    let first = router.binding(server, None, PROBE).await?;
+    let other = stun::other_address(&first.msg);
+    let alternate = match other {
+        Some(alt) => router
+            .binding(alt, None, PROBE)
+            .await
+            .and_then(|r| stun::mapped_address(&r.msg)),
+        None => None,
+    };
+    Some(Mappings {
+        primary: stun::mapped_address(&first.msg),
+        other,
+        alternate,
+    })
+}
+
+/// How the NAT in front of `router`'s socket picks ports, for the punch (see
+/// [`super::symmetric`]): the two mappings toward S's addresses compared. `locals` are the
+/// socket's own addresses; a mapping equal to one of them means there is no NAT.
+pub async fn nat_mapping(
+    router: &StunRouter,
+    server: SocketAddr,
+    locals: &[SocketAddr],
+) -> NatMapping {
+    let Some(Mappings {
+        primary: Some(primary),
+        alternate,
+        ..
+    }) = mappings(router, server).await
+    else {
+        return NatMapping::Unknown;
+    };
+    super::symmetric::classify(primary, alternate, locals.contains(&primary))
 }
 
 impl std::fmt::Display for Report {

@@ -63,6 +63,28 @@ impl Drop for SessionHandle {
     }
 }
 
+/// The success response to a check `msg` from `from` whose USERNAME names `theirs` as the
+/// sender, if that is the session's `remote_ufrag` and the integrity holds under our
+/// `local_pwd`; `None` for anything else, which must go unanswered.
+pub(crate) fn answer(
+    msg: &StunMessage,
+    from: SocketAddr,
+    theirs: &str,
+    remote_ufrag: &str,
+    local_pwd: &str,
+) -> Option<Vec<u8>> {
+    if theirs != remote_ufrag || !stun::has_valid_integrity(msg, local_pwd) {
+        return None;
+    }
+    Some(stun::binding_success(
+        msg.transaction_id(),
+        from,
+        stun::ResponseExtras::default(),
+        Some(local_pwd),
+        usize::MAX,
+    ))
+}
+
 impl StunRouter {
     /// Starts dispatching the STUN datagrams that come out of `rx`.
     pub fn start(socket: Arc<PathSocket>, mut rx: mpsc::Receiver<StunPacket>) -> Arc<Self> {
@@ -191,20 +213,18 @@ impl StunRouter {
             let Some(session) = state.sessions.get(ours) else {
                 return;
             };
-            if session.remote_ufrag != theirs
-                || !stun::has_valid_integrity(&msg, &session.local_pwd)
-            {
+            let Some(reply) = answer(
+                &msg,
+                from,
+                theirs,
+                &session.remote_ufrag,
+                &session.local_pwd,
+            ) else {
                 tracing::debug!(%from, "dropping a check with bad credentials");
                 return;
-            }
+            };
             let _ = session.checked_from.try_send(from);
-            stun::binding_success(
-                msg.transaction_id(),
-                from,
-                stun::ResponseExtras::default(),
-                Some(&session.local_pwd),
-                usize::MAX,
-            )
+            reply
         };
         if let Err(e) = self.socket.send_to(&reply, from).await {
             tracing::debug!(%from, error = %e, "cannot answer a check");

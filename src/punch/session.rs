@@ -1,7 +1,7 @@
 //! One punch: checks every candidate pair of a session until one answers, and installs the
 //! best as the peer's direct path.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +10,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::checks::{self, DEADLINE, PACING, SETTLE};
-use super::router::{SessionHandle, StunRouter};
+use super::router::{Response, SessionHandle, StunRouter};
+use super::symmetric::{self, Strategy};
 use crate::proto::stun;
 use crate::proto::{Credentials, Rendezvous};
 
@@ -43,19 +44,28 @@ pub enum PunchError {
 /// Longest start delay obeyed, whatever S says.
 const MAX_START_DELAY: Duration = Duration::from_secs(2);
 
+/// How long to wait before checking, as S asked (within reason).
+pub fn start_delay(rv: &Rendezvous) -> Duration {
+    Duration::from_millis(rv.start_in_ms).min(MAX_START_DELAY)
+}
+
 /// Runs the connectivity checks of session `rv` and installs the best answered pair as the
 /// direct path of the peer at virtual address `virt`.
 ///
 /// Checks that reach *us* count too: their source proves the peer gets through from there,
 /// so it becomes a path at once (QUIC can answer on it) and a new pair to check — this is how
 /// a port chosen by the peer's NAT is learnt (a peer-reflexive candidate, RFC 8445 §7.3.1.3).
+///
+/// `strategy` adds probes for a peer behind a NAT that maps per destination
+/// ([`Strategy::Predict`], [`Strategy::ProbeRandom`]); other strategies change nothing here.
 pub async fn punch(
     router: &Arc<StunRouter>,
     virt: SocketAddr,
     rv: &Rendezvous,
+    strategy: &Strategy,
 ) -> Result<Punched, PunchError> {
     let mut session = router.open_session(&rv.credentials);
-    tokio::time::sleep(Duration::from_millis(rv.start_in_ms).min(MAX_START_DELAY)).await;
+    tokio::time::sleep(start_delay(rv)).await;
 
     let ipv4 = router.socket().local().map(|a| a.is_ipv4()).unwrap_or(true);
     let targets = checks::plan(&rv.peer_candidates, ipv4, false);
@@ -75,11 +85,21 @@ pub async fn punch(
         ));
     }
 
+    let mut probes = Probes::new(router, rv, strategy, started + symmetric::PROBE_AFTER);
     let mut answered: Vec<(SocketAddr, Duration)> = Vec::new();
     let mut settle_at: Option<Instant> = None;
     loop {
         let until = settle_at.unwrap_or(deadline);
+        let probing = answered.is_empty() && probes.is_active();
         tokio::select! {
+            _ = tokio::time::sleep_until(probes.next_at), if probing => probes.send_next().await,
+            Some(resp) = probes.response(), if probing => {
+                if let Some(pair) = probes.accept(resp) {
+                    tracing::info!(remote = %pair.0, probes = probes.sent, "a probe through the peer's symmetric NAT was answered");
+                    answered.push(pair);
+                    settle_at.get_or_insert(Instant::now() + SETTLE);
+                }
+            }
             done = tasks.join_next(), if !tasks.is_empty() => {
                 if let Some(Ok(Some(pair))) = done {
                     tracing::debug!(remote = %pair.0, rtt = ?pair.1, "check answered");
@@ -105,9 +125,10 @@ pub async fn punch(
         }
     }
     tasks.abort_all();
+    probes.stop();
     let Some((remote, rtt)) = checks::best(&answered) else {
         return Err(PunchError::NoPath {
-            tried: checking.len(),
+            tried: checking.len() + probes.sent,
         });
     };
     add_path(router, virt, remote, Some(rtt));
@@ -125,11 +146,126 @@ pub async fn punch(
     })
 }
 
+/// The extra checks toward a peer behind a NAT that maps per destination: predicted ports, or
+/// random ones at [`symmetric::PROBE_RATE`], one at a time. They all carry one transaction,
+/// so the first answer from any of them completes it.
+struct Probes<'a> {
+    router: &'a Arc<StunRouter>,
+    creds: &'a Credentials,
+    /// Predicted addresses still to probe, or the address whose random ports are probed.
+    targets: ProbeTargets,
+    next_at: Instant,
+    interval: Duration,
+    tid: stun::Tid,
+    request: Vec<u8>,
+    waiting: Option<tokio::sync::oneshot::Receiver<Response>>,
+    sent_at: HashMap<SocketAddr, Instant>,
+    sent: usize,
+}
+
+enum ProbeTargets {
+    None,
+    /// Predicted addresses, checked in turn and then again, as retransmits.
+    Predicted(Vec<SocketAddr>),
+    Random(std::net::IpAddr, symmetric::RandomPorts),
+}
+
+impl<'a> Probes<'a> {
+    fn new(
+        router: &'a Arc<StunRouter>,
+        rv: &'a Rendezvous,
+        strategy: &Strategy,
+        start: Instant,
+    ) -> Self {
+        let targets = match strategy {
+            Strategy::Predict(addrs) => ProbeTargets::Predicted(addrs.clone()),
+            Strategy::ProbeRandom(ip) => ProbeTargets::Random(*ip, Default::default()),
+            _ => ProbeTargets::None,
+        };
+        let tid = stun::new_tid();
+        Probes {
+            router,
+            creds: &rv.credentials,
+            targets,
+            next_at: start,
+            interval: Duration::from_secs(1) / symmetric::PROBE_RATE,
+            tid,
+            request: check_request(tid, &rv.credentials),
+            waiting: None,
+            sent_at: HashMap::new(),
+            sent: 0,
+        }
+    }
+
+    fn is_active(&self) -> bool {
+        !matches!(self.targets, ProbeTargets::None)
+    }
+
+    /// Sends the next probe and schedules the one after.
+    async fn send_next(&mut self) {
+        let to = match &mut self.targets {
+            ProbeTargets::None => return,
+            ProbeTargets::Predicted(addrs) => addrs.get(self.sent % addrs.len().max(1)).copied(),
+            ProbeTargets::Random(ip, ports) => ports
+                .next(&mut rand::thread_rng())
+                .map(|port| SocketAddr::new(*ip, port)),
+        };
+        let Some(to) = to else {
+            self.stop();
+            return;
+        };
+        self.next_at += self.interval;
+        self.sent += 1;
+        self.sent_at.insert(to, Instant::now());
+        if self.waiting.is_none() {
+            self.waiting = self.router.send_request(self.tid, &self.request, to).await;
+        } else if let Err(e) = self.router.socket().send_to(&self.request, to).await {
+            tracing::trace!(%to, error = %e, "probe not sent");
+        }
+    }
+
+    /// The answer to any probe, when it comes.
+    async fn response(&mut self) -> Option<Response> {
+        match &mut self.waiting {
+            Some(rx) => {
+                let resp = rx.await.ok();
+                self.waiting = None;
+                resp
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Takes an answer as a path if it is a valid answer from an address probed.
+    fn accept(&mut self, resp: Response) -> Option<(SocketAddr, Duration)> {
+        // The transaction is used up either way; later probes start a new one.
+        self.router.forget(&self.tid);
+        self.tid = stun::new_tid();
+        self.request = check_request(self.tid, self.creds);
+        let sent = self.sent_at.get(&resp.from)?;
+        let valid = stun::is_binding_success(&resp.msg)
+            && stun::has_valid_integrity(&resp.msg, &self.creds.remote_pwd);
+        valid.then(|| (resp.from, sent.elapsed()))
+    }
+
+    fn stop(&mut self) {
+        self.targets = ProbeTargets::None;
+        self.waiting = None;
+        self.router.forget(&self.tid);
+    }
+}
+
 fn add_path(router: &StunRouter, virt: SocketAddr, remote: SocketAddr, rtt: Option<Duration>) {
     router
         .socket()
         .table_write()
         .add_udp_path(virt, remote, rtt);
+}
+
+/// A connectivity check of the session: USERNAME `theirs:ours`, keyed by the peer's password.
+pub(crate) fn check_request(tid: stun::Tid, creds: &Credentials) -> Vec<u8> {
+    let username = format!("{}:{}", creds.remote_ufrag, creds.local_ufrag);
+    stun::connectivity_check(tid, &username, &creds.remote_pwd)
 }
 
 /// Checks one pair from `start` until answered or `deadline`: `Some((remote, rtt))` when a
@@ -143,8 +279,7 @@ pub(crate) async fn check(
 ) -> Option<(SocketAddr, Duration)> {
     tokio::time::sleep_until(start).await;
     let tid = stun::new_tid();
-    let username = format!("{}:{}", creds.remote_ufrag, creds.local_ufrag);
-    let request = stun::connectivity_check(tid, &username, &creds.remote_pwd);
+    let request = check_request(tid, &creds);
     let first = Instant::now();
     let mut last_sent = first;
     let mut rx = router.send_request(tid, &request, to).await?;

@@ -369,6 +369,7 @@ mod tests {
             credentials: creds,
             start_in_ms: 0,
             relay: false,
+            peer_nat: Default::default(),
         };
         let (ra, rb) = (
             rv(pb.local(), creds("aa", "bb")),
@@ -394,6 +395,7 @@ mod tests {
             credentials: creds("aa", "bb"),
             start_in_ms: 0,
             relay: false,
+            peer_nat: Default::default(),
         };
         assert!(matches!(
             p.punch(&rv, true).await,
