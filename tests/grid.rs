@@ -198,21 +198,17 @@ fn expected(exposer: Preset, forwarder: Preset) -> Expect {
         // open (each SYN opens its sender's NAT for the other's) gives direct TCP. Two
         // udp-blocked sides are both easy for TCP, so the same holds.
         (UdpBlocked, _) | (_, UdpBlocked) => Expect::Path(Tcp),
-        // Both map per destination: neither can tell the other which port its checks will
-        // come from, so every check hits a port with no mapping for it. Relay, until port
-        // prediction lands.
+        // Both map per destination (at random): neither can tell the other which port its
+        // checks will come from, so every check hits a port with no mapping for it. The
+        // agents see this from the mappings they report (punch::symmetric::Strategy::
+        // Impossible) and leave the session on the relay without spraying probes.
         (Hard, Hard) => Expect::Path(Relay),
-        // The hard side's checks come from a new port that S never saw; the easy side's NAT
-        // filters by address and port and has only opened the hard side's S-facing port, so
-        // it drops them, and the easy side never learns the new port. The easy side's checks
-        // to the hard side's S-facing port are dropped by the hard NAT (that mapping is for S
-        // only). Relay, until port prediction lands.
-        (Easy, Hard) | (Hard, Easy) => Expect::Path(Relay),
-        // Double's outer NAT is an easy one (address-and-port-dependent filtering), so the
-        // easy × hard reasoning above holds unchanged: relay until port prediction lands. The
-        // issue's wording ("at least one side maps endpoint-independently") would call this
-        // direct; the lab shows why it cannot be, and the README's grid says so.
-        (Double, Hard) | (Hard, Double) => Expect::Path(Relay),
+        // One side maps per destination at random, the other keeps one port but filters by
+        // address and port (easy, and double's outer NAT): the ordinary checks cannot meet.
+        // The birthday punch gets through: the hard side opens 256 sockets toward the easy
+        // side's mapping, the easy side probes random ports of the hard side's address at
+        // 200/s until one of them is among those 256 (about 1.3 s expected).
+        (Easy | Double, Hard) | (Hard, Easy | Double) => Expect::Path(Udp),
         // At least one side maps endpoint-independently and the pair is none of the above:
         // - public, fullcone: the hard side's check from its new port is let in (no filter,
         //   or endpoint-independent filtering), and the answer goes back to that port;

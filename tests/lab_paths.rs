@@ -1166,3 +1166,147 @@ async fn netcheck() {
         relay.report()
     );
 }
+
+// =============================================================================================
+// 6. Symmetric NATs (issue 6): port prediction and the birthday punch
+
+/// How long a pair may take to reach direct UDP: the checks' 10 s deadline plus margin.
+const TO_DIRECT: Duration = Duration::from_secs(14);
+
+/// Bytes each way through a pair once it is direct.
+const SYMMETRIC_LEN: u64 = 2 * MIB;
+
+/// Pairs with a `hard` NAT (`masquerade random`) against NATs that keep one port: the
+/// birthday punch must make them direct (the time it takes is printed); hard × hard must stay
+/// on the relay because the agents know it cannot work, not because they gave up.
+#[test]
+fn symmetric_nat_pairs_go_direct_by_birthday_punch_or_know_they_cannot() {
+    if !natlab::require_root() {
+        return;
+    }
+    let _heavy = heavy();
+    let rt = runtime();
+    let mut report = Vec::new();
+    for (exposer, forwarder) in [
+        (Nat::Easy, Nat::Hard),
+        (Nat::Hard, Nat::Easy),
+        (Nat::Restricted, Nat::Hard),
+        (Nat::Hard, Nat::Double),
+    ] {
+        let took = rt.block_on(symmetric_direct(exposer, forwarder));
+        report.push(format!(
+            "{exposer} x {forwarder}: direct UDP after {took:.2} s"
+        ));
+    }
+    rt.block_on(symmetric_impossible());
+    report.push("hard x hard: relay, known impossible".into());
+    println!("{}", report.join("\n"));
+}
+
+/// Runs one pair to a direct UDP path and returns the seconds from the forwarder's start.
+async fn symmetric_direct(exposer: Nat, forwarder: Nat) -> f64 {
+    let lab = Lab::new().expect("lab");
+    let a = lab.add_host(exposer, Shaping::none()).expect("host A");
+    let b = lab.add_host(forwarder, Shaping::none()).expect("host B");
+    let pair = format!("{exposer} x {forwarder}");
+    let t = Tunnel::start(&lab, &a, &b, "symmetric").await;
+    let started = Instant::now();
+    t.wait_ready(Duration::from_secs(20)).await;
+    let Some((path, seen)) = t
+        .wait_path("direct_udp", TO_DIRECT, Duration::from_millis(100))
+        .await
+    else {
+        panic!(
+            "{pair}: no direct UDP path within {TO_DIRECT:?} (now {})\n{}\n{}",
+            describe_path(&t.forwarder_path().await),
+            status_dump(&t).await,
+            t.reports()
+        );
+    };
+    let took = seen.duration_since(started).as_secs_f64();
+    println!("{pair}: direct UDP to {} after {took:.2} s", path.remote);
+    // The hard side's log says which technique won.
+    let hard_log = if exposer == Nat::Hard {
+        t.exposer.log()
+    } else {
+        t.forwarder.log()
+    };
+    let by_birthday = hard_log.contains("birthday punch: the peer reached one of our sockets");
+    println!("{pair}: birthday punch won: {by_birthday}");
+
+    // Bytes over the direct path, checked, with S seeing almost none of them.
+    let s = lab.s();
+    let before = iface_bytes(&s, "eth0").0;
+    let mut c = t.connect();
+    c.round(0x5EED_6000, SYMMETRIC_LEN, &Pace::default())
+        .await
+        .unwrap_or_else(|e| panic!("{pair}: transfer failed: {e:#}\n{}", t.reports()));
+    c.close().await.expect("clean close");
+    let through_s = iface_bytes(&s, "eth0").0 - before;
+    assert!(
+        through_s < SYMMETRIC_LEN / 4,
+        "{pair}: S received {:.2} MiB during a {} MiB transfer on a direct path\n{}",
+        mib(through_s),
+        SYMMETRIC_LEN / MIB,
+        t.reports()
+    );
+
+    // The sockets that lost are closed: the hard agent holds few descriptors once the punch
+    // is over (it held about 256 more during it).
+    let hard = if exposer == Nat::Hard {
+        &t.exposer
+    } else {
+        &t.forwarder
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fds = hard
+        .pid()
+        .and_then(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).ok())
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(
+        fds < 64,
+        "{pair}: the hard side still holds {fds} descriptors after the punch"
+    );
+    t.assert_healthy(&pair);
+    took
+}
+
+/// hard × hard: both agents see that neither can be reached directly and say so; traffic
+/// stays on the relay and arrives intact.
+async fn symmetric_impossible() {
+    let lab = Lab::new().expect("lab");
+    let a = lab.add_host(Nat::Hard, Shaping::none()).expect("host A");
+    let b = lab.add_host(Nat::Hard, Shaping::none()).expect("host B");
+    let t = Tunnel::start(&lab, &a, &b, "symmetric-hard").await;
+    t.wait_ready(Duration::from_secs(20)).await;
+    let mut c = t.connect();
+    c.round(0x5EED_6100, SYMMETRIC_LEN, &Pace::default())
+        .await
+        .unwrap_or_else(|e| panic!("hard x hard: transfer failed: {e:#}\n{}", t.reports()));
+    c.close().await.expect("clean close");
+    let path = t.forwarder_path().await;
+    assert_eq!(
+        path.as_ref().map(|p| p.kind.as_str()),
+        Some("relay"),
+        "hard x hard: expected the relay, got {}\n{}",
+        describe_path(&path),
+        t.reports()
+    );
+    for (label, log) in [
+        ("exposer", t.exposer.log()),
+        ("forwarder", t.forwarder.log()),
+    ] {
+        assert!(
+            log.contains("no direct UDP path can be punched"),
+            "hard x hard: the {label} did not recognise the pair as impossible\n{}",
+            t.reports()
+        );
+        assert!(
+            !log.contains("birthday punch"),
+            "hard x hard: the {label} tried a birthday punch\n{}",
+            t.reports()
+        );
+    }
+    t.assert_healthy("hard x hard");
+}
