@@ -4,7 +4,9 @@
 //!
 //! Per pair: a fresh [`natlab::Lab`]; S (`p2ptun-relay --listen 203.0.113.1:7000 --stun-alt
 //! 203.0.113.2:7001`) in S's namespace; host A (exposer) and host B (forwarder) with the two
-//! presets (`same-lan`: both behind one `easy` router, on its LAN; paired only with itself).
+//! presets (`same-lan`: both behind one `easy` router, on its LAN; `hairpin` and `no-hairpin`:
+//! both behind one `easy` router that does or does not hairpin, isolated from each other on
+//! its LAN; these three pair only with themselves).
 //! The service is the harness's [`common::Service`], listening on 127.0.0.1 inside A's
 //! namespace; in duplex mode it reads the client's 8 MiB (hashing) while it writes its own
 //! 8 MiB seeded stream, then only its 64-byte trailer (the two digests). The client connects
@@ -81,7 +83,8 @@ const ONE_SHOT: Duration = Duration::from_secs(10);
 // ---------------------------------------------------------------------------------------------
 // Presets and the contract
 
-/// The grid's presets: the lab's NAT presets, and `same-lan` (two hosts behind one router).
+/// The grid's presets: the lab's NAT presets, and three of two hosts behind one router
+/// (`same-lan`, `hairpin`, `no-hairpin`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Preset {
     Public,
@@ -90,19 +93,23 @@ enum Preset {
     Restricted,
     Hard,
     SameLan,
+    Hairpin,
+    NoHairpin,
     Double,
     UdpBlocked,
     TcpToSOnly,
 }
 
 impl Preset {
-    const ALL: [Preset; 9] = [
+    const ALL: [Preset; 11] = [
         Preset::Public,
         Preset::Easy,
         Preset::FullCone,
         Preset::Restricted,
         Preset::Hard,
         Preset::SameLan,
+        Preset::Hairpin,
+        Preset::NoHairpin,
         Preset::Double,
         Preset::UdpBlocked,
         Preset::TcpToSOnly,
@@ -111,6 +118,8 @@ impl Preset {
     fn name(self) -> &'static str {
         match self {
             Preset::SameLan => "same-lan",
+            Preset::Hairpin => "hairpin",
+            Preset::NoHairpin => "no-hairpin",
             other => other.nat().name(),
         }
     }
@@ -125,7 +134,7 @@ impl Preset {
     fn nat(self) -> Nat {
         match self {
             Preset::Public => Nat::Public,
-            Preset::Easy | Preset::SameLan => Nat::Easy,
+            Preset::Easy | Preset::SameLan | Preset::Hairpin | Preset::NoHairpin => Nat::Easy,
             Preset::FullCone => Nat::FullCone,
             Preset::Restricted => Nat::Restricted,
             Preset::Hard => Nat::Hard,
@@ -181,8 +190,18 @@ fn expected(exposer: Preset, forwarder: Preset) -> Expect {
         // Both hosts on one LAN: each offers its LAN address as a host candidate and the
         // checks go straight across the bridge, never through the NAT.
         (SameLan, SameLan) => Expect::Path(Udp),
-        // `same-lan` is a pair preset: it has no partner of another preset.
-        (SameLan, _) | (_, SameLan) => Expect::NotApplicable,
+        // Both hosts behind one `easy` NAT but isolated from each other on its LAN (client
+        // isolation): the host candidates go nowhere. A NAT that hairpins takes a check sent
+        // to the peer's public mapping back inside (with the sender's public mapping as its
+        // source), so the server-reflexive pair works: direct UDP through the NAT.
+        (Hairpin, Hairpin) => Expect::Path(Udp),
+        // Without hairpinning a packet to the NAT's own public address goes nowhere, and there
+        // is no other way between the two: the relay. (TCP would need hairpinning too.)
+        (NoHairpin, NoHairpin) => Expect::Path(Relay),
+        // `same-lan`, `hairpin` and `no-hairpin` are pair presets: no partner of another kind.
+        (SameLan | Hairpin | NoHairpin, _) | (_, SameLan | Hairpin | NoHairpin) => {
+            Expect::NotApplicable
+        }
         // Only TCP to S's two addresses leaves that network: no UDP at all, and no TCP to the
         // peer, so the only way is the relay, reached over TCP to S.
         (TcpToSOnly, _) | (_, TcpToSOnly) => Expect::Path(Relay),
@@ -675,7 +694,16 @@ fn pair_body(spec: PairSpec, dir: &Path, run: &mut PairRun) -> anyhow::Result<Ob
     let lab = run.lab.insert(Lab::new().context("creating the lab")?);
     let (a, b): (Host, Host) = match (spec.exposer, spec.forwarder) {
         (Preset::SameLan, Preset::SameLan) => lab.add_same_lan_pair(Nat::Easy, spec.shaping)?,
-        (Preset::SameLan, _) | (_, Preset::SameLan) => bail!("same-lan pairs only with itself"),
+        (Preset::Hairpin, Preset::Hairpin) => {
+            lab.add_same_nat_pair(Nat::Easy, true, spec.shaping)?
+        }
+        (Preset::NoHairpin, Preset::NoHairpin) => {
+            lab.add_same_nat_pair(Nat::Easy, false, spec.shaping)?
+        }
+        (Preset::SameLan | Preset::Hairpin | Preset::NoHairpin, _)
+        | (_, Preset::SameLan | Preset::Hairpin | Preset::NoHairpin) => {
+            bail!("same-lan, hairpin and no-hairpin pair only with themselves")
+        }
         (e, f) => (
             lab.add_host(e.nat(), spec.shaping)
                 .with_context(|| format!("adding the {} host", e.name()))?,

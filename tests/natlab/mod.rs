@@ -542,6 +542,39 @@ impl Lab {
         ))
     }
 
+    /// Two hosts behind one router of preset `nat` that cannot reach each other across the
+    /// LAN (their bridge ports are isolated, like Wi-Fi client isolation): they meet only
+    /// through the router's public address, which works when the router hairpins (`hairpin`,
+    /// UDP only).
+    pub fn add_same_nat_pair(
+        &self,
+        nat: Nat,
+        hairpin: bool,
+        shaping: Shaping,
+    ) -> io::Result<(Host, Host)> {
+        let router = self.add_router_with(RouterSpec {
+            shaping,
+            hairpin,
+            ..RouterSpec::new(nat)
+        })?;
+        let pair = (
+            self.add_host_behind(&router)?,
+            self.add_host_behind(&router)?,
+        );
+        // `connect_to_lan` names each host's bridge port after its LAN address's last byte.
+        let ports: Vec<String> = [&pair.0, &pair.1]
+            .iter()
+            .map(|h| {
+                format!(
+                    "link set dev h{} type bridge_slave isolated on",
+                    h.lan_ip().octets()[3]
+                )
+            })
+            .collect();
+        netns::ip_batch(router.ns(), &ports)?;
+        Ok(pair)
+    }
+
     /// A NAT router without hosts (add them with [`Lab::add_host_behind`]).
     pub fn add_router(&self, nat: Nat, shaping: Shaping) -> io::Result<Router> {
         self.add_router_with(RouterSpec {
