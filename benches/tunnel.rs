@@ -111,6 +111,11 @@ struct Opts {
     loopback: bool,
     keep: bool,
     scale: Vec<usize>,
+    /// Which parts run (`--only`): the first pair (setup, latency, throughput), the scale
+    /// levels, the relay path. All of them by default.
+    direct: bool,
+    do_scale: bool,
+    relay: bool,
 }
 
 impl Opts {
@@ -121,8 +126,12 @@ impl Opts {
             loopback: false,
             keep: false,
             scale: Vec::new(),
+            direct: true,
+            do_scale: true,
+            relay: true,
         };
         let mut scale = None;
+        let mut only = None;
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
             match a.as_str() {
@@ -134,14 +143,17 @@ impl Opts {
                 "--keep" => o.keep = true,
                 "--scale" => scale = Some(args.next().context("--scale needs a list")?),
                 s if s.starts_with("--scale=") => scale = Some(s["--scale=".len()..].to_owned()),
+                "--only" => only = Some(args.next().context("--only needs a list")?),
+                s if s.starts_with("--only=") => only = Some(s["--only=".len()..].to_owned()),
                 "-h" | "--help" => {
                     println!(
                         "usage: cargo bench --bench tunnel -- [--json] [--quick] [--loopback] \
-                         [--keep] [--scale N,N]\n  --json      JSON on stdout, table on stderr\n  \
+                         [--keep] [--scale N,N] [--only PARTS]\n  --json      JSON on stdout, table on stderr\n  \
                          --quick     smaller figures (64 MiB/2 s, 1,000 pings, scale 1,000)\n  \
                          --loopback  127.0.0.1 only, no namespaces\n  --keep      keep the \
                          temp dir with the processes' logs\n  --scale     idle connection \
-                         counts (default 1000,10000)"
+                         counts (default 1000,10000)\n  --only      \
+                         the parts to run, of direct,scale,relay (default all)"
                     );
                     std::process::exit(0);
                 }
@@ -157,6 +169,17 @@ impl Opts {
             None if o.quick => vec![1000],
             None => vec![1000, 10_000],
         };
+        if let Some(list) = only {
+            (o.direct, o.do_scale, o.relay) = (false, false, false);
+            for part in list.split(',').map(str::trim) {
+                match part {
+                    "direct" => o.direct = true,
+                    "scale" => o.do_scale = true,
+                    "relay" => o.relay = true,
+                    other => bail!("--only: unknown part {other:?} (direct, scale, relay)"),
+                }
+            }
+        }
         Ok(o)
     }
 }
@@ -2342,8 +2365,9 @@ fn run(opts: Opts) -> Result<()> {
     let mut latency = None;
     let mut direct = Vec::new();
     b.say("starting the first pair");
-    match b.start_pair("direct_udp") {
-        Ok((pair, sample)) => {
+    match opts.direct.then(|| b.start_pair("direct_udp")).transpose() {
+        Ok(None) => {}
+        Ok(Some((pair, sample))) => {
             b.say(&format!(
                 "first pair: first byte after {:.0} ms, direct after {}",
                 sample.first_byte.as_secs_f64() * 1000.0,
@@ -2385,7 +2409,7 @@ fn run(opts: Opts) -> Result<()> {
     // Only the first pair's numbers matter from here; stop it so it costs nothing.
     b.pairs.clear();
 
-    for _ in 0..sizes.setup_only {
+    for _ in 0..sizes.setup_only * usize::from(opts.direct) {
         b.say("setup-only pair");
         match b.start_pair("direct_udp") {
             Ok((_pair, sample)) => setups.push(sample),
@@ -2395,7 +2419,7 @@ fn run(opts: Opts) -> Result<()> {
 
     // Scale, each level on a fresh pair.
     let mut scale = Vec::new();
-    for &n in &opts.scale {
+    for &n in opts.scale.iter().filter(|_| opts.do_scale) {
         b.say(&format!("scale: {n} connections, fresh pair"));
         match b.scale(n, nofile) {
             Ok((r, sample)) => {
@@ -2425,7 +2449,9 @@ fn run(opts: Opts) -> Result<()> {
     // The relay path.
     let mut relay_rows = Vec::new();
     let mut relay_setup = None;
-    let relay_note = if b.net.is_lab() {
+    let relay_note = if !opts.relay {
+        Some("not measured: not asked for (--only)".to_owned())
+    } else if b.net.is_lab() {
         b.say("relay path: dropping UDP and TCP between the routers");
         let mut failures = Vec::new();
         if let Err(e) = b.net.block_direct() {

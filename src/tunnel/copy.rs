@@ -5,8 +5,11 @@
 //! reset on either side resets the other (TCP RST ⇄ QUIC RESET_STREAM/STOP_SENDING), so a
 //! failure is never mistaken for a clean end.
 
+use std::io::{self, IoSlice};
+
+use bytes::{Buf, Bytes};
 use quinn::{ReadError, RecvStream, SendStream, VarInt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::header::codes;
@@ -31,7 +34,13 @@ pub struct Outcome {
     pub failure: Option<String>,
 }
 
-const BUF: usize = 64 * 1024;
+/// The most bytes taken from TCP in one read (and so handed to QUIC in one write).
+const READ_MAX: usize = 64 * 1024;
+
+/// The most QUIC chunks (about one packet's payload each) written to TCP in one `writev`.
+/// quinn hands a stream whatever arrived since the last read, often a whole GRO batch, so
+/// one system call carries tens of kilobytes instead of one packet's worth.
+const WRITE_CHUNKS: usize = 32;
 
 /// Copies between `tcp` and the stream pair until both directions have ended.
 pub async fn splice(mut tcp: TcpStream, mut send: SendStream, mut recv: RecvStream) -> Outcome {
@@ -40,12 +49,23 @@ pub async fn splice(mut tcp: TcpStream, mut send: SendStream, mut recv: RecvStre
     let mut up_failure = None;
     let mut down_failure = None;
     let reset = {
-        let (mut rd, mut wr) = tcp.split();
+        let (rd, mut wr) = tcp.split();
 
         let up = async {
-            let mut buf = vec![0u8; BUF];
+            // Allocated when data is there and freed whenever the socket is drained, so an
+            // idle connection holds no buffer. It is never zeroed (`try_read_buf` fills the
+            // spare capacity): zeroing 64 KiB per connection would put it all in RSS.
+            let mut buf: Vec<u8> = Vec::new();
             loop {
-                match rd.read(&mut buf).await {
+                if rd.readable().await.is_err() {
+                    let _ = send.reset(VarInt::from_u32(codes::TCP_RESET));
+                    return End::Reset;
+                }
+                if buf.capacity() == 0 {
+                    buf.reserve_exact(READ_MAX);
+                }
+                buf.clear();
+                match rd.try_read_buf(&mut buf) {
                     Ok(0) => {
                         let _ = send.finish();
                         return End::Clean;
@@ -63,6 +83,9 @@ pub async fn splice(mut tcp: TcpStream, mut send: SendStream, mut recv: RecvStre
                         }
                         copied.up += n as u64;
                     }
+                    // Readiness was stale: nothing to read after all. Give the buffer back
+                    // before waiting, which may take as long as the connection is idle.
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => buf = Vec::new(),
                     Err(_) => {
                         let _ = send.reset(VarInt::from_u32(codes::TCP_RESET));
                         return End::Reset;
@@ -72,14 +95,16 @@ pub async fn splice(mut tcp: TcpStream, mut send: SendStream, mut recv: RecvStre
         };
 
         let down = async {
+            let mut chunks: [Bytes; WRITE_CHUNKS] = Default::default();
             loop {
-                match recv.read_chunk(usize::MAX, true).await {
-                    Ok(Some(chunk)) => {
-                        if wr.write_all(&chunk.bytes).await.is_err() {
+                match recv.read_chunks(&mut chunks).await {
+                    Ok(Some(n)) => {
+                        let len: usize = chunks[..n].iter().map(Bytes::len).sum();
+                        if write_all_chunks(&mut wr, &mut chunks[..n]).await.is_err() {
                             let _ = recv.stop(VarInt::from_u32(codes::TCP_RESET));
                             return End::Reset;
                         }
-                        copied.down += chunk.bytes.len() as u64;
+                        copied.down += len as u64;
                     }
                     Ok(None) => {
                         let _ = wr.shutdown().await;
@@ -121,4 +146,42 @@ pub async fn splice(mut tcp: TcpStream, mut send: SendStream, mut recv: RecvStre
     }
     copied.failure = down_failure.or(up_failure);
     copied
+}
+
+/// Writes every chunk to `wr` with as few `writev` calls as the socket allows. Each chunk is
+/// left empty, so it no longer holds the packet buffer it came from.
+async fn write_all_chunks<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    chunks: &mut [Bytes],
+) -> io::Result<()> {
+    let mut first = 0;
+    loop {
+        while chunks.get(first).is_some_and(Bytes::is_empty) {
+            first += 1;
+        }
+        if first == chunks.len() {
+            return Ok(());
+        }
+        let mut slices = [IoSlice::new(&[]); WRITE_CHUNKS];
+        let k = (chunks.len() - first).min(WRITE_CHUNKS);
+        for (slice, chunk) in slices.iter_mut().zip(&chunks[first..first + k]) {
+            *slice = IoSlice::new(chunk);
+        }
+        let mut written = wr.write_vectored(&slices[..k]).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        // Drop what went out; a partly written chunk keeps its tail for the next call.
+        while written > 0 && first < chunks.len() {
+            let chunk = &mut chunks[first];
+            let step = written.min(chunk.len());
+            chunk.advance(step);
+            written -= step;
+            if chunk.is_empty() {
+                // An emptied `Bytes` still pins its buffer; an idle connection keeps none.
+                *chunk = Bytes::new();
+                first += 1;
+            }
+        }
+    }
 }
