@@ -1,4 +1,20 @@
-//! Port mapping against the real daemon: miniupnpd on a NAT router in the lab.
+//! Port mapping against the real daemon: Debian's miniupnpd (nftables backend) on a `hard`
+//! NAT router of the lab (endpoint-dependent mapping, port-restricted filtering), with S
+//! (`p2ptun-relay --stun-alt`) answering its RFC 5780 STUN test.
+//!
+//! - `direct_through_each_protocols_mapping`: for UPnP IGD, NAT-PMP and PCP, each forced on
+//!   its own (`--portmap upnp|nat-pmp|pcp`; miniupnpd 2.3.1 serves NAT-PMP and PCP together,
+//!   so those two are forced on the client side), the exposer behind hard+miniupnpd gets a
+//!   mapping, and a forwarder behind `easy` and one behind another `hard` reach it over
+//!   direct UDP *at the mapped address* (without the mapping both pairs are relayed). 4 MiB
+//!   each way are checked by SHA-256. On SIGINT the exposer deletes its mapping: miniupnpd's
+//!   DNAT chain is empty afterwards. `p2ptun netcheck --portmap P` reports the protocol and
+//!   the mapped address (and deletes its probe mapping). The six cells run in parallel.
+//! - `without_a_daemon_nothing_waits`: behind hard without miniupnpd, `netcheck` returns
+//!   with every protocol unanswered within its timeout, and a tunnel (relayed) works at once.
+//!
+//! Needs root, nftables and miniupnpd-nftables; skips otherwise (fails under CI=true).
+
 #[path = "natlab/mod.rs"]
 mod natlab;
 
@@ -8,40 +24,278 @@ mod common;
 #[allow(dead_code)]
 mod support;
 
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
-use natlab::upnpd::Protocols;
-use natlab::{Lab, Nat, Shaping};
+use natlab::upnpd::{Miniupnpd, Protocols};
+use natlab::{Host, Lab, Nat, Router, Shaping};
+use serde_json::Value;
+use support::{Pace, Tunnel};
+
+const MIB: u64 = 1024 * 1024;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
+        .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime")
 }
 
+/// Runs each job on a thread of its own (with its own runtime and lab) and fails with every
+/// failure's message once all have ended.
+fn in_parallel(jobs: Vec<(String, Box<dyn FnOnce() -> String + Send>)>) {
+    let results: Vec<(String, std::thread::Result<String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .into_iter()
+            .map(|(name, job)| {
+                let h = std::thread::Builder::new()
+                    .name(name.clone())
+                    .spawn_scoped(s, job)
+                    .expect("thread");
+                (name, h)
+            })
+            .collect();
+        handles.into_iter().map(|(n, h)| (n, h.join())).collect()
+    });
+    let mut failed = Vec::new();
+    for (name, r) in results {
+        match r {
+            Ok(summary) => println!("{name}: {summary}"),
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                failed.push(format!("{name}: {msg}"));
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n\n"));
+}
+
+/// S's address, where miniupnpd's STUN test goes.
+fn stun() -> SocketAddr {
+    support::S_LISTEN.parse().expect("S address")
+}
+
+/// Starts miniupnpd on `r` (blocking for the few seconds of its STUN test).
+fn start_daemon(lab: &Lab, r: &Router, which: Protocols) -> Miniupnpd {
+    lab.start_miniupnpd(r, which, stun())
+        .unwrap_or_else(|e| panic!("miniupnpd: {e}"))
+}
+
+/// `p2ptun netcheck --json --portmap MODE` in `host`: the report and how long it took.
+async fn netcheck(host: &Host, files: &common::Lab, mode: &str) -> (Value, Duration) {
+    let mut cmd = host.command(common::agent_bin()).expect("command");
+    cmd.args(["netcheck", "--json", "--server", support::S_LISTEN])
+        .args(["--portmap", mode])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    let started = Instant::now();
+    let label = format!("netcheck-{mode}");
+    let out = common::run_command(&label, cmd, None, common::ONE_SHOT, &files.logs()).await;
+    let took = started.elapsed();
+    assert_eq!(out.code(), 0, "netcheck failed\n{}", out.describe());
+    let v: Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("netcheck printed no JSON ({e})\n{}", out.describe()));
+    (v, took)
+}
+
+/// The first UDP mapping in the status of the agent of `state_dir`.
+async fn udp_mapping(state_dir: &std::path::Path) -> Option<SocketAddr> {
+    let st = support::status(state_dir).await.ok()?;
+    st.iter()
+        .flat_map(|s| s["portmap"].as_array().cloned().unwrap_or_default())
+        .find(|m| m["transport"] == "udp")
+        .and_then(|m| m["external"].as_str()?.parse().ok())
+}
+
+/// One cell: exposer behind hard+miniupnpd forcing `mode`, forwarder behind `peer`.
+async fn mapped_cell(mode: &'static str, which: Protocols, peer: Nat, netcheck_too: bool) -> String {
+    let lab = Lab::new().expect("lab");
+    let r = lab.add_router(Nat::Hard, Shaping::none()).expect("router");
+    let a = lab.add_host_behind(&r).expect("host a");
+    let b = lab.add_host(peer, Shaping::none()).expect("host b");
+    let files = common::Lab::new(&format!("portmap-{mode}-hard-x-{peer}"));
+    let relay = support::start_relay(&lab, &files).await;
+    let daemon = tokio::task::block_in_place(|| start_daemon(&lab, &r, which));
+    let public_ip = r.public_ip();
+    let mut notes = Vec::new();
+
+    if netcheck_too {
+        let (report, took) = netcheck(&a, &files, mode).await;
+        let p = &report["portmap"][0];
+        assert_eq!(p["protocol"], mode, "netcheck: {report:#}\n{}", daemon.log());
+        assert_eq!(p["answered"], true, "netcheck: {report:#}\n{}", daemon.log());
+        let ext: SocketAddr = p["external"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("netcheck: no mapped address: {report:#}"));
+        assert_eq!(ext.ip(), public_ip, "netcheck: {report:#}");
+        let rules = daemon.mapping_rules().expect("nft");
+        assert!(rules.is_empty(), "netcheck left its probe mapping: {rules:?}");
+        notes.push(format!(
+            "netcheck {mode} mapped {ext} in {} ms (whole netcheck {:.2} s)",
+            p["ms"],
+            took.as_secs_f64()
+        ));
+    }
+
+    let tunnel = Tunnel::start_with(&a, &b, files, relay, &["--portmap", mode], &["--portmap", "off"]).await;
+    let started = Instant::now();
+    let mapped = loop {
+        if let Some(m) = udp_mapping(&tunnel.a_state).await {
+            break m;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the exposer got no {mode} mapping within 10 s\n{}\n{}",
+            daemon.log(),
+            tunnel.reports()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let to_mapping = started.elapsed();
+    assert_eq!(mapped.ip(), public_ip, "mapped to an address not the router's");
+    let rules = daemon.mapping_rules().expect("nft");
+    assert!(
+        rules.iter().any(|r| r.contains(&format!("dport {}", mapped.port()))),
+        "no DNAT rule for {mapped} in miniupnpd's chain: {rules:?}"
+    );
+    // The mapping reaches S as an update right after it is granted (one exchange in the lab).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let t0 = Instant::now();
+    tunnel.wait_ready(Duration::from_secs(20)).await;
+    let ready = t0.elapsed();
+    let Some((path, at)) = tunnel
+        .wait_path("direct_udp", Duration::from_secs(15), Duration::from_millis(20))
+        .await
+    else {
+        panic!(
+            "hard({mode})×{peer}: no direct UDP path; forwarder's peer: {:?}\n{}\n{}",
+            tunnel.forwarder_peer().await,
+            lab.nft_ruleset(&a),
+            tunnel.reports()
+        );
+    };
+    let to_direct = at - t0;
+    assert_eq!(
+        path.remote,
+        mapped.to_string(),
+        "the direct path does not go through the mapping"
+    );
+
+    let mut c = tunnel.connect();
+    let round = c
+        .round(0x9047_0001, 4 * MIB, &Pace::default())
+        .await
+        .unwrap_or_else(|e| panic!("transfer: {e:#}\n{}", tunnel.reports()));
+    c.close().await.expect("close");
+    let after = tunnel.forwarder_path().await.map(|p| p.kind);
+    assert_eq!(after.as_deref(), Some("direct_udp"), "left the direct path");
+
+    // A clean exit deletes the mapping.
+    let status = tokio::task::block_in_place(|| tunnel.exposer.interrupt(Duration::from_secs(5)));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the exposer did not exit cleanly on SIGINT: {status:?}\n{}",
+        tunnel.reports()
+    );
+    let left = daemon.mapping_rules().expect("nft");
+    assert!(
+        left.is_empty(),
+        "mapping not deleted on exit: {left:?}\n{}\n{}",
+        daemon.log(),
+        tunnel.reports()
+    );
+
+    notes.push(format!(
+        "mapping {mapped} after {} ms; tunnel ready {:.2} s; direct UDP via the mapping {:.2} s \
+         after the first connection; 4 MiB each way in {:.2} s, SHA-256 ok; deleted on SIGINT",
+        to_mapping.as_millis(),
+        ready.as_secs_f64(),
+        to_direct.as_secs_f64(),
+        round.elapsed.as_secs_f64()
+    ));
+    notes.join("; ")
+}
+
 #[test]
-fn explore() {
+fn direct_through_each_protocols_mapping() {
+    if !natlab::require_root() {
+        return;
+    }
+    let mut jobs: Vec<(String, Box<dyn FnOnce() -> String + Send>)> = Vec::new();
+    for (mode, which) in [
+        ("upnp", Protocols::UPNP),
+        ("nat-pmp", Protocols::NATPMP_PCP),
+        ("pcp", Protocols::NATPMP_PCP),
+    ] {
+        for peer in [Nat::Easy, Nat::Hard] {
+            let netcheck_too = peer == Nat::Easy;
+            jobs.push((
+                format!("hard({mode})×{peer}"),
+                Box::new(move || runtime().block_on(mapped_cell(mode, which, peer, netcheck_too))),
+            ));
+        }
+    }
+    in_parallel(jobs);
+}
+
+#[test]
+fn without_a_daemon_nothing_waits() {
     if !natlab::require_root() {
         return;
     }
     runtime().block_on(async {
         let lab = Lab::new().expect("lab");
-        let r = lab.add_router(Nat::Hard, Shaping::none()).expect("router");
-        let h = lab.add_host_behind(&r).expect("host");
-        let files = common::Lab::new("portmap-explore");
-        let _relay = support::start_relay(&lab, &files).await;
-        let d = lab.start_miniupnpd(&r, Protocols { upnp: true, natpmp_pcp: true }, support::S_LISTEN.parse().unwrap());
-        match &d { Ok(d) => println!("LOG:\n{}", d.log()), Err(e) => println!("ERR {e}") }
-        for mode in ["pcp", "nat-pmp", "upnp"] {
-            let mut cmd = h.command(common::agent_bin()).unwrap();
-            cmd.args(["netcheck", "--json", "--server", support::S_LISTEN, "--portmap", mode]).env("RUST_LOG", "debug");
-            let out = common::run_command(mode, cmd, None, common::ONE_SHOT, &files.logs()).await;
-            println!("{mode}: {}", out.describe());
+        let a = lab.add_host(Nat::Hard, Shaping::none()).expect("host a");
+        let b = lab.add_host(Nat::Easy, Shaping::none()).expect("host b");
+        let files = common::Lab::new("portmap-no-daemon");
+        let relay = support::start_relay(&lab, &files).await;
+
+        let (report, took) = netcheck(&a, &files, "auto").await;
+        let probes = report["portmap"].as_array().cloned().unwrap_or_default();
+        assert_eq!(probes.len(), 3, "{report:#}");
+        for p in &probes {
+            assert_eq!(p["answered"], false, "{report:#}");
+            let ms = p["ms"].as_u64().unwrap_or(u64::MAX);
+            // Each protocol gives up within its 2 s timeout (the crate's own error, or ours).
+            assert!(ms <= 2_500, "{} waited {ms} ms: {report:#}", p["protocol"]);
         }
-        if let Ok(d) = &d { println!("LOG2:\n{}\nRULES {:?}", d.log(), d.mapping_rules()); }
-        println!("{}", lab.nft_ruleset(&h));
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        let summary: Vec<String> = probes
+            .iter()
+            .map(|p| format!("{} gave up after {} ms", p["protocol"], p["ms"]))
+            .collect();
+
+        // Both agents try every protocol (auto); nothing waits for them.
+        let tunnel = Tunnel::start_with(&a, &b, files, relay, &[], &[]).await;
+        let t0 = Instant::now();
+        tunnel.wait_ready(Duration::from_secs(10)).await;
+        let ready = t0.elapsed();
+        let mut c = tunnel.connect();
+        c.round(0x9047_0002, MIB, &Pace::default())
+            .await
+            .unwrap_or_else(|e| panic!("transfer: {e:#}\n{}", tunnel.reports()));
+        c.close().await.expect("close");
+        assert!(
+            tunnel
+                .exposer
+                .wait_log_any(&["no port mapping"], Duration::from_secs(10))
+                .await
+                .is_some(),
+            "the exposer never gave up on port mapping\n{}",
+            tunnel.reports()
+        );
+        println!(
+            "no daemon: netcheck {:.2} s ({}); tunnel ready {:.2} s after start, 1 MiB each way \
+             SHA-256 ok",
+            took.as_secs_f64(),
+            summary.join(", "),
+            ready.as_secs_f64()
+        );
     });
 }
