@@ -80,10 +80,7 @@ async fn connect_pair(a: &Side, b: &Side) -> (SocketAddr, SocketAddr, Punched, P
         rendezvous(b, creds("aaaa", "bbbb")),
         rendezvous(a, creds("bbbb", "aaaa")),
     );
-    let (ra, rb) = tokio::join!(
-        punch(&a.router, va, &rv_a, Duration::ZERO),
-        punch(&b.router, vb, &rv_b, Duration::ZERO)
-    );
+    let (ra, rb) = tokio::join!(punch(&a.router, va, &rv_a), punch(&b.router, vb, &rv_b));
     let (ra, rb) = (ra.expect("a punched"), rb.expect("b punched"));
     assert_eq!(ra.remote, b.addr);
     assert_eq!(rb.remote, a.addr);
@@ -170,7 +167,7 @@ async fn checks_with_wrong_credentials_find_no_path() {
     let mut wrong = creds("bbbb", "aaaa");
     wrong.local_pwd = "not-the-password-a-expects".into();
     let rv_a = rendezvous(&b, creds("aaaa", "bbbb"));
-    let a_run = punch(&a.router, va, &rv_a, Duration::ZERO);
+    let a_run = punch(&a.router, va, &rv_a);
     // b answers with a password a does not expect: a must not accept the answers.
     let b_session = b.router.open_session(&wrong);
     let started = std::time::Instant::now();

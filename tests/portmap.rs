@@ -10,6 +10,10 @@
 //!   each way are checked by SHA-256. On SIGINT the exposer deletes its mapping: miniupnpd's
 //!   DNAT chain is empty afterwards. `p2ptun netcheck --portmap P` reports the protocol and
 //!   the mapped address (and deletes its probe mapping). The six cells run in parallel.
+//! - `the_mapped_host_sending_first_does_not_block_the_mapping`: raw sockets, the order the
+//!   agents' checks may take: the mapped host sends to the peer first, then the peer's packet
+//!   to the mapped port still gets in (Linux gives it another source port to avoid the
+//!   conntrack clash) and the answer leaves from the mapped port.
 //! - `without_a_daemon_nothing_waits`: behind hard without miniupnpd, `netcheck` returns
 //!   with every protocol unanswered within its timeout, and a tunnel (relayed) works at once.
 //!
@@ -113,7 +117,12 @@ async fn udp_mapping(state_dir: &std::path::Path) -> Option<SocketAddr> {
 }
 
 /// One cell: exposer behind hard+miniupnpd forcing `mode`, forwarder behind `peer`.
-async fn mapped_cell(mode: &'static str, which: Protocols, peer: Nat, netcheck_too: bool) -> String {
+async fn mapped_cell(
+    mode: &'static str,
+    which: Protocols,
+    peer: Nat,
+    netcheck_too: bool,
+) -> String {
     let lab = Lab::new().expect("lab");
     let r = lab.add_router(Nat::Hard, Shaping::none()).expect("router");
     let a = lab.add_host_behind(&r).expect("host a");
@@ -127,15 +136,28 @@ async fn mapped_cell(mode: &'static str, which: Protocols, peer: Nat, netcheck_t
     if netcheck_too {
         let (report, took) = netcheck(&a, &files, mode).await;
         let p = &report["portmap"][0];
-        assert_eq!(p["protocol"], mode, "netcheck: {report:#}\n{}", daemon.log());
-        assert_eq!(p["answered"], true, "netcheck: {report:#}\n{}", daemon.log());
+        assert_eq!(
+            p["protocol"],
+            mode,
+            "netcheck: {report:#}\n{}",
+            daemon.log()
+        );
+        assert_eq!(
+            p["answered"],
+            true,
+            "netcheck: {report:#}\n{}",
+            daemon.log()
+        );
         let ext: SocketAddr = p["external"]
             .as_str()
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("netcheck: no mapped address: {report:#}"));
         assert_eq!(ext.ip(), public_ip, "netcheck: {report:#}");
         let rules = daemon.mapping_rules().expect("nft");
-        assert!(rules.is_empty(), "netcheck left its probe mapping: {rules:?}");
+        assert!(
+            rules.is_empty(),
+            "netcheck left its probe mapping: {rules:?}"
+        );
         notes.push(format!(
             "netcheck {mode} mapped {ext} in {} ms (whole netcheck {:.2} s)",
             p["ms"],
@@ -143,7 +165,15 @@ async fn mapped_cell(mode: &'static str, which: Protocols, peer: Nat, netcheck_t
         ));
     }
 
-    let tunnel = Tunnel::start_with(&a, &b, files, relay, &["--portmap", mode], &["--portmap", "off"]).await;
+    let tunnel = Tunnel::start_with(
+        &a,
+        &b,
+        files,
+        relay,
+        &["--portmap", mode],
+        &["--portmap", "off"],
+    )
+    .await;
     let started = Instant::now();
     let mapped = loop {
         if let Some(m) = udp_mapping(&tunnel.a_state).await {
@@ -158,10 +188,16 @@ async fn mapped_cell(mode: &'static str, which: Protocols, peer: Nat, netcheck_t
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let to_mapping = started.elapsed();
-    assert_eq!(mapped.ip(), public_ip, "mapped to an address not the router's");
+    assert_eq!(
+        mapped.ip(),
+        public_ip,
+        "mapped to an address not the router's"
+    );
     let rules = daemon.mapping_rules().expect("nft");
     assert!(
-        rules.iter().any(|r| r.contains(&format!("dport {}", mapped.port()))),
+        rules
+            .iter()
+            .any(|r| r.contains(&format!("dport {}", mapped.port()))),
         "no DNAT rule for {mapped} in miniupnpd's chain: {rules:?}"
     );
     // The mapping reaches S as an update right after it is granted (one exchange in the lab).
@@ -171,7 +207,11 @@ async fn mapped_cell(mode: &'static str, which: Protocols, peer: Nat, netcheck_t
     tunnel.wait_ready(Duration::from_secs(20)).await;
     let ready = t0.elapsed();
     let Some((path, at)) = tunnel
-        .wait_path("direct_udp", Duration::from_secs(15), Duration::from_millis(20))
+        .wait_path(
+            "direct_udp",
+            Duration::from_secs(15),
+            Duration::from_millis(20),
+        )
         .await
     else {
         panic!(
@@ -296,6 +336,78 @@ fn without_a_daemon_nothing_waits() {
             took.as_secs_f64(),
             summary.join(", "),
             ready.as_secs_f64()
+        );
+    });
+}
+
+/// What the kernel does when a host behind `hard`+miniupnpd sends to a peer *before* the
+/// peer's packet to the mapped port arrives (the order the two agents' checks may take):
+/// the mapped host's early packet gets a conntrack entry with a random public port, whose
+/// reply tuple is the one the peer's packet to the mapping needs after DNAT.
+#[test]
+fn the_mapped_host_sending_first_does_not_block_the_mapping() {
+    if !natlab::require_root() {
+        return;
+    }
+    runtime().block_on(async {
+        use p2ptun::portmap::{client, gateway::Target, Protocol, Transport};
+        let lab = Lab::new().expect("lab");
+        let r = lab.add_router(Nat::Hard, Shaping::none()).expect("router");
+        let a = lab.add_host_behind(&r).expect("host a");
+        let e = lab.add_host(Nat::Easy, Shaping::none()).expect("host e");
+        let files = common::Lab::new("portmap-order");
+        let _relay = support::start_relay(&lab, &files).await;
+        let daemon = tokio::task::block_in_place(|| start_daemon(&lab, &r, Protocols::NATPMP_PCP));
+        let wait = Duration::from_millis(500);
+
+        let sa = a.udp_bind("0.0.0.0:0".parse().unwrap()).expect("a socket");
+        let se = e.udp_bind("0.0.0.0:0".parse().unwrap()).expect("e socket");
+        sa.set_read_timeout(Some(wait)).unwrap();
+        se.set_read_timeout(Some(wait)).unwrap();
+        let pe = natlab::stun::binding(&se, stun(), wait, 3)
+            .expect("stun")
+            .expect("e's mapping");
+        let target = Target {
+            gateway: r.lan_gateway(),
+            local: a.ip(),
+        };
+        let port = sa.local_addr().unwrap().port();
+        let lease = a.run_in(|| {
+            runtime().block_on(client::request(Protocol::Pcp, target, Transport::Udp, port))
+        });
+        let mapped = lease.expect("PCP mapping").mapping.external;
+
+        // a sends first (E's NAT drops it: e never sent to that random port).
+        sa.send_to(b"early", pe).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        // e sends to the mapping; a must get it, and its answer must come from the mapping.
+        se.send_to(b"to-mapping", mapped).unwrap();
+        let mut buf = [0u8; 64];
+        let got = sa.recv_from(&mut buf);
+        let ct = std::process::Command::new("ip")
+            .args(["netns", "exec", r.ns(), "conntrack", "-L", "-p", "udp"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let (n, from) = got.unwrap_or_else(|err| {
+            panic!(
+                "the peer's packet to the mapping {mapped} was lost ({err}); conntrack:\n{ct}\n{}",
+                daemon.log()
+            )
+        });
+        assert_eq!(&buf[..n], b"to-mapping");
+        sa.send_to(b"answer", from).unwrap();
+        let (n, answer_from) = se
+            .recv_from(&mut buf)
+            .unwrap_or_else(|err| panic!("the answer was lost ({err}); conntrack:\n{ct}"));
+        assert_eq!(&buf[..n], b"answer");
+        println!(
+            "a sent to {pe} first; e's packet to {mapped} reached a from {from}; a's answer \
+             reached e from {answer_from}\nconntrack:\n{ct}"
+        );
+        assert_eq!(
+            answer_from, mapped,
+            "the answer did not come from the mapping"
         );
     });
 }

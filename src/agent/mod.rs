@@ -91,14 +91,6 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// Whether the gateway forwards a public UDP port to this agent's socket.
-    pub fn has_udp_mapping(&self) -> bool {
-        self.portmap
-            .borrow()
-            .iter()
-            .any(|m| m.transport == crate::portmap::Transport::Udp)
-    }
-
     /// Whether the socket is IPv4.
     pub fn ipv4(&self) -> bool {
         self.router

@@ -55,12 +55,7 @@ pub fn start(
     {
         let (ctx, rv, tx) = (ctx.clone(), rv.clone(), tx.clone());
         tokio::spawn(async move {
-            let hold = if ctx.has_udp_mapping() {
-                crate::punch::checks::MAPPED_HOLD
-            } else {
-                std::time::Duration::ZERO
-            };
-            let outcome = punch(&ctx.router, virt, &rv, hold)
+            let outcome = punch(&ctx.router, virt, &rv)
                 .await
                 .map(Found::Udp)
                 .map_err(|e| e.to_string());

@@ -9,6 +9,16 @@
 //! the gateway ([`gateway`]), the protocol clients ([`client`], on the `igd-next` and
 //! `crab_nat` crates) and the agent's background keeper ([`keeper`]: obtain, renew, delete on
 //! exit). Nothing here delays registration or punching: mappings arrive when they arrive.
+//!
+//! The punch needs no special order for a mapped candidate. The mapping is a DNAT rule for
+//! inbound packets only; an endpoint-dependent NAT still gives the agent's own early check to
+//! a peer P a random public port, and the peer's later check to the mapped port needs, after
+//! DNAT, the reply tuple of that entry. Linux (what miniupnpd runs on) resolves the clash by
+//! giving the inbound connection another source port: the agent sees the peer at a port that
+//! exists only in the router's conntrack, answers there, and its answers and checks leave
+//! from the mapped port to the peer's real one. `tests/portmap.rs` checks exactly this
+//! (`the_mapped_host_sending_first_does_not_block_the_mapping`); a NAT that dropped the
+//! clashing packet instead would leave only the checks that happen to arrive first.
 
 pub mod client;
 pub mod gateway;

@@ -18,23 +18,6 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 /// nobody notices.
 pub const SETTLE: Duration = Duration::from_millis(150);
 
-/// How long an agent whose gateway maps its UDP port holds back its own checks, so that the
-/// peer's check to the mapped address arrives first.
-///
-/// Why: the mapping is a DNAT rule for inbound packets, but the NAT still translates the
-/// agent's *outbound* packets by its own rules. Behind an endpoint-dependent NAT (Linux
-/// `masquerade random`, the lab's `hard`), an early check from the agent to the peer's
-/// address P gets a conntrack entry with a random public port. The peer's check to the mapped
-/// port then needs the reverse tuple of that entry (agent → P) and clashes with it: the
-/// kernel drops it, and every later packet from the agent to P keeps leaving from the random
-/// port, which a port-restricted peer NAT drops. If the peer's check comes in first, its
-/// conntrack entry (P → mapped port, DNAT to the agent) also carries the agent's answers and
-/// checks to P, from the mapped port. Host candidates are checked before mapped ones, 50 ms
-/// apart, so the peer sends to the mapping within a few hundred milliseconds of the start;
-/// the hold leaves room for a retransmission. The cost, when the peer cannot use the mapping,
-/// is that much later a direct path.
-pub const MAPPED_HOLD: Duration = Duration::from_millis(600);
-
 /// Most candidates taken from a peer: bounds how many addresses a stranger can make us send
 /// checks to.
 pub const MAX_CANDIDATES: usize = 16;

@@ -44,9 +44,7 @@ pub enum PunchError {
 const MAX_START_DELAY: Duration = Duration::from_secs(2);
 
 /// Runs the connectivity checks of session `rv` and installs the best answered pair as the
-/// direct path of the peer at virtual address `virt`. Our own first checks wait `hold` past
-/// the common start ([`checks::MAPPED_HOLD`] when the gateway maps our port, else zero);
-/// checks that answer the peer's are never held.
+/// direct path of the peer at virtual address `virt`.
 ///
 /// Checks that reach *us* count too: their source proves the peer gets through from there,
 /// so it becomes a path at once (QUIC can answer on it) and a new pair to check — this is how
@@ -55,7 +53,6 @@ pub async fn punch(
     router: &Arc<StunRouter>,
     virt: SocketAddr,
     rv: &Rendezvous,
-    hold: Duration,
 ) -> Result<Punched, PunchError> {
     let mut session = router.open_session(&rv.credentials);
     tokio::time::sleep(Duration::from_millis(rv.start_in_ms).min(MAX_START_DELAY)).await;
@@ -68,7 +65,7 @@ pub async fn punch(
     let mut tasks = JoinSet::new();
     for (i, to) in targets.iter().enumerate() {
         checking.insert(*to);
-        let start = started + hold + PACING * i as u32;
+        let start = started + PACING * i as u32;
         tasks.spawn(check(
             router.clone(),
             *to,
