@@ -193,6 +193,23 @@ async fn mapped_cell(
         public_ip,
         "mapped to an address not the router's"
     );
+    // The TCP punching port is mapped with the same protocol, right after the UDP port.
+    let st = support::status(&tunnel.a_state).await.unwrap_or_default();
+    let kinds: Vec<String> = st
+        .iter()
+        .flat_map(|s| s["portmap"].as_array().cloned().unwrap_or_default())
+        .map(|m| {
+            format!(
+                "{}/{}",
+                m["protocol"].as_str().unwrap_or("?"),
+                m["transport"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    assert!(
+        kinds.contains(&format!("{mode}/udp")) && kinds.contains(&format!("{mode}/tcp")),
+        "the exposer's mappings are {kinds:?}, not {mode}'s UDP and TCP ones"
+    );
     let rules = daemon.mapping_rules().expect("nft");
     assert!(
         rules
