@@ -1206,10 +1206,13 @@ impl Bench {
     fn spawn_agent(&self, side: &Side, label: &str, args: &[String]) -> Result<Agent> {
         let state = self.state_root().join(label);
         let mut cmd = side.command(&self.agent_bin)?;
+        // No port mapping: without root the agents run on this host, where asking would send
+        // NAT-PMP and SSDP to the machine's real gateway; in the lab no router has a daemon.
         cmd.arg("--server")
             .arg(self.server.to_string())
             .arg("--state-dir")
             .arg(&state)
+            .arg("--no-portmap")
             .args(args);
         Ok(Agent {
             proc: Proc::spawn(label, cmd, &self.logs)?,

@@ -60,6 +60,27 @@ pub struct Global {
     /// Local address of the agent's UDP socket [default: 0.0.0.0:0].
     #[arg(long, global = true, value_name = "IP:PORT")]
     pub bind: Option<SocketAddr>,
+
+    /// Ask the gateway to map the agent's ports: `auto` tries PCP, NAT-PMP, then UPnP IGD;
+    /// `upnp`, `nat-pmp` or `pcp` uses only that one; `off` asks nothing. Never done for a
+    /// loopback --bind [default: auto].
+    #[arg(long, global = true, value_name = "MODE", value_enum)]
+    pub portmap: Option<crate::portmap::Mode>,
+
+    /// Same as `--portmap off`.
+    #[arg(long, global = true, conflicts_with = "portmap")]
+    pub no_portmap: bool,
+}
+
+impl Global {
+    /// The port-mapping mode the flags ask for, if they ask.
+    pub fn portmap_mode(&self) -> Option<crate::portmap::Mode> {
+        if self.no_portmap {
+            Some(crate::portmap::Mode::Off)
+        } else {
+            self.portmap
+        }
+    }
 }
 
 /// The commands.
@@ -140,6 +161,26 @@ mod tests {
             let err = Cli::try_parse_from(&args).unwrap_err().to_string();
             assert!(err.contains(needle), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn portmap_flags_parse_and_conflict() {
+        use crate::portmap::Mode;
+        let mode = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.global.portmap_mode());
+        assert_eq!(mode(&["p2ptun", "id"]).unwrap(), None);
+        assert_eq!(
+            mode(&["p2ptun", "id", "--portmap", "nat-pmp"]).unwrap(),
+            Some(Mode::NatPmp)
+        );
+        assert_eq!(
+            mode(&["p2ptun", "--no-portmap", "id"]).unwrap(),
+            Some(Mode::Off)
+        );
+        assert!(mode(&["p2ptun", "id", "--portmap", "upnp", "--no-portmap"]).is_err());
+        let err = mode(&["p2ptun", "id", "--portmap", "igd"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("igd"), "{err}");
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct ConfigFile {
     pub state_dir: Option<PathBuf>,
     /// The UDP socket's address.
     pub bind: Option<SocketAddr>,
+    /// Port mapping: `"auto"`, `"upnp"`, `"nat-pmp"`, `"pcp"`, `"off"`, or a boolean.
+    pub portmap: Option<crate::portmap::Mode>,
     /// Services to expose.
     #[serde(default)]
     pub expose: Vec<ExposeEntry>,
@@ -71,6 +73,8 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
     /// `--bind`.
     pub bind: Option<SocketAddr>,
+    /// `--portmap` / `--no-portmap`.
+    pub portmap: Option<crate::portmap::Mode>,
 }
 
 impl ConfigFile {
@@ -142,6 +146,7 @@ impl ConfigFile {
                 .unwrap_or(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0)),
             exposes,
             forwards,
+            portmap: over.portmap.or(self.portmap).unwrap_or_default(),
         })
     }
 }

@@ -8,6 +8,7 @@
 //! - [`proto`]: wire messages shared with S, their framing, fingerprints and the STUN codec use.
 //! - [`path`]: [`path::PathSocket`], the one UDP socket under quinn, and the per-peer path table.
 //! - [`punch`]: candidate gathering and connectivity checks that find a working path.
+//! - [`portmap`]: port mappings on the gateway (UPnP IGD, NAT-PMP, PCP) as candidates.
 //! - [`tunnel`]: identities, TLS, the QUIC endpoint, stream headers and byte copying.
 //! - [`agent`]: `expose`, `forward` and `up` orchestration, reconnects and status.
 
@@ -15,6 +16,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod path;
+pub mod portmap;
 pub mod proto;
 pub mod punch;
 pub mod tunnel;

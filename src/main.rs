@@ -35,12 +35,14 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let g = cli.global;
+    let portmap = g.portmap_mode();
     let over = Overrides {
         server: g.server,
         token: g.token,
         server_fingerprint: g.server_fingerprint,
         state_dir: g.state_dir,
         bind: g.bind,
+        portmap,
     };
     let file = match cli.command {
         Command::Id => {
@@ -67,7 +69,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let bind = over
                 .bind
                 .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-            let report = agent::netcheck(&server, bind).await?;
+            let report = agent::netcheck(&server, bind, over.portmap.unwrap_or_default()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -164,7 +164,8 @@ impl Shared {
 pub struct Agent {
     fingerprint: Fingerprint,
     registration: u64,
-    candidates: Vec<Candidate>,
+    /// What the agent registered with, or sent later (`UpdateCandidates`).
+    candidates: Mutex<Vec<Candidate>>,
     nat: NatMapping,
     conn: Connection,
     carrier: Carrier,
@@ -403,7 +404,31 @@ async fn handle_stream(session: Arc<Session>, mut send: SendStream, mut recv: Re
             };
             let _ = write_and_finish(&mut send, &answer).await;
         }
+        ClientMsg::UpdateCandidates { candidates } => {
+            let answer = match update_candidates(&session, candidates) {
+                Ok(()) => ServerMsg::CandidatesUpdated,
+                Err(err) => {
+                    session.shared.metrics.error(err.code);
+                    ServerMsg::Error(err)
+                }
+            };
+            let _ = write_and_finish(&mut send, &answer).await;
+        }
     }
+}
+
+/// Replaces the registered agent's candidates (a port mapping it got after registering).
+fn update_candidates(session: &Session, candidates: Vec<Candidate>) -> Result<(), ErrorMsg> {
+    let Some((_, me)) = session.registered() else {
+        return Err(error(
+            ErrorCode::BadRequest,
+            "UpdateCandidates before Register: register first and wait for Registered",
+        ));
+    };
+    check_candidates(&candidates)?;
+    tracing::debug!(agent = %me.fingerprint, n = candidates.len(), "candidates updated");
+    *me.candidates.lock().unwrap_or_else(|e| e.into_inner()) = candidates;
+    Ok(())
 }
 
 struct RegisterRequest {
@@ -479,7 +504,7 @@ fn register(
     let agent = Arc::new(Agent {
         fingerprint,
         registration,
-        candidates: req.candidates,
+        candidates: Mutex::new(req.candidates),
         nat: req.nat,
         conn: session.conn.clone(),
         carrier: session.carrier,
@@ -628,9 +653,14 @@ fn connect(
         rtt: session.conn.rtt(),
         nat,
     };
+    let exposer_candidates = exposer
+        .candidates
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     let exposer_side = Side {
         fingerprint: exposer.fingerprint,
-        candidates: &exposer.candidates,
+        candidates: &exposer_candidates,
         observed: exposer.remote(),
         rtt: exposer.conn.rtt(),
         nat: exposer.nat,

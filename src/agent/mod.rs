@@ -64,6 +64,8 @@ pub struct AgentOptions {
     pub exposes: Vec<ExposeSpec>,
     /// Ports to forward.
     pub forwards: Vec<ForwardSpec>,
+    /// Which port-mapping protocols to ask the gateway with.
+    pub portmap: crate::portmap::Mode,
 }
 
 /// What every part of a running agent shares.
@@ -84,6 +86,8 @@ pub struct Ctx {
     pub relays: relay::RelaySessions,
     /// The TCP punching port, if one could be bound.
     pub tcp: Option<Arc<crate::punch::tcp::TcpPunch>>,
+    /// The port mappings the gateway granted (empty until, unless, one is).
+    pub portmap: watch::Receiver<Vec<crate::portmap::Mapping>>,
 }
 
 impl Ctx {
@@ -125,6 +129,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         .or_else(|_| crate::punch::tcp::TcpPunch::bind(SocketAddr::new(udp_local.ip(), 0)))
         .map_err(|e| tracing::warn!("no TCP punching port ({e}); only UDP and relay paths"))
         .ok();
+    // Port mapping runs in the background: registration and punching never wait for it; a
+    // mapping that arrives later is sent to S as an update.
+    let keeper =
+        crate::portmap::Keeper::start(opts.portmap, udp_local, tcp.as_ref().map(|t| t.local()));
     let server_config =
         tls::server_config(identity.cert_chain(), identity.private_key(), ALPN_PEER)?;
     let endpoint = endpoint::make_endpoint(socket, Some(server_config), Some(&identity))
@@ -141,6 +149,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         activity: status::Activity::default(),
         relays: relay::RelaySessions::default(),
         tcp,
+        portmap: keeper.mappings(),
     });
     tracing::info!(id = %ctx.identity.fingerprint(), udp = ?ctx.router.socket().local().ok(), "agent started");
 
@@ -160,12 +169,19 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         fatal = control => {
             let err = fatal.unwrap_or_else(|e| anyhow::anyhow!("control task failed: {e}"));
             ctx.endpoint.close(crate::tunnel::header::close::SHUTDOWN.into(), b"agent stopped");
+            keeper.shutdown(std::time::Duration::from_secs(1)).await;
             Err(err)
         }
         _ = tokio::signal::ctrl_c() => {
             tracing::info!("shutting down");
             ctx.endpoint.close(crate::tunnel::header::close::SHUTDOWN.into(), b"agent stopped");
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), ctx.endpoint.wait_idle()).await;
+            // Closing the peers' connections and deleting the port mappings go on together;
+            // each is bounded, so Ctrl-C never hangs on a silent peer or gateway.
+            let wait = std::time::Duration::from_secs(1);
+            tokio::join!(
+                async { let _ = tokio::time::timeout(wait, ctx.endpoint.wait_idle()).await; },
+                keeper.shutdown(wait),
+            );
             Ok(())
         }
     };
@@ -201,9 +217,12 @@ fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
 }
 
 /// Runs `p2ptun netcheck`: probes the network's NAT behaviour against S's STUN addresses.
+///
+/// The port-mapping probe (the protocols `portmap` allows) runs alongside the STUN probes.
 pub async fn netcheck(
     server: &str,
     bind: SocketAddr,
+    portmap: crate::portmap::Mode,
 ) -> anyhow::Result<crate::punch::netcheck::Report> {
     // A PathSocket is read by quinn's endpoint driver: without an endpoint nothing receives.
     let open = || -> anyhow::Result<(Arc<StunRouter>, quinn::Endpoint)> {
@@ -222,5 +241,10 @@ pub async fn netcheck(
         .into_iter()
         .map(|c| c.addr)
         .collect();
-    Ok(crate::punch::netcheck::run(&main, &fresh, server_addr, &locals).await)
+    let (mut report, mapped) = tokio::join!(
+        crate::punch::netcheck::run(&main, &fresh, server_addr, &locals),
+        crate::portmap::probe::probe(portmap, bind.ip()),
+    );
+    report.portmap = mapped;
+    Ok(report)
 }

@@ -35,6 +35,8 @@ pub struct Registered {
     pub tcp_observed: Option<SocketAddr>,
     /// How this agent's NAT picks public ports, found at registration.
     pub nat: NatMapping,
+    /// The candidates the registration carried.
+    pub registered_with: Vec<Candidate>,
     /// The send half of the registration stream; finishing it would end the registration.
     _registration: quinn::SendStream,
 }
@@ -78,7 +80,25 @@ impl Registered {
             .map_err(|_| anyhow!("S did not answer within {}s", EXCHANGE_TIMEOUT.as_secs()))?
     }
 
-    /// This agent's candidates: its interfaces and what S observed.
+    /// Replaces the candidates S gives the peers of this agent's later introductions.
+    pub async fn update_candidates(&self, candidates: Vec<Candidate>) -> anyhow::Result<()> {
+        let exchange = async {
+            let (mut send, mut recv) = self.conn.open_bi().await?;
+            write_frame(&mut send, &ClientMsg::UpdateCandidates { candidates }).await?;
+            let _ = send.finish();
+            match read_frame::<ServerMsg, _>(&mut recv).await? {
+                Some(ServerMsg::CandidatesUpdated) => Ok(()),
+                Some(ServerMsg::Error(e)) => Err(anyhow!(e)),
+                Some(other) => Err(anyhow!("S answered with an unexpected message: {other:?}")),
+                None => Err(anyhow!("S closed the request without an answer")),
+            }
+        };
+        tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
+            .await
+            .map_err(|_| anyhow!("S did not answer within {}s", EXCHANGE_TIMEOUT.as_secs()))?
+    }
+
+    /// This agent's candidates: its interfaces, port mappings and what S observed.
     pub fn candidates(&self, ctx: &Ctx) -> Vec<Candidate> {
         let mut out = local_candidates(ctx);
         out.push(Candidate {
@@ -93,7 +113,20 @@ impl Registered {
     }
 }
 
-/// This agent's host candidates: its interfaces with the UDP port, and with the TCP port.
+/// What this agent registers with (and sends again when its port mappings change): its own
+/// candidates and its TCP port's reflexive address. S adds the UDP one it observes.
+fn registration_candidates(ctx: &Ctx, tcp_observed: Option<SocketAddr>) -> Vec<Candidate> {
+    local_candidates(ctx)
+        .into_iter()
+        .chain(tcp_observed.map(|addr| Candidate {
+            kind: CandidateKind::TcpServerReflexive,
+            addr,
+        }))
+        .collect()
+}
+
+/// This agent's own candidates: its interfaces with the UDP port and with the TCP port, and
+/// the gateway's port mappings of both.
 fn local_candidates(ctx: &Ctx) -> Vec<Candidate> {
     let mut out = ctx
         .router
@@ -107,7 +140,30 @@ fn local_candidates(ctx: &Ctx) -> Vec<Candidate> {
             ..c
         }));
     }
+    out.extend(ctx.portmap.borrow().iter().map(|m| m.candidate()));
     out
+}
+
+/// Sends S this agent's candidates again whenever its port mappings change, for as long as
+/// `reg` lives (the task is aborted with it). `sent` is what the registration carried.
+async fn update_candidates(ctx: Arc<Ctx>, reg: Arc<Registered>, mut sent: Vec<Candidate>) {
+    let mut mappings = ctx.portmap.clone();
+    loop {
+        let now = registration_candidates(&ctx, reg.tcp_observed);
+        if now != sent {
+            match reg.update_candidates(now.clone()).await {
+                Ok(()) => {
+                    tracing::debug!(n = now.len(), "sent S the new candidates (port mapping)");
+                    sent = now;
+                }
+                // An older S, or a broken connection (then a new registration follows).
+                Err(e) => tracing::warn!("cannot send S the port-mapped candidates: {e:#}"),
+            }
+        }
+        if mappings.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Keeps this agent registered with S for as long as it runs: publishes each registration in
@@ -126,6 +182,11 @@ pub async fn run(
                 let reg = Arc::new(reg);
                 current.send_replace(Some(reg.clone()));
                 let pump = tokio::spawn(super::relay::pump(ctx.clone(), reg.conn.clone()));
+                let updates = tokio::spawn(update_candidates(
+                    ctx.clone(),
+                    reg.clone(),
+                    reg.registered_with.clone(),
+                ));
                 let why = loop {
                     match read_frame::<ServerMsg, _>(&mut events).await {
                         Ok(Some(ServerMsg::Incoming(rv))) => {
@@ -144,6 +205,7 @@ pub async fn run(
                 };
                 current.send_replace(None);
                 pump.abort();
+                updates.abort();
                 let why = reg
                     .conn
                     .close_reason()
@@ -209,19 +271,14 @@ async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlE
     };
     let (tcp_observed, nat) = tokio::join!(tcp_observed, nat);
 
+    let registered_with = registration_candidates(ctx, tcp_observed);
     let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await?;
         let msg = ClientMsg::Register {
             version: PROTOCOL_VERSION,
             token: ctx.opts.token.clone(),
             names: ctx.opts.exposes.iter().map(|e| e.name.clone()).collect(),
-            candidates: local_candidates(ctx)
-                .into_iter()
-                .chain(tcp_observed.map(|addr| Candidate {
-                    kind: CandidateKind::TcpServerReflexive,
-                    addr,
-                }))
-                .collect(),
+            candidates: registered_with.clone(),
             nat,
         };
         write_frame(&mut send, &msg).await?;
@@ -250,6 +307,7 @@ async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlE
                     observed,
                     tcp_observed,
                     nat,
+                    registered_with,
                     _registration: send,
                 },
                 recv,

@@ -120,6 +120,9 @@ pub struct Status {
     pub peers: Vec<PeerReport>,
     /// Its services.
     pub services: Vec<ServiceReport>,
+    /// The port mappings the gateway granted it (UPnP, NAT-PMP or PCP).
+    #[serde(default)]
+    pub portmap: Vec<crate::portmap::Mapping>,
 }
 
 /// One peer in [`Status`].
@@ -209,6 +212,7 @@ pub fn snapshot(ctx: &Ctx) -> Status {
         public: registration.map(|r| r.observed),
         peers: peer_reports,
         services,
+        portmap: ctx.portmap.borrow().clone(),
     }
 }
 
@@ -305,6 +309,13 @@ pub fn render(statuses: &[Status]) -> String {
                 .map(|p| format!(", public {p}"))
                 .unwrap_or_default()
         );
+        for m in &s.portmap {
+            let _ = writeln!(
+                out,
+                "  port mapping ({}, {:?}): {} -> {}, lease {}s",
+                m.protocol, m.transport, m.external, m.internal, m.lifetime_secs
+            );
+        }
         if !s.peers.is_empty() {
             let _ = writeln!(
                 out,

@@ -4,7 +4,7 @@
 //! [`ClientMsg::Register`]; S answers [`ServerMsg::Registered`] (or [`ServerMsg::Error`]) and
 //! keeps that stream open to push [`ServerMsg::Incoming`] to the agent when someone forwards
 //! to one of its names. Every other request ([`ClientMsg::Connect`]) goes on a stream of its
-//! own and gets exactly one answer.
+//! own and gets exactly one answer, and so does [`ClientMsg::UpdateCandidates`].
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -42,6 +42,13 @@ pub enum ClientMsg {
         #[serde(default)]
         nat: NatMapping,
     },
+    /// Replaces the candidates of this connection's registration, for introductions from
+    /// now on: a port mapping the gateway granted after registering (S answers
+    /// [`ServerMsg::CandidatesUpdated`]).
+    UpdateCandidates {
+        /// All of the agent's candidates, as in [`ClientMsg::Register`].
+        candidates: Vec<Candidate>,
+    },
 }
 
 /// A message from S to an agent.
@@ -68,6 +75,8 @@ pub enum ServerMsg {
         /// Why, for the agents' logs.
         reason: String,
     },
+    /// Answer to [`ClientMsg::UpdateCandidates`].
+    CandidatesUpdated,
     /// The request failed.
     Error(ErrorMsg),
 }
@@ -175,6 +184,8 @@ pub enum CandidateKind {
     TcpHost,
     /// The agent's TCP address as S sees it (learnt with STUN over TCP).
     TcpServerReflexive,
+    /// A mapping of the TCP punching port granted by the gateway.
+    TcpPortMapped,
 }
 
 impl CandidateKind {
@@ -182,7 +193,9 @@ impl CandidateKind {
     pub fn is_tcp(self) -> bool {
         matches!(
             self,
-            CandidateKind::TcpHost | CandidateKind::TcpServerReflexive
+            CandidateKind::TcpHost
+                | CandidateKind::TcpServerReflexive
+                | CandidateKind::TcpPortMapped
         )
     }
 }

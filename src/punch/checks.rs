@@ -46,6 +46,7 @@ pub fn plan(candidates: &[Candidate], ipv4: bool, tcp: bool) -> Vec<SocketAddr> 
         CandidateKind::ServerReflexive => 2,
         CandidateKind::PeerReflexive => 3,
         CandidateKind::TcpHost => 0,
+        CandidateKind::TcpPortMapped => 1,
         CandidateKind::TcpServerReflexive => 2,
     };
     let mut sorted: Vec<&Candidate> = candidates

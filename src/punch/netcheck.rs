@@ -55,6 +55,9 @@ pub struct Report {
     pub mapping: Mapping,
     /// Filtering behaviour.
     pub filtering: Filtering,
+    /// Which port-mapping protocols the gateway answered, and the public address each mapped
+    /// (filled in by the caller; empty when port mapping is off or the socket is loopback).
+    pub portmap: Vec<crate::portmap::probe::ProbeResult>,
 }
 
 /// What the probes returned.
@@ -82,6 +85,7 @@ pub fn classify(o: &Observations) -> Report {
             public_alt: None,
             mapping: Mapping::Unknown,
             filtering: Filtering::Unknown,
+            portmap: Vec::new(),
         };
     };
     let mapping = if o.mapped_is_local {
@@ -106,6 +110,7 @@ pub fn classify(o: &Observations) -> Report {
         public_alt: o.alternate,
         mapping,
         filtering,
+        portmap: Vec::new(),
     }
 }
 
@@ -222,7 +227,24 @@ impl std::fmt::Display for Report {
             }
             Filtering::Unknown => "unknown",
         };
-        writeln!(f, "filtering:  {filtering}")
+        writeln!(f, "filtering:  {filtering}")?;
+        for p in &self.portmap {
+            match (p.answered, p.external, &p.error) {
+                (true, Some(ext), _) => writeln!(
+                    f,
+                    "{:<11} mapped {ext} ({} ms)",
+                    format!("{}:", p.protocol),
+                    p.ms
+                )?,
+                (_, _, err) => writeln!(
+                    f,
+                    "{:<11} no ({})",
+                    format!("{}:", p.protocol),
+                    err.as_deref().unwrap_or("no answer")
+                )?,
+            }
+        }
+        Ok(())
     }
 }
 

@@ -431,6 +431,27 @@ impl Proc {
         *status
     }
 
+    /// Sends SIGINT (what Ctrl-C sends) and waits at most `timeout` for the process to end;
+    /// returns its exit status, or `None` if it still runs.
+    pub fn interrupt(&self, timeout: Duration) -> Option<ExitStatus> {
+        let pid = self.pid().and_then(|p| i32::try_from(p).ok())?;
+        // SAFETY: kill(2) with a PID of our own child that has not been reaped (the status
+        // check above would have reaped it), and a plain signal number.
+        unsafe {
+            libc::kill(pid, libc::SIGINT);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.exit_status() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Whether the process still runs.
     pub fn is_running(&self) -> bool {
         self.exit_status().is_none()

@@ -580,25 +580,30 @@ impl Tunnel {
     pub async fn start(lab: &Lab, a: &Host, b: &Host, test: &str) -> Tunnel {
         let files = common::Lab::new(test);
         let relay = start_relay(lab, &files).await;
+        Tunnel::start_with(a, b, files, relay, &[], &[]).await
+    }
+
+    /// As [`Tunnel::start`], with S already running (and its files), and extra global flags
+    /// for the exposer and the forwarder (e.g. `--portmap pcp`).
+    pub async fn start_with(
+        a: &Host,
+        b: &Host,
+        files: common::Lab,
+        relay: Proc,
+        exposer_flags: &[&str],
+        forwarder_flags: &[&str],
+    ) -> Tunnel {
         let service = Service::start(a);
         let a_state = files.state_dir("exposer");
         let b_state = files.state_dir("forwarder");
         let target = format!("127.0.0.1:{}", service.port());
-        let exposer = start_agent(
-            a,
-            &files,
-            "exposer",
-            &a_state,
-            &["expose", &target, "--name", NAME],
-        );
+        let mut args = vec!["expose", &target, "--name", NAME];
+        args.extend_from_slice(exposer_flags);
+        let exposer = start_agent(a, &files, "exposer", &a_state, &args);
         let forward_to = format!("127.0.0.1:{FORWARD_PORT}");
-        let forwarder = start_agent(
-            b,
-            &files,
-            "forwarder",
-            &b_state,
-            &["forward", NAME, &forward_to],
-        );
+        let mut args = vec!["forward", NAME, &forward_to];
+        args.extend_from_slice(forwarder_flags);
+        let forwarder = start_agent(b, &files, "forwarder", &b_state, &args);
         let t = Tunnel {
             forwarder,
             exposer,

@@ -107,6 +107,7 @@ pub mod emu;
 pub mod netns;
 pub mod rules;
 pub mod stun;
+pub mod upnpd;
 
 pub use emu::LinkStats;
 
@@ -701,6 +702,27 @@ impl Lab {
         Ok(())
     }
 
+    /// Starts miniupnpd on `router` (see [`upnpd`]) with the protocols `which` enables, after
+    /// opening the router's rules for its port forwards and its STUN test. S (the relay, or a
+    /// STUN responder answering CHANGE-REQUEST from its second address) must already run at
+    /// `stun`. The daemon is killed when the returned handle or the lab is dropped.
+    pub fn start_miniupnpd(
+        &self,
+        router: &Router,
+        which: upnpd::Protocols,
+        stun: SocketAddr,
+    ) -> io::Result<upnpd::Miniupnpd> {
+        self.check_own(&router.ns);
+        let (ns, lan_net) = {
+            let mut st = self.lock();
+            let r = &mut st.routers[router.idx];
+            r.rules.port_forwarding = true;
+            netns::nft(&r.ns, &rules::rules(&r.rules))?;
+            (r.ns.clone(), r.rules.lan_net.clone())
+        };
+        upnpd::Miniupnpd::start(&ns, &lan_net, which, stun)
+    }
+
     /// Drops `what` in the host's innermost NAT router (both directions, forwarded traffic
     /// only: LAN-to-LAN traffic is bridged and unaffected), or in a public host's own input
     /// and output. Blocks add up until [`Lab::unblock`].
@@ -983,6 +1005,7 @@ impl Lab {
             s_addrs: S_ADDRS,
             state_timeout: udp_timeout.unwrap_or(DEFAULT_STATE_TIMEOUT),
             hairpin,
+            port_forwarding: false,
         };
         netns::nft(
             &ns,

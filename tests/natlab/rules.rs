@@ -29,6 +29,10 @@ pub struct RouterRules {
     pub state_timeout: u32,
     /// Whether LAN hosts can reach each other through the router's public address.
     pub hairpin: bool,
+    /// Whether a port-mapping daemon (miniupnpd, see `upnpd`) runs on the router: its port
+    /// forwards (DNAT) are let in from the WAN, and so are S's STUN answers to the router
+    /// itself (the daemon's RFC 5780 test asks S to answer from its other address).
+    pub port_forwarding: bool,
 }
 
 /// The tables, sets and base chains, without rules.
@@ -73,6 +77,12 @@ pub fn rules(r: &RouterRules) -> String {
     input.push(format!(
         r#"iifname "{wan}" ct state established,related accept"#
     ));
+    if r.port_forwarding {
+        input.push(format!(
+            r#"iifname "{wan}" ip saddr {{ {}, {} }} meta l4proto udp accept"#,
+            r.s_addrs[0], r.s_addrs[1]
+        ));
+    }
     input.push(format!(r#"iifname "{wan}" drop"#));
 
     // Source NAT for the LAN prefix only (the router's own packets keep their address).
@@ -124,6 +134,11 @@ pub fn rules(r: &RouterRules) -> String {
     fwd.push(format!(
         r#"iifname "{wan}" ct state established,related accept"#
     ));
+    if r.port_forwarding && r.nat != Nat::FullCone {
+        // What miniupnpd forwards; its own filter chain would accept the same packets, but an
+        // accept there does not override this table's drop.
+        fwd.push(format!(r#"iifname "{wan}" ct status dnat accept"#));
+    }
     match r.nat {
         Nat::FullCone => fwd.push(format!(r#"iifname "{wan}" ct status dnat accept"#)),
         Nat::Restricted => fwd.push(format!(
