@@ -63,7 +63,12 @@ pub fn start(
         .as_ref()
         .map(|r| r.nat)
         .unwrap_or_default();
-    let strategy = symmetric::strategy(mine, rv.peer_nat, &rv.peer_candidates);
+    let mapped = ctx
+        .portmap
+        .borrow()
+        .iter()
+        .any(|m| m.candidate().kind == crate::proto::CandidateKind::PortMapped);
+    let strategy = symmetric::strategy(mine, rv.peer_nat, &rv.peer_candidates, mapped);
     match &strategy {
         Strategy::Ordinary => {}
         Strategy::Impossible => tracing::info!(

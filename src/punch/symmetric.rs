@@ -75,16 +75,23 @@ pub enum Strategy {
     Impossible,
 }
 
-/// Chooses the technique from how our NAT and the peer's map, and the peer's candidates.
-pub fn strategy(mine: NatMapping, peer: NatMapping, peer_candidates: &[Candidate]) -> Strategy {
+/// Chooses the technique from how our NAT and the peer's map, the peer's candidates, and
+/// whether our gateway maps a port to us (`mapped`).
+pub fn strategy(
+    mine: NatMapping,
+    peer: NatMapping,
+    peer_candidates: &[Candidate],
+    mapped: bool,
+) -> Strategy {
     let first = |kind: CandidateKind| {
         peer_candidates
             .iter()
             .find(|c| c.kind == kind)
             .map(|c| c.addr)
     };
-    // A port the peer's gateway opened for it is reachable from anywhere: ordinary checks.
-    if first(CandidateKind::PortMapped).is_some() {
+    // A port either gateway opened is reachable from anywhere: the ordinary checks to it get
+    // in, and their sources teach the other side the rest (peer-reflexive candidates).
+    if mapped || first(CandidateKind::PortMapped).is_some() {
         return Strategy::Ordinary;
     }
     let Some(reflexive) = first(CandidateKind::ServerReflexive) else {
@@ -234,39 +241,47 @@ mod tests {
         ];
         use NatMapping::*;
         assert_eq!(
-            strategy(Independent, Random, &peer),
+            strategy(Independent, Random, &peer, false),
             Strategy::ProbeRandom("203.0.113.9".parse().unwrap())
         );
         assert_eq!(
-            strategy(Random, Independent, &peer),
+            strategy(Random, Independent, &peer, false),
             Strategy::OpenMany(addr("203.0.113.9:40000"))
         );
         assert_eq!(
-            strategy(Independent, Sequential { step: 1 }, &peer),
+            strategy(Independent, Sequential { step: 1 }, &peer, false),
             Strategy::Predict(predict(addr("203.0.113.9:40000"), 1))
         );
         assert_eq!(
-            strategy(Sequential { step: 1 }, Independent, &peer),
+            strategy(Sequential { step: 1 }, Independent, &peer, false),
             Strategy::Ordinary
         );
-        assert_eq!(strategy(Random, Random, &peer), Strategy::Impossible);
+        assert_eq!(strategy(Random, Random, &peer, false), Strategy::Impossible);
         assert_eq!(
-            strategy(Random, Sequential { step: 1 }, &peer),
+            strategy(Random, Sequential { step: 1 }, &peer, false),
             Strategy::Impossible
         );
         assert_eq!(
-            strategy(Independent, Independent, &peer),
+            strategy(Independent, Independent, &peer, false),
             Strategy::Ordinary
         );
-        assert_eq!(strategy(Unknown, Random, &peer), Strategy::Ordinary);
+        assert_eq!(strategy(Unknown, Random, &peer, false), Strategy::Ordinary);
         // A port mapping makes every trick unnecessary.
         let mut mapped = peer.to_vec();
         mapped.push(cand(CandidateKind::PortMapped, "203.0.113.9:5000"));
-        assert_eq!(strategy(Independent, Random, &mapped), Strategy::Ordinary);
-        assert_eq!(strategy(Random, Random, &mapped), Strategy::Ordinary);
+        assert_eq!(
+            strategy(Independent, Random, &mapped, false),
+            Strategy::Ordinary
+        );
+        assert_eq!(strategy(Random, Random, &mapped, false), Strategy::Ordinary);
+        assert_eq!(
+            strategy(Random, Independent, &peer, true),
+            Strategy::Ordinary
+        );
+        assert_eq!(strategy(Random, Random, &peer, true), Strategy::Ordinary);
         // Without the address S saw there is nothing to aim at.
         assert_eq!(
-            strategy(Independent, Random, &peer[..1]),
+            strategy(Independent, Random, &peer[..1], false),
             Strategy::Ordinary
         );
     }
