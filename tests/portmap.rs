@@ -255,7 +255,8 @@ async fn mapped_cell(
     assert_eq!(after.as_deref(), Some("direct_udp"), "left the direct path");
 
     // A clean exit deletes the mapping.
-    let status = tokio::task::block_in_place(|| tunnel.exposer.interrupt(Duration::from_secs(5)));
+    tunnel.exposer.interrupt();
+    let status = tunnel.exposer.wait_exit(Duration::from_secs(5)).await;
     assert!(
         status.is_some_and(|s| s.success()),
         "the exposer did not exit cleanly on SIGINT: {status:?}\n{}",

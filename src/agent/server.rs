@@ -59,39 +59,37 @@ impl Registered {
         name: &str,
         candidates: Vec<Candidate>,
     ) -> anyhow::Result<Rendezvous> {
-        let exchange = async {
-            let (mut send, mut recv) = self.conn.open_bi().await?;
-            let msg = ClientMsg::Connect {
-                name: name.to_owned(),
-                candidates,
-                nat: self.nat,
-            };
-            write_frame(&mut send, &msg).await?;
-            let _ = send.finish();
-            match read_frame::<ServerMsg, _>(&mut recv).await? {
-                Some(ServerMsg::Rendezvous(rv)) if rv.name == name => Ok(rv),
-                Some(ServerMsg::Error(e)) => Err(anyhow!(e)),
-                Some(other) => Err(anyhow!("S answered with an unexpected message: {other:?}")),
-                None => Err(anyhow!("S closed the request without an answer")),
-            }
+        let msg = ClientMsg::Connect {
+            name: name.to_owned(),
+            candidates,
+            nat: self.nat,
         };
-        tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
-            .await
-            .map_err(|_| anyhow!("S did not answer within {}s", EXCHANGE_TIMEOUT.as_secs()))?
+        match self.request(&msg).await? {
+            ServerMsg::Rendezvous(rv) if rv.name == name => Ok(rv),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Replaces the candidates S gives the peers of this agent's later introductions.
     pub async fn update_candidates(&self, candidates: Vec<Candidate>) -> anyhow::Result<()> {
+        match self
+            .request(&ClientMsg::UpdateCandidates { candidates })
+            .await?
+        {
+            ServerMsg::CandidatesUpdated => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One request on a stream of its own, and S's one answer.
+    async fn request(&self, msg: &ClientMsg) -> anyhow::Result<ServerMsg> {
         let exchange = async {
             let (mut send, mut recv) = self.conn.open_bi().await?;
-            write_frame(&mut send, &ClientMsg::UpdateCandidates { candidates }).await?;
+            write_frame(&mut send, msg).await?;
             let _ = send.finish();
-            match read_frame::<ServerMsg, _>(&mut recv).await? {
-                Some(ServerMsg::CandidatesUpdated) => Ok(()),
-                Some(ServerMsg::Error(e)) => Err(anyhow!(e)),
-                Some(other) => Err(anyhow!("S answered with an unexpected message: {other:?}")),
-                None => Err(anyhow!("S closed the request without an answer")),
-            }
+            read_frame::<ServerMsg, _>(&mut recv)
+                .await?
+                .ok_or_else(|| anyhow!("S closed the request without an answer"))
         };
         tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
             .await
@@ -110,6 +108,14 @@ impl Registered {
             addr,
         }));
         out
+    }
+}
+
+/// An answer a request did not expect: S's error, or a protocol mix-up.
+fn unexpected(answer: ServerMsg) -> anyhow::Error {
+    match answer {
+        ServerMsg::Error(e) => anyhow!(e),
+        other => anyhow!("S answered with an unexpected message: {other:?}"),
     }
 }
 

@@ -431,24 +431,23 @@ impl Proc {
         *status
     }
 
-    /// Sends SIGINT (what Ctrl-C sends) and waits at most `timeout` for the process to end;
-    /// returns its exit status, or `None` if it still runs.
-    pub fn interrupt(&self, timeout: Duration) -> Option<ExitStatus> {
-        let pid = self.pid().and_then(|p| i32::try_from(p).ok())?;
-        // SAFETY: kill(2) with a PID of our own child that has not been reaped (the status
-        // check above would have reaped it), and a plain signal number.
-        unsafe {
-            libc::kill(pid, libc::SIGINT);
+    /// Sends SIGINT (what Ctrl-C sends), if the process has not been reaped yet; follow with
+    /// [`Proc::wait_exit`].
+    pub fn interrupt(&self) {
+        // The locks in the order `exit_status` takes them: while both are held and no status
+        // was recorded, the child has not been reaped, so its PID is still its own.
+        let status = self.status.lock().expect("lock");
+        let mut child = self.child.lock().expect("lock");
+        let Some(c) = child.as_mut() else { return };
+        if status.is_some() || !matches!(c.try_wait(), Ok(None)) {
+            return;
         }
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.exit_status() {
-                return Some(st);
+        if let Ok(pid) = i32::try_from(c.id()) {
+            // SAFETY: kill(2) on our own child, still running and unreaped (above), with a
+            // plain signal number.
+            unsafe {
+                libc::kill(pid, libc::SIGINT);
             }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
