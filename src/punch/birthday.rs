@@ -209,15 +209,7 @@ pub fn spawn_path(
 mod tests {
     use super::*;
     use crate::punch::session::check_request;
-
-    fn creds(local: &str, remote: &str) -> Credentials {
-        Credentials {
-            local_ufrag: local.into(),
-            local_pwd: format!("{local}-password-0123456789"),
-            remote_ufrag: remote.into(),
-            remote_pwd: format!("{remote}-password-0123456789"),
-        }
-    }
+    use crate::punch::testing::creds;
 
     #[test]
     fn only_the_sessions_checks_are_answered() {

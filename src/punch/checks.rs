@@ -73,13 +73,7 @@ pub fn best(answered: &[(SocketAddr, Duration)]) -> Option<(SocketAddr, Duration
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn cand(kind: CandidateKind, addr: &str) -> Candidate {
-        Candidate {
-            kind,
-            addr: addr.parse().unwrap(),
-        }
-    }
+    use crate::punch::testing::cand;
 
     #[test]
     fn plan_orders_dedups_and_filters() {

@@ -17,6 +17,8 @@ pub mod router;
 mod session;
 pub mod symmetric;
 pub mod tcp;
+#[cfg(test)]
+mod testing;
 
 pub use router::StunRouter;
 pub use session::{punch, start_delay, PunchError, Punched};

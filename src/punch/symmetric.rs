@@ -178,13 +178,7 @@ pub fn miss_probability(open: usize, probes: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn cand(kind: CandidateKind, addr: &str) -> Candidate {
-        Candidate {
-            kind,
-            addr: addr.parse().unwrap(),
-        }
-    }
+    use crate::punch::testing::cand;
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()

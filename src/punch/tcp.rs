@@ -326,15 +326,7 @@ async fn accept_loop(this: std::sync::Weak<TcpPunch>, listener: TcpListener) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn creds(a: &str, b: &str) -> Credentials {
-        Credentials {
-            local_ufrag: a.into(),
-            local_pwd: format!("{a}-pwd"),
-            remote_ufrag: b.into(),
-            remote_pwd: format!("{b}-pwd"),
-        }
-    }
+    use crate::punch::testing::creds;
 
     #[tokio::test]
     async fn hellos_prove_the_session_and_nothing_else() {
