@@ -4,7 +4,7 @@
 //! ```text
 //! cargo bench --bench tunnel               # the table on stdout
 //! cargo bench --bench tunnel -- --json     # JSON on stdout, the table on stderr
-//! scripts/bench.sh [--json] [--quick] [--loopback] [--keep] [--scale 1000,10000]
+//! scripts/bench.sh [--json] [--quick] [--loopback] [--keep] [--scale 1000,10000] [--only direct,scale,relay]
 //! ```
 //!
 //! # Topology
