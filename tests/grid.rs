@@ -253,21 +253,10 @@ fn agent_bin() -> PathBuf {
     common::agent_bin()
 }
 
-/// Sets the environment every child gets: no inherited p2ptun settings, info logs, no colour.
+/// The environment every child gets (see [`common::child_env`]); `P2PTUN_GRID_LOG` sets the
+/// log level.
 fn child_env(cmd: &mut Command) {
-    for var in [
-        "P2PTUN_TOKEN",
-        "P2PTUN_SERVER",
-        "P2PTUN_STATE_DIR",
-        "P2PTUN_SERVER_FINGERPRINT",
-        "P2PTUN_RELAY_TOKEN",
-    ] {
-        cmd.env_remove(var);
-    }
-    let level = std::env::var("P2PTUN_GRID_LOG").unwrap_or_else(|_| "info".to_owned());
-    cmd.env("RUST_LOG", level)
-        .env("NO_COLOR", "1")
-        .env("RUST_BACKTRACE", "1");
+    common::child_env(cmd, "P2PTUN_GRID_LOG", "info");
 }
 
 /// Runs `cmd` to its end (killed after `limit`); returns its stdout, or an error saying how it

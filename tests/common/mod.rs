@@ -295,8 +295,9 @@ pub struct Proc {
     log_path: PathBuf,
 }
 
-/// Sets the environment every child gets: no inherited p2ptun settings, plain log text.
-fn clean_env(cmd: &mut Command) {
+/// Sets the environment every child gets: no inherited p2ptun settings, plain log text, and
+/// `RUST_LOG` from `log_var` (a test's own variable) or else `default_log`.
+pub fn child_env(cmd: &mut Command, log_var: &str, default_log: &str) {
     for var in [
         "P2PTUN_TOKEN",
         "P2PTUN_SERVER",
@@ -306,10 +307,15 @@ fn clean_env(cmd: &mut Command) {
     ] {
         cmd.env_remove(var);
     }
-    let level = std::env::var("P2PTUN_TEST_LOG").unwrap_or_else(|_| "info".to_owned());
+    let level = std::env::var(log_var).unwrap_or_else(|_| default_log.to_owned());
     cmd.env("RUST_LOG", level)
         .env("NO_COLOR", "1")
         .env("RUST_BACKTRACE", "1");
+}
+
+/// [`child_env`] with `P2PTUN_TEST_LOG`, default `info`.
+fn clean_env(cmd: &mut Command) {
+    child_env(cmd, "P2PTUN_TEST_LOG", "info");
 }
 
 impl Proc {

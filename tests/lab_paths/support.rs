@@ -502,21 +502,9 @@ impl Conn {
 // ---------------------------------------------------------------------------------------------
 // Processes
 
-/// The environment every child gets: no inherited p2ptun settings, plain logs.
+/// The environment every child gets (see [`common::child_env`]).
 fn child_env(cmd: &mut Command, default_log: &str) {
-    for var in [
-        "P2PTUN_TOKEN",
-        "P2PTUN_SERVER",
-        "P2PTUN_STATE_DIR",
-        "P2PTUN_SERVER_FINGERPRINT",
-        "P2PTUN_RELAY_TOKEN",
-    ] {
-        cmd.env_remove(var);
-    }
-    let level = std::env::var("P2PTUN_TEST_LOG").unwrap_or_else(|_| default_log.to_owned());
-    cmd.env("RUST_LOG", level)
-        .env("NO_COLOR", "1")
-        .env("RUST_BACKTRACE", "1");
+    common::child_env(cmd, "P2PTUN_TEST_LOG", default_log);
 }
 
 /// Starts S in the lab's S namespace and waits until it listens.
