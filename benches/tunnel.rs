@@ -26,10 +26,14 @@
 //!
 //! # What it measures
 //!
-//! - throughput through one forwarded connection each way and through 8 parallel ones (each
-//!   measurement bounded by 256 MiB or 5 s), the same with raw TCP, and the ratio; CPU
-//!   seconds per GiB of each agent (utime+stime from /proc/PID/stat);
-//! - 1-byte ping-pong latency (5,000 round trips), p50/p99, tunnel and raw;
+//! - throughput through one forwarded connection each way and through 8 parallel ones, the
+//!   same with raw TCP, and the ratio; CPU seconds per GiB of each agent (utime+stime from
+//!   /proc/PID/stat). Each figure is the median of three rounds (one with `--quick`), tunnel
+//!   and raw TCP taking turns so that a passing load on the machine hits both; a round sends
+//!   for 1.5 s (1 s with `--quick`), at most 8 GiB. Raw TCP moves a few GiB/s here, so a
+//!   round bounded by size alone would last a tenth of a second and measure mostly noise;
+//! - 1-byte ping-pong latency (5,000 round trips each), p50/p99, tunnel and raw taking turns
+//!   in blocks of 100 so that the machine's passing states touch both alike;
 //! - setup: from spawning `p2ptun forward` to the first byte echoed back, and to the
 //!   forwarder reporting `path.kind == "direct_udp"` (its status socket, the JSON that
 //!   `p2ptun status --json` prints, polled every 20 ms);
@@ -55,6 +59,8 @@
 //! process (to 65,536, or to the hard limit without CAP_SYS_RESOURCE); the agents inherit
 //! it. A scale level that needs more descriptors than that is skipped and says so.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
 #[path = "../tests/natlab/mod.rs"]
 mod natlab;
 
@@ -189,6 +195,8 @@ impl Opts {
 struct Sizes {
     bulk_bytes: u64,
     bulk_time: Duration,
+    /// Rounds per throughput figure (its median).
+    rounds: usize,
     parallel: usize,
     pings: usize,
     warmup_pings: usize,
@@ -200,8 +208,9 @@ impl Sizes {
     fn new(quick: bool) -> Sizes {
         if quick {
             Sizes {
-                bulk_bytes: 64 << 20,
-                bulk_time: Duration::from_secs(2),
+                bulk_bytes: 8 << 30,
+                bulk_time: Duration::from_secs(1),
+                rounds: 1,
                 parallel: 8,
                 pings: 1000,
                 warmup_pings: 100,
@@ -209,8 +218,9 @@ impl Sizes {
             }
         } else {
             Sizes {
-                bulk_bytes: 256 << 20,
-                bulk_time: Duration::from_secs(5),
+                bulk_bytes: 8 << 30,
+                bulk_time: Duration::from_millis(1500),
+                rounds: 3,
                 parallel: 8,
                 pings: 5000,
                 warmup_pings: 200,
@@ -844,37 +854,68 @@ async fn bulk(
     Ok((total, start.elapsed()))
 }
 
-/// `n` 1-byte round trips after `warmup` unrecorded ones, within `limit`.
+/// Round trips are taken in blocks of this many, alternating between the tunnel and raw TCP.
+const PING_BLOCK: usize = 100;
+
+/// `n` 1-byte round trips through `tunnel` and as many through `raw`, after `warmup`
+/// unrecorded ones each, within `limit`. The two take turns in blocks of [`PING_BLOCK`], so
+/// that the machine's passing states (CPU clocks, idle states, other load) touch both alike
+/// and the difference between them is the tunnel's.
 async fn pingpong(
-    addr: SocketAddr,
+    tunnel: SocketAddr,
+    raw: SocketAddr,
     warmup: usize,
     n: usize,
     limit: Duration,
-) -> Result<Vec<Duration>> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
-    s.write_all(&[MODE_ECHO]).await?;
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
     let deadline = Instant::now() + limit;
-    let mut rtts = Vec::with_capacity(n);
-    let mut b = [0u8; 1];
-    for i in 0..warmup + n {
-        ensure!(
-            Instant::now() < deadline,
-            "only {} of {n} round trips within {limit:?}",
-            rtts.len()
-        );
-        let t = Instant::now();
-        s.write_all(&[i as u8]).await?;
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+    let mut conns = Vec::new();
+    for (what, addr) in [("p2ptun", tunnel), ("raw TCP", raw)] {
+        let mut s = TcpStream::connect(addr)
             .await
-            .context("no echo within 5 s")??;
-        ensure!(b[0] == i as u8, "echo mismatch");
-        if i >= warmup {
-            rtts.push(t.elapsed());
+            .with_context(|| format!("{what}: connect {addr}"))?;
+        s.set_nodelay(true)?;
+        s.write_all(&[MODE_ECHO]).await?;
+        for i in 0..warmup {
+            round_trip(&mut s, i, deadline)
+                .await
+                .with_context(|| format!("{what}: warm-up"))?;
+        }
+        conns.push((what, s, Vec::with_capacity(n)));
+    }
+    let mut i = warmup;
+    while conns.iter().any(|c| c.2.len() < n) {
+        for (what, s, rtts) in conns.iter_mut() {
+            for _ in 0..PING_BLOCK.min(n - rtts.len()) {
+                let rtt = round_trip(s, i, deadline)
+                    .await
+                    .with_context(|| format!("{what}: only {} of {n} round trips", rtts.len()))?;
+                rtts.push(rtt);
+                i += 1;
+            }
         }
     }
-    s.shutdown().await?;
-    Ok(rtts)
+    let mut out = Vec::new();
+    for (_, mut s, rtts) in conns {
+        s.shutdown().await?;
+        out.push(rtts);
+    }
+    let raw = out.pop().unwrap_or_default();
+    let tunnel = out.pop().unwrap_or_default();
+    Ok((tunnel, raw))
+}
+
+/// One 1-byte echo (the byte is `i`'s low bits), before `deadline`.
+async fn round_trip(s: &mut TcpStream, i: usize, deadline: Instant) -> Result<Duration> {
+    ensure!(Instant::now() < deadline, "time limit reached");
+    let t = Instant::now();
+    s.write_all(&[i as u8]).await?;
+    let mut b = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+        .await
+        .context("no echo within 5 s")??;
+    ensure!(b[0] == i as u8, "echo mismatch");
+    Ok(t.elapsed())
 }
 
 /// Retries until a connection echoes one byte; returns when it did.
@@ -1076,14 +1117,44 @@ struct SetupSample {
 struct BulkResult {
     bytes: u64,
     secs: f64,
+    /// MiB/s of each round, in the order run.
+    rounds: Vec<f64>,
     /// CPU seconds of forwarder, exposer, S during the measurement.
     cpu: [f64; 3],
     path_after: Option<String>,
 }
 
 impl BulkResult {
+    /// The median round's MiB/s (over all bytes and time with no rounds recorded).
     fn mib_s(&self) -> f64 {
-        self.bytes as f64 / MIB / self.secs.max(1e-9)
+        if self.rounds.is_empty() {
+            return self.bytes as f64 / MIB / self.secs.max(1e-9);
+        }
+        let mut r = self.rounds.clone();
+        r.sort_by(f64::total_cmp);
+        let mid = r.len() / 2;
+        if r.len() % 2 == 1 {
+            r[mid]
+        } else {
+            (r[mid - 1] + r[mid]) / 2.0
+        }
+    }
+
+    /// Adds one round: bytes, time and CPU add up (CPU per GiB is over all rounds).
+    fn add_round(&mut self, round: &BulkResult) {
+        self.bytes += round.bytes;
+        self.secs += round.secs;
+        for (total, c) in self.cpu.iter_mut().zip(round.cpu) {
+            *total += c;
+        }
+        self.rounds.push(round.mib_s());
+        self.path_after.clone_from(&round.path_after);
+    }
+
+    /// The rounds' MiB/s as "a / b / c".
+    fn rounds_text(&self) -> String {
+        let r: Vec<String> = self.rounds.iter().map(|x| format!("{x:.0}")).collect();
+        r.join(" / ")
     }
 
     fn cpu_per_gib(&self, i: usize) -> f64 {
@@ -1373,18 +1444,28 @@ impl Bench {
                 if conns == 1 { "" } else { "s" },
                 dir.name()
             );
-            self.say(&format!(
-                "throughput: {label} through p2ptun ({})",
-                pair.name
-            ));
-            let tunnel = self
-                .bulk(Some(pair), pair.forward_addr, dir, conns)
-                .map_err(|e| format!("{e:#}"));
-            let raw = with_raw.then(|| {
-                self.say(&format!("throughput: {label}, raw TCP"));
-                self.bulk(None, self.raw_addr, dir, conns)
-                    .map_err(|e| format!("{e:#}"))
-            });
+            let mut tunnel = Ok(BulkResult::default());
+            let mut raw = with_raw.then(|| Ok(BulkResult::default()));
+            for round in 1..=self.sizes.rounds {
+                let of = format!("round {round} of {}", self.sizes.rounds);
+                self.say(&format!(
+                    "throughput: {label} through p2ptun ({}), {of}",
+                    pair.name
+                ));
+                if let Ok(total) = &mut tunnel {
+                    match self.bulk(Some(pair), pair.forward_addr, dir, conns) {
+                        Ok(r) => total.add_round(&r),
+                        Err(e) => tunnel = Err(format!("{of}: {e:#}")),
+                    }
+                }
+                if let Some(Ok(total)) = &mut raw {
+                    self.say(&format!("throughput: {label}, raw TCP, {of}"));
+                    match self.bulk(None, self.raw_addr, dir, conns) {
+                        Ok(r) => total.add_round(&r),
+                        Err(e) => raw = Some(Err(format!("{of}: {e:#}"))),
+                    }
+                }
+            }
             for r in [Some(&tunnel), raw.as_ref()].into_iter().flatten() {
                 if let Err(e) = r {
                     self.problems
@@ -1612,6 +1693,7 @@ fn relay_bin(agent: &Path) -> Result<PathBuf> {
     let mut cmd = Command::new(&cargo);
     // The command the test harness runs (tests/common), so it resolves the same features and
     // is a no-op after a test run (and the other way round).
+    common::without_cargo_target_env(&mut cmd);
     cmd.args(["build", "--quiet", "--workspace", "--release"])
         .arg("--manifest-path")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
@@ -1802,11 +1884,12 @@ impl Report {
         }
         let _ = writeln!(
             o,
-            "RLIMIT_NOFILE {}; run took {:.0} s; bounds: {} MiB or {:.0} s per throughput measurement, {} round trips (+{} warm-up)",
+            "RLIMIT_NOFILE {}; run took {:.0} s; throughput: median of {} round(s), each sending for {:.1} s (at most {} GiB); {} round trips (+{} warm-up)",
             self.nofile,
             self.duration.as_secs_f64(),
-            self.sizes.bulk_bytes >> 20,
+            self.sizes.rounds,
             self.sizes.bulk_time.as_secs_f64(),
+            self.sizes.bulk_bytes >> 30,
             self.sizes.pings,
             self.sizes.warmup_pings
         );
@@ -1864,6 +1947,24 @@ impl Report {
         }
         let _ = writeln!(
             o,
+            "  rounds (MiB/s, in the order run; the figures above are their medians):"
+        );
+        for r in &self.direct {
+            let rounds = |b: Option<&Result<BulkResult, String>>| match b {
+                Some(Ok(b)) => b.rounds_text(),
+                Some(Err(_)) => "failed".into(),
+                None => "n/a".into(),
+            };
+            let _ = writeln!(
+                o,
+                "    {:<20} p2ptun {:<22} raw TCP {}",
+                r.label,
+                rounds(Some(&r.tunnel)),
+                rounds(r.raw.as_ref())
+            );
+        }
+        let _ = writeln!(
+            o,
             "  agents' CPU s per GiB over all direct transfers: forwarder {}, exposer {}",
             self.direct_cpu_per_gib(0)
                 .map_or("n/a".into(), |x| format!("{x:.2}")),
@@ -1882,8 +1983,8 @@ impl Report {
         if !self.relay.is_empty() {
             let _ = writeln!(
                 o,
-                "  {:<34} {:>10} {:>11} {:>11} {:>11}  path",
-                "", "MiB/s", "S CPU/GiB", "fwd CPU/GiB", "exp CPU/GiB"
+                "  {:<34} {:>10} {:>11} {:>11} {:>11}  {:<10}  rounds (MiB/s)",
+                "", "MiB/s", "S CPU/GiB", "fwd CPU/GiB", "exp CPU/GiB", "path"
             );
         }
         for r in &self.relay {
@@ -1891,13 +1992,14 @@ impl Report {
                 Ok(t) => {
                     let _ = writeln!(
                         o,
-                        "  {:<34} {:>10} {:>11.2} {:>11.2} {:>11.2}  {}",
+                        "  {:<34} {:>10} {:>11.2} {:>11.2} {:>11.2}  {:<10}  {}",
                         r.label,
                         f1(t.mib_s()),
                         t.cpu_per_gib(2),
                         t.cpu_per_gib(0),
                         t.cpu_per_gib(1),
-                        t.path_after.clone().unwrap_or_else(|| "?".into())
+                        t.path_after.clone().unwrap_or_else(|| "?".into()),
+                        t.rounds_text()
                     );
                 }
                 Err(e) => {
@@ -2141,7 +2243,7 @@ impl Report {
     fn json(&self) -> Value {
         let bulk = |b: &Result<BulkResult, String>| match b {
             Ok(b) => json!({
-                "bytes": b.bytes, "secs": b.secs, "mib_per_s": b.mib_s(),
+                "bytes": b.bytes, "secs": b.secs, "mib_per_s": b.mib_s(), "rounds_mib_per_s": b.rounds,
                 "cpu_s": {"forwarder": b.cpu[0], "exposer": b.cpu[1], "relay": b.cpu[2]},
                 "cpu_s_per_gib": {"forwarder": b.cpu_per_gib(0), "exposer": b.cpu_per_gib(1), "relay": b.cpu_per_gib(2)},
                 "path_after": b.path_after,
@@ -2152,7 +2254,7 @@ impl Report {
             rows.iter()
                 .map(|r| {
                     let raw = r.raw.as_ref().map(|x| match x {
-                        Ok(w) => json!({"bytes": w.bytes, "secs": w.secs, "mib_per_s": w.mib_s()}),
+                        Ok(w) => json!({"bytes": w.bytes, "secs": w.secs, "mib_per_s": w.mib_s(), "rounds_mib_per_s": w.rounds}),
                         Err(e) => json!({"error": e}),
                     });
                     let ratio = match (&r.tunnel, r.raw.as_ref()) {
@@ -2383,20 +2485,18 @@ fn run(opts: Opts) -> Result<()> {
             std::thread::sleep(Duration::from_secs(1));
             idle = Some(b.mem(&pair));
 
-            b.say("latency: p2ptun");
+            b.say("latency: p2ptun and raw TCP, taking turns");
             let (w, n) = (b.sizes.warmup_pings, b.sizes.pings);
             let lim = Duration::from_secs(60);
-            let t = on(&b.rt_b, pingpong(pair.forward_addr, w, n, lim))
-                .map(lat_of)
-                .map_err(|e| format!("{e:#}"));
-            b.say("latency: raw TCP");
-            let r = on(&b.rt_b, pingpong(b.raw_addr, w, n, lim))
-                .map(lat_of)
-                .map_err(|e| format!("{e:#}"));
-            latency = Some((t, r));
+            latency = Some(
+                match on(&b.rt_b, pingpong(pair.forward_addr, b.raw_addr, w, n, lim)) {
+                    Ok((t, r)) => (Ok(lat_of(t)), Ok(lat_of(r))),
+                    Err(e) => (Err(format!("{e:#}")), Err(format!("{e:#}"))),
+                },
+            );
 
             b.say("warm-up transfer");
-            let warm = b.sizes.bulk_bytes / 8;
+            let warm = 64 << 20;
             let addr = pair.forward_addr;
             if let Err(e) = on(
                 &b.rt_b,

@@ -82,6 +82,7 @@ fn find_or_build_relay() -> PathBuf {
     let mut cmd = Command::new(&cargo);
     // The same command as .ci/run's, so that it resolves the same features and is a no-op
     // after it.
+    without_cargo_target_env(&mut cmd);
     cmd.args(["build", "--quiet", "--workspace"])
         .arg("--manifest-path")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
@@ -1716,4 +1717,29 @@ pub fn skip_or_fail(reason: &str) {
     }
     println!("SKIPPED: {reason}");
     eprintln!("SKIPPED: {reason}");
+}
+
+/// Removes what cargo sets for the target it runs (this test or bench) from `cmd`'s
+/// environment: build scripts that watch one of these (ring's watches CARGO_MANIFEST_DIR)
+/// would otherwise be rerun, and everything above them rebuilt, every time the build is
+/// invoked from here and then again from a shell.
+pub fn without_cargo_target_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let per_target = matches!(
+            key,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_MANIFEST_LINKS"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_RUSTC_CURRENT_DIR"
+        ) || key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_EXE_");
+        if per_target {
+            cmd.env_remove(key);
+        }
+    }
 }
