@@ -5,6 +5,7 @@
 //! datagram while taking STUN out of the stream before quinn sees it. Changing a peer's path
 //! is therefore invisible to the QUIC connection above: no stream notices.
 
+mod batch;
 mod socket;
 mod table;
 pub mod tcp;

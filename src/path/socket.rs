@@ -5,15 +5,16 @@ use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use quinn::udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::io::Interest;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
+use super::batch::{worth_holding, SendBatch};
 use super::table::{canonical, PathTable, Route};
 use crate::proto::stun;
 
@@ -57,6 +58,11 @@ pub struct PathSocket {
     inject_tx: mpsc::Sender<Injected>,
     inject_rx: std::sync::Mutex<mpsc::Receiver<Injected>>,
     ipv6: bool,
+    /// Datagrams held back to go out in one bigger GSO send (see [`super::batch`]).
+    batch: Mutex<SendBatch>,
+    /// Wakes the task that sends a held batch nothing else completed; `None` outside a
+    /// tokio runtime, where nothing is held.
+    flush_needed: Option<Arc<Notify>>,
 }
 
 impl fmt::Debug for PathSocket {
@@ -129,6 +135,8 @@ impl PathSocket {
         let io = tokio::net::UdpSocket::from_std(std)?;
         let (stun_tx, stun_rx) = mpsc::channel(STUN_QUEUE);
         let (inject_tx, inject_rx) = mpsc::channel(INJECT_QUEUE);
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let flush_needed = runtime.as_ref().map(|_| Arc::new(Notify::new()));
         let socket = PathSocket {
             io,
             state,
@@ -139,8 +147,14 @@ impl PathSocket {
             inject_tx,
             inject_rx: std::sync::Mutex::new(inject_rx),
             ipv6,
+            batch: Mutex::new(SendBatch::default()),
+            flush_needed: flush_needed.clone(),
         };
-        Ok((Arc::new(socket), stun_rx))
+        let socket = Arc::new(socket);
+        if let (Some(runtime), Some(notify)) = (runtime, flush_needed) {
+            runtime.spawn(flush_held(Arc::downgrade(&socket), notify));
+        }
+        Ok((socket, stun_rx))
     }
 
     /// The path table, to add and remove peers' paths.
@@ -280,17 +294,7 @@ impl AsyncUdpSocket for PathSocket {
             segment_size: transmit.segment_size,
             src_ip: transmit.src_ip,
         };
-        match self.io.try_io(Interest::WRITABLE, || {
-            self.state.send((&self.io).into(), &out)
-        }) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(e),
-            Err(e) => {
-                // Reported as a loss: an error here would stop quinn's endpoint driver.
-                tracing::debug!(%dest, error = %e, "send failed");
-                Ok(())
-            }
-            Ok(()) => Ok(()),
-        }
+        self.send_batched(&out)
     }
 
     fn poll_recv(
@@ -323,6 +327,68 @@ impl AsyncUdpSocket for PathSocket {
 }
 
 impl PathSocket {
+    /// Sends `t`, or holds it to go out with what follows (see [`super::batch`]). A held
+    /// transmit counts as sent for quinn; a batch nothing completes is sent by
+    /// [`flush_held`] once the tasks that were ready have run.
+    fn send_batched(&self, t: &Transmit) -> io::Result<()> {
+        let Some(flush_needed) = &self.flush_needed else {
+            return self.send_now(t);
+        };
+        // Once quinn-udp finds that GSO fails, this is 1: nothing more is held (a batch takes
+        // transmits of several datagrams only) and what is held goes out first.
+        let max_gso = self.state.max_gso_segments();
+        let per_transmit = t.contents.len() / t.segment_size.unwrap_or(usize::MAX).max(1);
+        let mut batch = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+        if !batch.is_empty() {
+            if batch.push(t.destination, t, max_gso) {
+                if worth_holding(t) && !batch.is_full(max_gso, per_transmit) {
+                    return Ok(());
+                }
+                if self.flush(&mut batch).is_err() {
+                    // The socket is full; `t` is held already, the task sends it.
+                    flush_needed.notify_one();
+                }
+                return Ok(());
+            }
+            // On WouldBlock `t` is not taken: quinn waits until the socket is writable.
+            self.flush(&mut batch)?;
+        }
+        if worth_holding(t) && batch.push(t.destination, t, max_gso) {
+            flush_needed.notify_one();
+            return Ok(());
+        }
+        drop(batch);
+        self.send_now(t)
+    }
+
+    /// Sends what `batch` holds; on WouldBlock it stays held.
+    fn flush(&self, batch: &mut SendBatch) -> io::Result<()> {
+        let result = match batch.transmit() {
+            Some(t) => self.send_now(&t),
+            None => return Ok(()),
+        };
+        if result.is_ok() {
+            batch.clear();
+        }
+        result
+    }
+
+    /// One `sendmsg`. Only WouldBlock is an error: any other failure concerns one peer and
+    /// is reported as a loss, since an error here would stop quinn's endpoint driver.
+    fn send_now(&self, t: &Transmit) -> io::Result<()> {
+        match self
+            .io
+            .try_io(Interest::WRITABLE, || self.state.send((&self.io).into(), t))
+        {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(e),
+            Err(e) => {
+                tracing::debug!(dest = %t.destination, error = %e, "send failed");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
     /// Moves datagrams that arrived on TCP and relay paths into quinn's buffers, if any wait.
     fn poll_injected(
         &self,
@@ -392,11 +458,124 @@ impl PathSocket {
     }
 }
 
+impl Drop for PathSocket {
+    fn drop(&mut self) {
+        // Lets [`flush_held`] see that the socket is gone and end.
+        if let Some(notify) = &self.flush_needed {
+            notify.notify_one();
+        }
+    }
+}
+
+/// Sends a batch that nothing else completed: after a transmit started a batch, this task
+/// wakes, lets every task that was ready run first (the connection adding more to the
+/// batch), then sends what is held, waiting for the socket to drain if it is full. Ends when
+/// the socket is dropped.
+async fn flush_held(socket: Weak<PathSocket>, notify: Arc<Notify>) {
+    loop {
+        notify.notified().await;
+        // `yield_now` resumes only after the runtime has run the tasks already waiting.
+        tokio::task::yield_now().await;
+        loop {
+            let Some(live) = socket.upgrade() else {
+                return;
+            };
+            let sent = {
+                let mut batch = live.batch.lock().unwrap_or_else(|e| e.into_inner());
+                live.flush(&mut batch)
+            };
+            if sent.is_ok() || live.io.writable().await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Poller(Arc<PathSocket>);
 
 impl UdpPoller for Poller {
     fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
         self.0.io.poll_send_ready(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `count` datagrams of `size` bytes, datagram `i` filled with the byte `first + i`.
+    fn datagrams(first: u8, count: usize, size: usize) -> Vec<u8> {
+        (0..count)
+            .flat_map(|i| std::iter::repeat_n(first.wrapping_add(i as u8), size))
+            .collect()
+    }
+
+    /// Sends `t` as quinn would: waiting until the socket is writable first.
+    async fn send(socket: &PathSocket, t: &Transmit<'_>) {
+        loop {
+            socket.io.writable().await.expect("writable");
+            match socket.try_send(t) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other.expect("send"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn held_datagrams_all_arrive_in_order_and_a_tail_is_sent_by_the_task() {
+        let (socket, _stun) =
+            PathSocket::bind("127.0.0.1:0".parse().expect("address"), Policy::AcceptAll)
+                .expect("bind");
+        let receiver = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let to = receiver.local_addr().expect("address");
+        // Four bulk transmits (held and joined), then one ending in a short datagram (sends
+        // the batch at once), then one more bulk transmit that nothing completes: the
+        // flushing task must send it.
+        let mut sent = Vec::new();
+        for k in 0..4u8 {
+            let data = datagrams(k * 10, 10, 1000);
+            let t = Transmit {
+                destination: to,
+                ecn: None,
+                contents: &data,
+                segment_size: Some(1000),
+                src_ip: None,
+            };
+            send(&socket, &t).await;
+            sent.extend(data.chunks(1000).map(<[u8]>::to_vec));
+        }
+        let mut tail = datagrams(40, 2, 1000);
+        tail.truncate(1500);
+        let t = Transmit {
+            destination: to,
+            ecn: None,
+            contents: &tail,
+            segment_size: Some(1000),
+            src_ip: None,
+        };
+        send(&socket, &t).await;
+        sent.extend(tail.chunks(1000).map(<[u8]>::to_vec));
+        let last = datagrams(50, 10, 1000);
+        let t = Transmit {
+            destination: to,
+            ecn: None,
+            contents: &last,
+            segment_size: Some(1000),
+            src_ip: None,
+        };
+        send(&socket, &t).await;
+        sent.extend(last.chunks(1000).map(<[u8]>::to_vec));
+
+        let mut buf = vec![0u8; 65_536];
+        for (i, want) in sent.iter().enumerate() {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), receiver.recv(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("datagram {i} of {} never arrived", sent.len()))
+                .expect("recv");
+            assert_eq!(&buf[..n], &want[..], "datagram {i}");
+        }
     }
 }
