@@ -468,14 +468,17 @@ impl Drop for PathSocket {
 }
 
 /// Sends a batch that nothing else completed: after a transmit started a batch, this task
-/// wakes, lets every task that was ready run first (the connection adding more to the
-/// batch), then sends what is held, waiting for the socket to drain if it is full. Ends when
-/// the socket is dropped.
+/// wakes, goes once to the back of the run queue (so the connection that started the batch
+/// gets one more turn to add to it), then sends what is held, waiting for the socket to
+/// drain if it is full. Ends when the socket is dropped.
+///
+/// One turn, not more: `tokio::task::yield_now` would wait until no task is ready, which
+/// with several busy streams holds datagrams for milliseconds (QUIC reads that delay as a
+/// longer round trip).
 async fn flush_held(socket: Weak<PathSocket>, notify: Arc<Notify>) {
     loop {
         notify.notified().await;
-        // `yield_now` resumes only after the runtime has run the tasks already waiting.
-        tokio::task::yield_now().await;
+        back_of_the_queue().await;
         loop {
             let Some(live) = socket.upgrade() else {
                 return;
@@ -489,6 +492,21 @@ async fn flush_held(socket: Weak<PathSocket>, notify: Arc<Notify>) {
             }
         }
     }
+}
+
+/// Returns after the tasks already in the run queue had their turn: it wakes itself, which
+/// queues it behind them.
+async fn back_of_the_queue() {
+    let mut queued = false;
+    std::future::poll_fn(|cx| {
+        if queued {
+            return Poll::Ready(());
+        }
+        queued = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await;
 }
 
 #[derive(Debug)]
@@ -571,10 +589,11 @@ mod tests {
 
         let mut buf = vec![0u8; 65_536];
         for (i, want) in sent.iter().enumerate() {
-            let n = tokio::time::timeout(std::time::Duration::from_secs(5), receiver.recv(&mut buf))
-                .await
-                .unwrap_or_else(|_| panic!("datagram {i} of {} never arrived", sent.len()))
-                .expect("recv");
+            let n =
+                tokio::time::timeout(std::time::Duration::from_secs(5), receiver.recv(&mut buf))
+                    .await
+                    .unwrap_or_else(|_| panic!("datagram {i} of {} never arrived", sent.len()))
+                    .expect("recv");
             assert_eq!(&buf[..n], &want[..], "datagram {i}");
         }
     }
