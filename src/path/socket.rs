@@ -529,6 +529,17 @@ mod tests {
             .collect()
     }
 
+    /// A GSO transmit of 1000-byte datagrams to `to`.
+    fn transmit(to: SocketAddr, contents: &[u8]) -> Transmit<'_> {
+        Transmit {
+            destination: to,
+            ecn: None,
+            contents,
+            segment_size: Some(1000),
+            src_ip: None,
+        }
+    }
+
     /// Sends `t` as quinn would: waiting until the socket is writable first.
     async fn send(socket: &PathSocket, t: &Transmit<'_>) {
         loop {
@@ -555,36 +566,15 @@ mod tests {
         let mut sent = Vec::new();
         for k in 0..4u8 {
             let data = datagrams(k * 10, 10, 1000);
-            let t = Transmit {
-                destination: to,
-                ecn: None,
-                contents: &data,
-                segment_size: Some(1000),
-                src_ip: None,
-            };
-            send(&socket, &t).await;
+            send(&socket, &transmit(to, &data)).await;
             sent.extend(data.chunks(1000).map(<[u8]>::to_vec));
         }
         let mut tail = datagrams(40, 2, 1000);
         tail.truncate(1500);
-        let t = Transmit {
-            destination: to,
-            ecn: None,
-            contents: &tail,
-            segment_size: Some(1000),
-            src_ip: None,
-        };
-        send(&socket, &t).await;
+        send(&socket, &transmit(to, &tail)).await;
         sent.extend(tail.chunks(1000).map(<[u8]>::to_vec));
         let last = datagrams(50, 10, 1000);
-        let t = Transmit {
-            destination: to,
-            ecn: None,
-            contents: &last,
-            segment_size: Some(1000),
-            src_ip: None,
-        };
-        send(&socket, &t).await;
+        send(&socket, &transmit(to, &last)).await;
         sent.extend(last.chunks(1000).map(<[u8]>::to_vec));
 
         let mut buf = vec![0u8; 65_536];
