@@ -262,7 +262,10 @@ impl PathSocket {
 
 impl AsyncUdpSocket for PathSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-        Box::pin(Poller(self))
+        Box::pin(Poller {
+            socket: self,
+            writable: None,
+        })
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
@@ -487,8 +490,12 @@ async fn flush_held(socket: Weak<PathSocket>, notify: Arc<Notify>) {
                 let mut batch = live.batch.lock().unwrap_or_else(|e| e.into_inner());
                 live.flush(&mut batch)
             };
-            if sent.is_ok() || live.io.writable().await.is_err() {
+            if sent.is_ok() {
                 break;
+            }
+            if live.io.writable().await.is_err() {
+                // Only when the runtime's I/O driver is shutting down.
+                return;
             }
         }
     }
@@ -509,12 +516,33 @@ async fn back_of_the_queue() {
     .await;
 }
 
-#[derive(Debug)]
-struct Poller(Arc<PathSocket>);
+/// Waits for the socket to take more, for one quinn connection. Each connection (S's and
+/// every peer's) has its own, and each waits on its own `writable()` future: tokio keeps
+/// any number of those, whereas `poll_send_ready` keeps one waker per socket, so a second
+/// connection's wait would silently replace the first's and leave it stalled until a timer.
+struct Poller {
+    socket: Arc<PathSocket>,
+    writable: Option<Pin<Box<dyn std::future::Future<Output = io::Result<()>> + Send + Sync>>>,
+}
+
+impl fmt::Debug for Poller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Poller").finish_non_exhaustive()
+    }
+}
 
 impl UdpPoller for Poller {
-    fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
-        self.0.io.poll_send_ready(cx)
+    fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let writable = this.writable.get_or_insert_with(|| {
+            let socket = this.socket.clone();
+            Box::pin(async move { socket.io.writable().await })
+        });
+        let result = writable.as_mut().poll(cx);
+        if result.is_ready() {
+            self.writable = None;
+        }
+        result
     }
 }
 
