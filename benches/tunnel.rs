@@ -1681,45 +1681,12 @@ fn raise_nofile(want: u64) -> u64 {
     soft
 }
 
-/// The relay binary: `P2PTUN_BENCH_RELAY_BIN`, or built next to the agent (a no-op when it
-/// is up to date).
-fn relay_bin(agent: &Path) -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("P2PTUN_BENCH_RELAY_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let dir = agent.parent().context("agent dir")?;
-    let relay = dir.join("p2ptun-relay");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(&cargo);
-    // The command the test harness runs (tests/common), so it resolves the same features and
-    // is a no-op after a test run (and the other way round).
-    common::without_cargo_target_env(&mut cmd);
-    cmd.args(["build", "--quiet", "--workspace", "--release"])
-        .arg("--manifest-path")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
-    if let Some(target) = dir.parent() {
-        cmd.arg("--target-dir").arg(target);
-    }
-    let out = cmd.stdin(Stdio::null()).output();
-    match out {
-        Ok(o) if o.status.success() => {}
-        Ok(o) if relay.exists() => eprintln!(
-            "bench: WARNING: building p2ptun-relay failed, using the existing {}:\n{}",
-            relay.display(),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-        Ok(o) => bail!(
-            "cannot build p2ptun-relay:\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        ),
-        Err(e) if relay.exists() => eprintln!(
-            "bench: WARNING: cannot run cargo ({e}); using {}",
-            relay.display()
-        ),
-        Err(e) => bail!("cannot run cargo to build p2ptun-relay: {e}"),
-    }
-    ensure!(relay.exists(), "{} does not exist", relay.display());
-    Ok(relay)
+/// The relay binary: `P2PTUN_BENCH_RELAY_BIN`, or the test harness's (built next to the
+/// agent, a no-op when it is up to date).
+fn relay_bin() -> PathBuf {
+    std::env::var_os("P2PTUN_BENCH_RELAY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(common::relay_bin)
 }
 
 /// Starts S (`p2ptun-relay`) in `side` and waits until it listens.
@@ -2373,7 +2340,7 @@ fn run(opts: Opts) -> Result<()> {
     let load_start = loadavg();
     let nofile = raise_nofile(WANT_NOFILE);
     let agent_bin = PathBuf::from(env!("CARGO_BIN_EXE_p2ptun"));
-    let relay_bin = relay_bin(&agent_bin)?;
+    let relay_bin = relay_bin();
 
     let lab_check = if opts.loopback {
         Err("--loopback given".to_owned())
