@@ -10,11 +10,12 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use p2ptun::path::canonical;
+use p2ptun::proto::relay as wire;
 use p2ptun::proto::{
     read_frame, validate_name, write_frame, Candidate, ClientMsg, ErrorCode, ErrorMsg, Fingerprint,
     FrameError, NatMapping, ServerMsg, PROTOCOL_VERSION,
@@ -122,6 +123,8 @@ pub struct Shared {
     /// The relay sessions.
     pub relay: Mutex<Sessions<Agent>>,
     next_registration: AtomicU64,
+    /// Counts the relayed packets S split (their fragments' packet numbers).
+    splits: AtomicU32,
 }
 
 impl Shared {
@@ -141,7 +144,13 @@ impl Shared {
             stun_alt,
             relay: Mutex::new(Sessions::new(budgets)),
             next_registration: AtomicU64::new(UNREGISTERED + 1),
+            splits: AtomicU32::new(0),
         }
+    }
+
+    /// The packet number for the next relayed packet S splits.
+    pub fn next_split(&self) -> u32 {
+        wire::packet_number(self.splits.fetch_add(1, Ordering::Relaxed), true)
     }
 
     /// The relay sessions (the lock is never held across an await).
@@ -702,7 +711,7 @@ fn connect(
 /// the session is relayed.
 fn open_relay(shared: &Shared, forwarder: &Arc<Agent>, exposer: &Arc<Agent>) -> (u64, bool) {
     loop {
-        let id = rand::random::<u64>();
+        let id = wire::session_id(rand::random());
         let opened = shared
             .relay()
             .open(id, forwarder.party(), exposer.party(), Instant::now());

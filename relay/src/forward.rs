@@ -5,7 +5,9 @@
 //!
 //! Nothing here waits for a slow receiver: a datagram is queued without blocking (quinn drops
 //! the oldest queued ones when its send buffer is full, which is loss, and QUIC inside
-//! recovers), and a packet that needs a stream goes out from a task of its own, at most
+//! recovers). A whole packet too large for the receiver's datagrams is split into pieces
+//! ([`p2ptun::tunnel::relayed`]); S never puts pieces together, the receiving agent does. A
+//! packet no datagram can carry goes out on a stream from a task of its own, at most
 //! [`crate::relay::STREAMS_PER_SESSION`] per session at once.
 
 use std::sync::Arc;
@@ -14,7 +16,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use p2ptun::proto::relay::{self as wire, MAX_STREAM_PAYLOAD};
 use p2ptun::proto::ServerMsg;
-use quinn::{Connection, RecvStream, SendDatagramError};
+use p2ptun::tunnel::relayed::{self, NotSent, Sent};
+use quinn::{Connection, RecvStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
@@ -36,7 +39,7 @@ pub fn datagram(shared: &Arc<Shared>, from: u64, payload: Bytes, tasks: &mut Joi
     let Some((to, streams)) = decide(shared, from, &payload) else {
         return;
     };
-    if let Some(payload) = try_datagram(&shared.metrics, &to, payload) {
+    if let Some(payload) = try_datagram(shared, &to, payload) {
         match Arc::clone(&streams).try_acquire_owned() {
             Ok(permit) => {
                 let metrics = Arc::clone(&shared.metrics);
@@ -68,7 +71,7 @@ pub async fn stream(shared: Arc<Shared>, from: u64, mut recv: RecvStream) {
     let Some((to, streams)) = decide(&shared, from, &payload) else {
         return;
     };
-    if let Some(payload) = try_datagram(&shared.metrics, &to, payload) {
+    if let Some(payload) = try_datagram(&shared, &to, payload) {
         // This task is the stream's own already; it only needs a permit.
         match streams.try_acquire_owned() {
             Ok(permit) => on_stream(&shared.metrics, to.conn(), payload, permit).await,
@@ -82,7 +85,7 @@ pub async fn stream(shared: Arc<Shared>, from: u64, mut recv: RecvStream) {
 /// The session's verdict on a payload, with drops and closes dealt with: `Some` if it is to
 /// be sent on.
 fn decide(shared: &Shared, from: u64, payload: &Bytes) -> Option<(Arc<Agent>, Arc<Semaphore>)> {
-    let Some((session, _)) = wire::decode(payload) else {
+    let Some(session) = wire::session_of(payload) else {
         shared
             .metrics
             .relayed(RelayOutcome::Malformed, payload.len());
@@ -108,20 +111,22 @@ fn decide(shared: &Shared, from: u64, payload: &Bytes) -> Option<(Arc<Agent>, Ar
     }
 }
 
-/// Sends `payload` to `to` as a datagram; gives it back if it must go on a stream instead.
-fn try_datagram(metrics: &Metrics, to: &Agent, payload: Bytes) -> Option<Bytes> {
+/// Sends `payload` to `to` as datagrams (split if it does not fit in one); gives it back if
+/// it must go on a stream instead.
+fn try_datagram(shared: &Shared, to: &Agent, payload: Bytes) -> Option<Bytes> {
+    let metrics = &shared.metrics;
     let len = payload.len();
-    // Bytes clones share the buffer; the copy is kept only for the stream fallback.
-    match to.conn().send_datagram(payload.clone()) {
-        Ok(()) => {
+    match relayed::send(to.conn(), payload, || shared.next_split()) {
+        Ok(sent) => {
+            if let Sent::Split(_) = sent {
+                Metrics::inc(&metrics.relay_split_packets_total);
+            }
             metrics.relayed(RelayOutcome::Forwarded, len);
             None
         }
-        // Larger than the path to the receiver carries in one datagram, or the receiver takes
-        // no datagrams at all: a stream carries it.
-        Err(SendDatagramError::TooLarge | SendDatagramError::UnsupportedByPeer) => Some(payload),
+        Err(NotSent::NeedsStream(payload)) => Some(payload),
         Err(e) => {
-            tracing::trace!(error = %e, "relay datagram not sent");
+            tracing::trace!(error = ?e, "relay datagram not sent");
             metrics.relayed(RelayOutcome::SendFailed, len);
             None
         }

@@ -133,6 +133,8 @@ pub struct Metrics {
     pub relay_bytes_total: AtomicU64,
     /// Relayed packets sent on a stream because they did not fit in a datagram.
     pub relay_stream_packets_total: AtomicU64,
+    /// Relayed packets S split into pieces to fit the receiver's datagrams.
+    pub relay_split_packets_total: AtomicU64,
     /// Relay sessions made.
     pub relay_sessions_total: AtomicU64,
     /// TCP connections that carried a control connection (their preamble was right).
@@ -320,6 +322,12 @@ impl Metrics {
             "counter",
             "Relayed packets sent on a stream because they did not fit in a datagram.",
             &[("", get(&self.relay_stream_packets_total))],
+        );
+        metric(
+            "relay_split_packets_total",
+            "counter",
+            "Relayed packets S split into pieces to fit the receiver's datagrams.",
+            &[("", get(&self.relay_split_packets_total))],
         );
         metric(
             "tcp_connections_total",

@@ -37,10 +37,6 @@ const MAX_STREAMS_PER_AGENT: u32 = 16;
 const STREAM_WINDOW: u32 = 256 * 1024;
 /// Per-connection receive window, so a stranger's unread data is bounded.
 const CONNECTION_WINDOW: u32 = 1024 * 1024;
-/// The first MTU tried on control connections: room for a relayed packet of an inner
-/// connection (1200 bytes and up) plus the relay header in one datagram. Where the path
-/// cannot carry it, quinn's black-hole detection falls back to 1200.
-const INITIAL_MTU: u16 = 1452;
 /// Relayed datagrams buffered per connection in each direction before the oldest are lost.
 const DATAGRAM_BUFFER: usize = 4 << 20;
 /// Unidirectional streams (one oversized relayed packet each) an agent may have open at once.
@@ -140,7 +136,10 @@ impl Relay {
         transport.max_concurrent_uni_streams(RELAY_STREAMS_PER_AGENT.into());
         transport.stream_receive_window(STREAM_WINDOW.into());
         transport.receive_window(CONNECTION_WINDOW.into());
-        transport.initial_mtu(INITIAL_MTU);
+        // Room for a relayed packet plus the relay header in one datagram, as on the agent's
+        // side; quinn falls back to 1200 where the path cannot carry it.
+        transport.initial_mtu(tls::CONTROL_MTU);
+        transport.mtu_discovery_config(Some(tls::control_mtu_discovery()));
         transport.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
         transport.datagram_send_buffer_size(DATAGRAM_BUFFER);
         server_config.transport_config(Arc::new(transport));

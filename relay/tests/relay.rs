@@ -1,5 +1,5 @@
-//! S in-process on 127.0.0.1 relaying between agents: datagrams and oversized packets on
-//! streams, packets that must not pass, the byte budget, sessions closing when an agent
+//! S in-process on 127.0.0.1 relaying between agents: datagrams, packets split to fit and
+//! oversized ones on streams, packets that must not pass, the byte budget, sessions closing when an agent
 //! leaves, and agents whose control connection comes over TCP.
 //!
 //! The agents here are what a real agent is to S: a quinn endpoint on a `PathSocket`, with
@@ -12,12 +12,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use p2ptun::path::{self, PathKind, PathSocket, Policy};
-use p2ptun::proto::relay::encode;
+use p2ptun::proto::relay::{decode, encode, Reassembly, Relayed, FRAGMENT_HEADER, MAX_FRAGMENTS};
 use p2ptun::proto::{
     read_frame, write_frame, CandidateKind, ClientMsg, ErrorCode, Rendezvous, ServerMsg,
     ALPN_CONTROL, PROTOCOL_VERSION,
 };
 use p2ptun::tunnel::endpoint::make_endpoint;
+use p2ptun::tunnel::relayed::{self, NotSent};
 use p2ptun::tunnel::{tls, Identity};
 use p2ptun_relay::{Relay, RelayConfig};
 use quinn::{Connection, RecvStream, SendStream};
@@ -75,16 +76,10 @@ impl Server {
     }
 }
 
-/// A client transport as an agent's control connection needs it: datagrams both ways, a
-/// first MTU with room for relayed packets, and S may open streams for oversized ones.
+/// A client transport as an agent's control connection has it.
 fn client_config(identity: &Identity) -> quinn::ClientConfig {
     let mut config = tls::client_config(identity, ALPN_CONTROL).unwrap();
-    let mut t = tls::transport_config();
-    t.initial_mtu(1452);
-    t.datagram_receive_buffer_size(Some(4 << 20));
-    t.datagram_send_buffer_size(4 << 20);
-    t.max_concurrent_uni_streams(128u32.into());
-    config.transport_config(Arc::new(t));
+    config.transport_config(Arc::new(tls::control_transport_config()));
     config
 }
 
@@ -224,19 +219,39 @@ impl Agent {
             .is_err()
     }
 
-    /// Sends one relay payload as S's protocol says: a datagram if it fits, else a stream.
+    /// Sends one relay payload as an agent does: as datagrams (split if need be), else on a
+    /// stream.
     async fn send_relay(&self, payload: Bytes) {
-        let fits = self
-            .conn
-            .max_datagram_size()
-            .is_some_and(|max| payload.len() <= max);
-        if fits {
-            self.conn.send_datagram(payload).unwrap();
-        } else {
-            let mut send = self.conn.open_uni().await.unwrap();
-            send.write_all(&payload).await.unwrap();
-            send.finish().unwrap();
+        match relayed::send(&self.conn, payload, || 1) {
+            Ok(_) => {}
+            Err(NotSent::NeedsStream(payload)) => self.send_on_stream(payload).await,
+            Err(e) => panic!("relay payload not sent: {e:?}"),
         }
+    }
+
+    /// Sends one relay payload on a stream of its own, which S must accept for any payload.
+    async fn send_on_stream(&self, payload: Bytes) {
+        let mut send = self.conn.open_uni().await.unwrap();
+        send.write_all(&payload).await.unwrap();
+        send.finish().unwrap();
+    }
+
+    /// The next packet relayed to this agent, put together from pieces if it was split, with
+    /// how it came and in how many pieces.
+    async fn relayed_packet(&self) -> (Bytes, &'static str, usize) {
+        let mut pieces = Reassembly::default();
+        for n in 1..=MAX_FRAGMENTS {
+            let (payload, how) = self.relayed().await;
+            match decode(&payload).expect("a well-formed relay payload") {
+                (_, Relayed::Packet(_)) => return (payload, how, n),
+                (session, Relayed::Fragment(piece)) => {
+                    if let Some(packet) = pieces.push(session, piece) {
+                        return (encode(session, &packet), how, n);
+                    }
+                }
+            }
+        }
+        panic!("more pieces than a packet has")
     }
 }
 
@@ -279,10 +294,19 @@ async fn packets_are_relayed_between_the_two_agents_only() {
     a.send_relay(big.clone()).await;
     assert_eq!(b.relayed().await, (big, "datagram"));
 
-    // A packet too large for any datagram goes on a stream, and arrives on one.
-    let huge = encode(session, &[7; 3000]);
+    // A packet too large for one datagram is split by its sender, and S passes the pieces.
+    let split = encode(session, &[3; 3000]);
+    b.send_relay(split.clone()).await;
+    assert_eq!(a.relayed_packet().await, (split, "datagram", 3));
+    // One that comes whole on a stream (as any may) S splits itself to fit the receiver.
+    let whole = encode(session, &[5; 2000]);
+    b.send_on_stream(whole.clone()).await;
+    assert_eq!(a.relayed_packet().await, (whole, "datagram", 2));
+    assert_eq!(s.metric("relay_split_packets_total").await, 1);
+    // One too large for any number of pieces goes on a stream, and arrives on one.
+    let huge = encode(session, &[7; 20_000]);
     b.send_relay(huge.clone()).await;
-    assert_eq!(a.relayed().await, (huge, "stream"));
+    assert_eq!(a.relayed_packet().await, (huge, "stream", 1));
     assert_eq!(s.metric("relay_stream_packets_total").await, 1);
 
     // An unknown session, a third agent using the session, and a runt: none passes. The
@@ -316,12 +340,16 @@ async fn packets_are_relayed_between_the_two_agents_only() {
     );
     assert_eq!(
         s.metric("relay_packets_total{result=\"forwarded\"}").await,
-        4
+        // Hello, big, 3 pieces, one whole split by S, huge, after.
+        8
     );
-    let bytes = [12usize, 1300, 3000, 5]
+    // S counts what it received: the pieces of the split packet with their headers.
+    let pieces = 3 * FRAGMENT_HEADER + 3000;
+    let bytes = [12usize, 1300, 2000, 20_000, 5]
         .iter()
         .map(|n| n + 8)
-        .sum::<usize>();
+        .sum::<usize>()
+        + pieces;
     assert_eq!(s.metric("relay_bytes_total").await, bytes as u64);
 }
 
@@ -439,11 +467,15 @@ async fn an_agent_over_tcp_is_seen_at_its_tcp_address_and_relayed() {
     for size in [20usize, 1300, 3000] {
         let to_tcp = encode(session, &vec![1; size]);
         b.send_relay(to_tcp.clone()).await;
-        assert_eq!(a.relayed().await.0, to_tcp, "{size} bytes to the TCP agent");
+        assert_eq!(
+            a.relayed_packet().await.0,
+            to_tcp,
+            "{size} bytes to the TCP agent"
+        );
         let from_tcp = encode(session, &vec![2; size]);
         a.send_relay(from_tcp.clone()).await;
         assert_eq!(
-            b.relayed().await.0,
+            b.relayed_packet().await.0,
             from_tcp,
             "{size} bytes from the TCP agent"
         );

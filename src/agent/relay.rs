@@ -7,13 +7,14 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 
 use bytes::Bytes;
-use quinn::{Connection, SendDatagramError};
+use quinn::Connection;
 use tokio::sync::mpsc;
 
 use super::server::Registered;
 use super::Ctx;
 use crate::path::{Injected, PathKind};
-use crate::proto::relay;
+use crate::proto::relay::{self, Reassembly, Relayed};
+use crate::tunnel::relayed::{self, NotSent};
 
 /// Packets waiting for the control connection before new ones are lost.
 const QUEUE: usize = 1024;
@@ -43,8 +44,9 @@ pub fn open(ctx: &Ctx, reg: &Registered, session: u64, virt: SocketAddr) {
     let server = reg.server;
     let table_owner = ctx.router.socket().clone();
     tokio::spawn(async move {
+        let mut split = 0u32;
         while let Some(packet) = rx.recv().await {
-            if !send(&conn, relay::encode(session, &packet)) {
+            if !send(&conn, relay::encode(session, &packet), &mut split) {
                 break;
             }
         }
@@ -55,12 +57,16 @@ pub fn open(ctx: &Ctx, reg: &Registered, session: u64, virt: SocketAddr) {
     });
 }
 
-/// Sends one relay payload: as a datagram, or on a stream of its own when it does not fit.
-/// Returns false once the connection is closed.
-fn send(conn: &Connection, payload: Bytes) -> bool {
-    match conn.send_datagram(payload.clone()) {
-        Ok(()) => true,
-        Err(SendDatagramError::TooLarge) => {
+/// Sends one relay payload: as datagrams, or on a stream of its own when none can carry it.
+/// `split` counts the packets sent in pieces. Returns false once the connection is closed.
+fn send(conn: &Connection, payload: Bytes, split: &mut u32) -> bool {
+    let number = || {
+        *split = split.wrapping_add(1);
+        relay::packet_number(*split, false)
+    };
+    match relayed::send(conn, payload, number) {
+        Ok(_) => true,
+        Err(NotSent::NeedsStream(payload)) => {
             let conn = conn.clone();
             tokio::spawn(async move {
                 if let Ok(mut s) = conn.open_uni().await {
@@ -70,8 +76,8 @@ fn send(conn: &Connection, payload: Bytes) -> bool {
             });
             true
         }
-        Err(SendDatagramError::ConnectionLost(_)) => false,
-        Err(e) => {
+        Err(NotSent::Closed) => false,
+        Err(NotSent::Failed(e)) => {
             tracing::debug!("relay datagram not sent: {e}");
             true
         }
@@ -91,39 +97,36 @@ pub fn close(ctx: &Ctx, session: u64, server: SocketAddr) {
 /// Hands relayed packets arriving on the control connection `conn` to quinn, until it ends.
 pub async fn pump(ctx: std::sync::Arc<Ctx>, conn: Connection) {
     let injector = ctx.router.socket().injector();
-    let deliver = |payload: Bytes| {
-        let (session, packet) = relay::decode(&payload)?;
-        let virt = *ctx.relays.lock().get(&session)?;
-        Some(Injected {
-            from: virt,
-            data: packet,
-        })
+    // Pieces come as datagrams; a piece on a stream is possible but rare (see proto::relay).
+    let pieces = std::sync::Arc::new(Mutex::new(Reassembly::default()));
+    let deliver = {
+        let (ctx, pieces) = (ctx.clone(), pieces.clone());
+        move |payload: Bytes| {
+            let (session, what) = relay::decode(&payload)?;
+            let data = match what {
+                Relayed::Packet(packet) => packet,
+                Relayed::Fragment(piece) => pieces
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(session, piece)?,
+            };
+            let from = *ctx.relays.lock().get(&session)?;
+            // A full queue is congestion: the packet is lost, QUIC recovers.
+            let _ = injector.try_send(Injected { from, data });
+            Some(())
+        }
     };
     let datagrams = async {
         while let Ok(payload) = conn.read_datagram().await {
-            if let Some(packet) = deliver(payload) {
-                // A full queue is congestion: the packet is lost, QUIC recovers.
-                let _ = injector.try_send(packet);
-            }
+            deliver(payload);
         }
     };
     let streams = async {
         while let Ok(mut uni) = conn.accept_uni().await {
-            let injector = injector.clone();
-            let ctx = ctx.clone();
+            let deliver = deliver.clone();
             tokio::spawn(async move {
-                let Ok(payload) = uni.read_to_end(relay::MAX_STREAM_PAYLOAD).await else {
-                    return;
-                };
-                let Some((session, packet)) = relay::decode(&Bytes::from(payload)) else {
-                    return;
-                };
-                let virt = ctx.relays.lock().get(&session).copied();
-                if let Some(virt) = virt {
-                    let _ = injector.try_send(Injected {
-                        from: virt,
-                        data: packet,
-                    });
+                if let Ok(payload) = uni.read_to_end(relay::MAX_STREAM_PAYLOAD).await {
+                    deliver(Bytes::from(payload));
                 }
             });
         }

@@ -5,6 +5,7 @@ pub mod copy;
 pub mod endpoint;
 pub mod header;
 pub mod identity;
+pub mod relayed;
 pub mod tls;
 
 pub use identity::{Identity, IdentityError};

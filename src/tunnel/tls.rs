@@ -63,6 +63,24 @@ pub const PEER_MAX_MTU: u16 = 1400;
 /// streams.
 pub const CONTROL_MTU: u16 = 1452;
 
+/// How soon a control connection looks for its MTU again after quinn's black-hole detection
+/// dropped it to 1200.
+///
+/// Relayed traffic is almost all full-size datagrams, so an ordinary congestion loss (a busy
+/// receiver's socket buffer overflowing) looks to quinn like full-size packets vanishing, and
+/// it decides the path is a black hole. At quinn's default of one minute every relayed packet
+/// then goes on a stream of its own for that minute, and throughput collapses (measured: 8
+/// streams relayed to a one-thread agent fell from ~250 to ~50 MiB/s). A real black hole costs
+/// a few lost probes per try, so trying again soon is cheap.
+pub const CONTROL_BLACK_HOLE_COOLDOWN: Duration = Duration::from_secs(1);
+
+/// MTU discovery of control connections, on both ends: see [`CONTROL_BLACK_HOLE_COOLDOWN`].
+pub fn control_mtu_discovery() -> quinn::MtuDiscoveryConfig {
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.black_hole_cooldown(CONTROL_BLACK_HOLE_COOLDOWN);
+    mtu
+}
+
 /// Transport settings of the end-to-end connection between agents.
 pub fn peer_transport_config() -> quinn::TransportConfig {
     let mut t = transport_config();
@@ -80,6 +98,7 @@ pub fn peer_transport_config() -> quinn::TransportConfig {
 pub fn control_transport_config() -> quinn::TransportConfig {
     let mut t = transport_config();
     t.initial_mtu(CONTROL_MTU);
+    t.mtu_discovery_config(Some(control_mtu_discovery()));
     // S sends relayed packets too large for a datagram on streams of their own.
     t.max_concurrent_uni_streams(128u32.into());
     t.datagram_receive_buffer_size(Some(4 << 20));
