@@ -12,6 +12,8 @@
 //! - `relay_first_*` (issue 4): the punch is held up (everything between the peers dropped),
 //!   so a large transfer starts through S; once the peers can reach each other the running
 //!   punch finds the direct UDP path and the transfer moves to it, intact.
+//! - `relay_sends_packets_in_pieces_*` (issue 5): with only the relay left and S's link MTU
+//!   1280, relayed packets no longer fit in one datagram; they go in pieces and arrive intact.
 //! - `netcheck_*` (issue 3): `p2ptun netcheck --json` inside a host of every NAT preset
 //!   reports the mapping and filtering the preset has.
 //!
@@ -1025,6 +1027,86 @@ async fn relay_first() {
         mib(s_direct),
         mib(moved_direct)
     );
+    assert!(
+        t.service.errors().is_empty(),
+        "service errors: {:?}",
+        t.service.errors()
+    );
+}
+
+// =============================================================================================
+// 3b. The relay over a path too small for whole relayed packets
+
+/// Bytes each way through the relay when S's link is small.
+const SMALL_MTU_LEN: u64 = 32 * MIB;
+/// S's link MTU: a UDP payload of at most 1252 bytes, below the 1452 the control connection
+/// probes for, and too small for a datagram holding a whole inner packet (1200 bytes and up)
+/// and the relay header.
+const SMALL_MTU: u16 = 1280;
+
+/// With only the relay left and a link to S that silently drops packets over 1280 bytes (as
+/// a VPN or tunnel on the way would), the agents' control connections fall back to small
+/// packets and relayed packets travel in pieces: the transfer arrives intact, on the relay.
+#[test]
+fn relay_sends_packets_in_pieces_where_the_path_to_s_is_small() {
+    if !natlab::require_root() {
+        return;
+    }
+    let _heavy = heavy();
+    runtime().block_on(small_mtu_relay());
+}
+
+async fn small_mtu_relay() {
+    let lab = Lab::new().expect("lab");
+    let (a, b) = easy_pair(&lab);
+    block_peer(&lab, &a, b.public_ip(), PeerTraffic::UdpAndTcp);
+    let status = lab
+        .s()
+        .command("ip")
+        .expect("ip in S's namespace")
+        .args(["link", "set", "dev", "eth0", "mtu", &SMALL_MTU.to_string()])
+        .status()
+        .expect("ip link set");
+    assert!(status.success(), "setting S's MTU failed: {status}");
+
+    let t = Tunnel::start(&lab, &a, &b, "lab-relay-small-mtu").await;
+    t.wait_ready(Duration::from_secs(30)).await;
+    let seed = 0x5A11;
+    let pace = Pace::new(0);
+    t.service.set_pace(seed, pace.clone());
+    let mut conn = t.connect();
+    let conn_progress = conn.progress.clone();
+    let round = conn
+        .round(seed, SMALL_MTU_LEN, &pace)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", t.reports()));
+    conn.close()
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", t.reports()));
+    eprintln!(
+        "relay with S's MTU {SMALL_MTU}: {} MiB each way at {:.1} MiB/s; longest pause {:?}",
+        SMALL_MTU_LEN / MIB,
+        round.mib_per_s(),
+        conn_progress.longest_gap().0
+    );
+
+    let path = t.forwarder_path().await;
+    assert_eq!(
+        path.as_ref().map(|p| p.kind.as_str()),
+        Some("relay"),
+        "the forwarder's path: {}\n{}",
+        describe_path(&path),
+        t.reports()
+    );
+    let pieces = "relayed packets are sent in pieces";
+    for agent in [&t.forwarder, &t.exposer] {
+        assert!(
+            agent.log().contains(pieces),
+            "no \"{pieces}\" in a log: relayed packets went whole or on streams\n{}",
+            t.reports()
+        );
+    }
+    t.assert_healthy("after the transfer");
     assert!(
         t.service.errors().is_empty(),
         "service errors: {:?}",

@@ -136,9 +136,6 @@ impl Relay {
         transport.max_concurrent_uni_streams(RELAY_STREAMS_PER_AGENT.into());
         transport.stream_receive_window(STREAM_WINDOW.into());
         transport.receive_window(CONNECTION_WINDOW.into());
-        // Room for a relayed packet plus the relay header in one datagram, as on the agent's
-        // side; quinn falls back to 1200 where the path cannot carry it.
-        transport.initial_mtu(tls::CONTROL_MTU);
         transport.mtu_discovery_config(Some(tls::control_mtu_discovery()));
         transport.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
         transport.datagram_send_buffer_size(DATAGRAM_BUFFER);

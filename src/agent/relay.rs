@@ -61,6 +61,13 @@ pub fn open(ctx: &Ctx, reg: &Registered, session: u64, virt: SocketAddr) {
 /// `split` counts the packets sent in pieces. Returns false once the connection is closed.
 fn send(conn: &Connection, payload: Bytes, split: &mut u32) -> bool {
     let number = || {
+        if *split == 0 {
+            tracing::info!(
+                room = conn.max_datagram_size(),
+                "relayed packets are sent in pieces: they no longer fit in one datagram to S \
+                 (a small MTU on the way, or congestion loss taken for one)"
+            );
+        }
         *split = split.wrapping_add(1);
         relay::packet_number(*split, false)
     };

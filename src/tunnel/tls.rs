@@ -54,13 +54,18 @@ pub fn transport_config() -> quinn::TransportConfig {
 }
 
 /// The largest UDP payload the end-to-end connection probes up to. Relayed, its packets ride
-/// inside DATAGRAM frames of the control connection (initial MTU [`CONTROL_MTU`]) with an
-/// 8-byte session tag and about 40 bytes of outer QUIC overhead, so they must stay below it.
+/// inside DATAGRAM frames of the control connection with an 8-byte session tag and about 40
+/// bytes of outer QUIC overhead: whole once the control connection's MTU reaches
+/// [`CONTROL_MTU`], in pieces below that (see [`crate::proto::relay`]).
 pub const PEER_MAX_MTU: u16 = 1400;
 
-/// The control connection's initial MTU: room for relayed packets of [`PEER_MAX_MTU`]. quinn
-/// falls back to 1200 if the path cannot carry it, and oversized relay packets then go on
-/// streams.
+/// The largest UDP payload a control connection probes up to: room for a relayed packet of
+/// [`PEER_MAX_MTU`] in one datagram.
+///
+/// It starts at QUIC's 1200 and finds the path's MTU in a few round trips after the
+/// handshake; until then, and for good on paths that carry less, relayed packets go in pieces.
+/// Starting at 1452 instead stalls relayed traffic on a path that cannot carry it (measured:
+/// pauses over a second): quinn notices a black hole only after several rounds of loss.
 pub const CONTROL_MTU: u16 = 1452;
 
 /// How soon a control connection looks for its MTU again after quinn's black-hole detection
@@ -74,9 +79,11 @@ pub const CONTROL_MTU: u16 = 1452;
 /// a few lost probes per try, so trying again soon is cheap.
 pub const CONTROL_BLACK_HOLE_COOLDOWN: Duration = Duration::from_secs(1);
 
-/// MTU discovery of control connections, on both ends: see [`CONTROL_BLACK_HOLE_COOLDOWN`].
+/// MTU discovery of control connections, on both ends: up to [`CONTROL_MTU`], and see
+/// [`CONTROL_BLACK_HOLE_COOLDOWN`].
 pub fn control_mtu_discovery() -> quinn::MtuDiscoveryConfig {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(CONTROL_MTU);
     mtu.black_hole_cooldown(CONTROL_BLACK_HOLE_COOLDOWN);
     mtu
 }
@@ -97,7 +104,6 @@ pub fn peer_transport_config() -> quinn::TransportConfig {
 /// packets as datagrams.
 pub fn control_transport_config() -> quinn::TransportConfig {
     let mut t = transport_config();
-    t.initial_mtu(CONTROL_MTU);
     t.mtu_discovery_config(Some(control_mtu_discovery()));
     // S sends relayed packets too large for a datagram on streams of their own.
     t.max_concurrent_uni_streams(128u32.into());
