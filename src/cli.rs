@@ -71,16 +71,15 @@ pub struct Global {
     #[arg(long, global = true, conflicts_with = "portmap")]
     pub no_portmap: bool,
 
-    /// Threads that carry the agent's traffic. `1` moves the most through one connection on
-    /// a direct path (no hand-offs between cores), but many parallel streams through S's
-    /// relay then slow down badly; more threads help a daemon whose many peers transfer at
-    /// the same time.
+    /// Threads that carry the agent's traffic. One moves the most through a connection (no
+    /// hand-offs between cores); more help a daemon whose many peers transfer at the same
+    /// time, at some cost to each.
     #[arg(
         long,
         global = true,
         env = "P2PTUN_THREADS",
         value_name = "N",
-        default_value_t = 2,
+        default_value_t = 1,
         value_parser = clap::value_parser!(u16).range(1..=1024)
     )]
     pub threads: u16,

@@ -37,9 +37,7 @@ fn main() -> ExitCode {
 ///
 /// One quinn connection is driven by one task, so a pool adds cross-core wake-ups between
 /// that task, the socket and the stream copies: in the benchmark one thread moved about a
-/// sixth more through one direct connection than two. But with one thread, eight streams
-/// relayed through S fell from about 260 to 50 MiB/s after the first second (not yet
-/// understood), so the default is a pool of two.
+/// sixth more through one direct connection than two, hence the default of one.
 fn runtime(threads: u16) -> std::io::Result<tokio::runtime::Runtime> {
     if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
