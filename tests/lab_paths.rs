@@ -1045,8 +1045,8 @@ const SMALL_MTU_LEN: u64 = 32 * MIB;
 const SMALL_MTU: u16 = 1280;
 
 /// With only the relay left and a link to S that silently drops packets over 1280 bytes (as
-/// a VPN or tunnel on the way would), the agents' control connections fall back to small
-/// packets and relayed packets travel in pieces: the transfer arrives intact, on the relay.
+/// a VPN or tunnel on the way would), the agents' control connections find no room for whole
+/// relayed packets and send them in pieces: the transfer arrives intact, on the relay.
 #[test]
 fn relay_sends_packets_in_pieces_where_the_path_to_s_is_small() {
     if !natlab::require_root() {

@@ -126,7 +126,7 @@ fn try_datagram(shared: &Shared, to: &Agent, payload: Bytes) -> Option<Bytes> {
         }
         Err(NotSent::NeedsStream(payload)) => Some(payload),
         Err(e) => {
-            tracing::trace!(error = ?e, "relay datagram not sent");
+            tracing::trace!(error = %e, "relay datagram not sent");
             metrics.relayed(RelayOutcome::SendFailed, len);
             None
         }

@@ -40,7 +40,8 @@ pub enum RelayOutcome {
     NotAParty,
     /// Dropped: the session had used up its byte budget.
     OverBudget,
-    /// Dropped: too short to carry a session ID and a packet, or a stream that broke.
+    /// Dropped: too short to carry a session ID and a packet, a fragment whose index, count
+    /// or size make no sense, or a stream that broke.
     Malformed,
     /// Dropped on the way out: too many oversized packets of its session were on streams
     /// already, or the other agent's connection could not take it.
@@ -308,7 +309,7 @@ impl Metrics {
         metric(
             "relay_packets_total",
             "counter",
-            "Relayed packets, by what became of them.",
+            "Relayed packets, by what became of them (a packet its agent split counts once per piece, one S split once).",
             &packets,
         );
         metric(

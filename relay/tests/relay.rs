@@ -1,6 +1,6 @@
-//! S in-process on 127.0.0.1 relaying between agents: datagrams, packets split to fit and
-//! oversized ones on streams, packets that must not pass, the byte budget, sessions closing when an agent
-//! leaves, and agents whose control connection comes over TCP.
+//! S in-process on 127.0.0.1 relaying between agents: datagrams, packets split to fit,
+//! oversized ones on streams, packets that must not pass, the byte budget, sessions closing
+//! when an agent leaves, and agents whose control connection comes over TCP.
 //!
 //! The agents here are what a real agent is to S: a quinn endpoint on a `PathSocket`, with
 //! datagrams enabled and room for relayed packets, over UDP or framed on TCP.
@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use p2ptun::path::{self, PathKind, PathSocket, Policy};
-use p2ptun::proto::relay::{decode, encode, Reassembly, Relayed, FRAGMENT_HEADER, MAX_FRAGMENTS};
+use p2ptun::proto::relay::{
+    decode, encode, fragment, Reassembly, Relayed, FRAGMENT_HEADER, HEADER, MAX_FRAGMENTS,
+};
 use p2ptun::proto::{
     read_frame, write_frame, CandidateKind, ClientMsg, ErrorCode, Rendezvous, ServerMsg,
     ALPN_CONTROL, PROTOCOL_VERSION,
@@ -222,6 +224,7 @@ impl Agent {
     /// Sends one relay payload as an agent does: as datagrams (split if need be), else on a
     /// stream.
     async fn send_relay(&self, payload: Bytes) {
+        // Every split packet is number 1: the tests read each packet whole before the next.
         match relayed::send(&self.conn, payload, || 1) {
             Ok(_) => {}
             Err(NotSent::NeedsStream(payload)) => self.send_on_stream(payload).await,
@@ -329,6 +332,10 @@ async fn packets_are_relayed_between_the_two_agents_only() {
     b.conn
         .send_datagram(Bytes::from_static(&[1, 2, 3]))
         .unwrap();
+    // A piece of the right session that claims to be piece 5 of 2.
+    let mut bad_piece = fragment(&encode(session, &[9; 1300]), 1000, || 1).unwrap()[0].to_vec();
+    bad_piece[HEADER + 4] = 5;
+    b.conn.send_datagram(Bytes::from(bad_piece)).unwrap();
     assert!(a.nothing_relayed().await);
     let after = encode(session, b"after");
     b.send_relay(after.clone()).await;
@@ -347,7 +354,7 @@ async fn packets_are_relayed_between_the_two_agents_only() {
     );
     assert_eq!(
         s.metric("relay_packets_total{result=\"malformed\"}").await,
-        1
+        2
     );
     assert_eq!(
         s.metric("relay_packets_total{result=\"forwarded\"}").await,

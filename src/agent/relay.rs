@@ -14,7 +14,7 @@ use super::server::Registered;
 use super::Ctx;
 use crate::path::{Injected, PathKind};
 use crate::proto::relay::{self, Reassembly, Relayed};
-use crate::tunnel::relayed::{self, NotSent};
+use crate::tunnel::relayed::{self, NotSent, Sent};
 
 /// Packets waiting for the control connection before new ones are lost.
 const QUEUE: usize = 1024;
@@ -60,18 +60,20 @@ pub fn open(ctx: &Ctx, reg: &Registered, session: u64, virt: SocketAddr) {
 /// Sends one relay payload: as datagrams, or on a stream of its own when none can carry it.
 /// `split` counts the packets sent in pieces. Returns false once the connection is closed.
 fn send(conn: &Connection, payload: Bytes, split: &mut u32) -> bool {
+    let before = *split;
     let number = || {
-        if *split == 0 {
+        *split = split.wrapping_add(1);
+        relay::packet_number(*split, false)
+    };
+    match relayed::send(conn, payload, number) {
+        Ok(Sent::Split(_)) if before == 0 => {
             tracing::info!(
                 room = conn.max_datagram_size(),
                 "relayed packets are sent in pieces: they no longer fit in one datagram to S \
                  (a small MTU on the way, or congestion loss taken for one)"
             );
+            true
         }
-        *split = split.wrapping_add(1);
-        relay::packet_number(*split, false)
-    };
-    match relayed::send(conn, payload, number) {
         Ok(_) => true,
         Err(NotSent::NeedsStream(payload)) => {
             let conn = conn.clone();
@@ -84,8 +86,8 @@ fn send(conn: &Connection, payload: Bytes, split: &mut u32) -> bool {
             true
         }
         Err(NotSent::Closed) => false,
-        Err(NotSent::Failed(e)) => {
-            tracing::debug!("relay datagram not sent: {e}");
+        Err(e) => {
+            tracing::debug!("{e}");
             true
         }
     }
@@ -106,22 +108,20 @@ pub async fn pump(ctx: std::sync::Arc<Ctx>, conn: Connection) {
     let injector = ctx.router.socket().injector();
     // Pieces come as datagrams; a piece on a stream is possible but rare (see proto::relay).
     let pieces = std::sync::Arc::new(Mutex::new(Reassembly::default()));
-    let deliver = {
-        let (ctx, pieces) = (ctx.clone(), pieces.clone());
-        move |payload: Bytes| {
-            let (session, what) = relay::decode(&payload)?;
-            let data = match what {
-                Relayed::Packet(packet) => packet,
-                Relayed::Fragment(piece) => pieces
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(session, piece)?,
-            };
-            let from = *ctx.relays.lock().get(&session)?;
-            // A full queue is congestion: the packet is lost, QUIC recovers.
-            let _ = injector.try_send(Injected { from, data });
-            Some(())
-        }
+    let deliver = move |payload: Bytes| {
+        let (session, what) = relay::decode(&payload)?;
+        // Before reassembly, so that pieces of no session of ours take no room there.
+        let from = *ctx.relays.lock().get(&session)?;
+        let data = match what {
+            Relayed::Packet(packet) => packet,
+            Relayed::Fragment(piece) => pieces
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(session, piece)?,
+        };
+        // A full queue is congestion: the packet is lost, QUIC recovers.
+        let _ = injector.try_send(Injected { from, data });
+        Some(())
     };
     let datagrams = async {
         while let Ok(payload) = conn.read_datagram().await {

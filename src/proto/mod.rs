@@ -18,5 +18,6 @@ pub use msg::*;
 pub const ALPN_CONTROL: &[u8] = b"p2ptun/1";
 /// ALPN of the end-to-end connection between two agents.
 pub const ALPN_PEER: &[u8] = b"p2ptun-peer/1";
-/// Version of the control protocol; S refuses agents that speak another.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version of the control protocol; S refuses agents that speak another. 3: relayed packets
+/// may come in pieces and session IDs never have their top bit set ([`relay`]).
+pub const PROTOCOL_VERSION: u32 = 3;

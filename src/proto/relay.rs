@@ -46,8 +46,17 @@ const FRAGMENT_BIT: u64 = 1 << 63;
 /// and the sending agent's never meet in one session.
 const SPLIT_BY_RELAY: u32 = 1 << 31;
 
+/// The most bytes of a packet one fragment carries: a datagram of the largest MTU a control
+/// connection probes for. Larger pieces are refused, so that what a [`Reassembly`] holds stays
+/// small.
+pub const MAX_FRAGMENT_DATA: usize = 1452;
+
 /// Partly received packets a [`Reassembly`] keeps before it forgets the oldest.
 const MAX_PENDING: usize = 32;
+
+/// Partly received packets of one session a [`Reassembly`] keeps: one session's pieces (a
+/// party to it sending junk, say) cannot push out the others'.
+const MAX_PENDING_PER_SESSION: usize = 8;
 
 /// Makes any 64-bit number a valid session ID (one without the fragment bit).
 pub fn session_id(random: u64) -> u64 {
@@ -102,6 +111,9 @@ pub fn decode(payload: &Bytes) -> Option<(u64, Relayed)> {
         return None;
     }
     let data = payload.slice(FRAGMENT_HEADER..);
+    if data.len() > MAX_FRAGMENT_DATA {
+        return None;
+    }
     Some((
         session,
         Relayed::Fragment(Fragment {
@@ -128,17 +140,21 @@ pub fn packet_number(nth: u32, by_relay: bool) -> u32 {
 }
 
 /// Splits the whole-packet payload `payload` into fragment payloads of at most `max` bytes
-/// each, numbered `packet`. `None` if it is not a whole packet, or `max` is too small to do
-/// it in [`MAX_FRAGMENTS`].
-pub fn fragment(payload: &Bytes, packet: u32, max: usize) -> Option<Vec<Bytes>> {
+/// each, numbered by `number()` (called only if the split can be done). `None` if it is not
+/// a whole packet, or `max` is too small to do it in [`MAX_FRAGMENTS`].
+pub fn fragment(payload: &Bytes, max: usize, number: impl FnOnce() -> u32) -> Option<Vec<Bytes>> {
     let (session, Relayed::Packet(body)) = decode(payload)? else {
         return None;
     };
-    let room = max.checked_sub(FRAGMENT_HEADER).filter(|&r| r > 0)?;
+    if max <= FRAGMENT_HEADER {
+        return None;
+    }
+    let room = (max - FRAGMENT_HEADER).min(MAX_FRAGMENT_DATA);
     let count = body.len().div_ceil(room).max(2);
     if count > MAX_FRAGMENTS {
         return None;
     }
+    let packet = number();
     // Even pieces, so that no fragment is a runt.
     let size = body.len().div_ceil(count);
     let pieces = body.chunks(size).enumerate().map(|(index, piece)| {
@@ -186,19 +202,20 @@ impl Reassembly {
             }
             at => at,
         };
-        let at = at.unwrap_or_else(|| {
-            if self.pending.len() == MAX_PENDING {
-                self.pending.pop_front();
+        let at = match at {
+            Some(at) => at,
+            None => {
+                self.make_room(session);
+                self.pending.push_back(Partial {
+                    session,
+                    packet: fragment.packet,
+                    pieces: vec![None; count],
+                });
+                self.pending.len() - 1
             }
-            self.pending.push_back(Partial {
-                session,
-                packet: fragment.packet,
-                pieces: vec![None; count],
-            });
-            self.pending.len() - 1
-        });
+        };
         let partial = &mut self.pending[at];
-        partial.pieces[usize::from(fragment.index)] = Some(fragment.data);
+        *partial.pieces.get_mut(usize::from(fragment.index))? = Some(fragment.data);
         if partial.pieces.iter().any(Option::is_none) {
             return None;
         }
@@ -214,6 +231,19 @@ impl Reassembly {
     pub fn pending(&self) -> usize {
         self.pending.len()
     }
+
+    /// Forgets the oldest partial packet of `session` if it has its fill, else the oldest of
+    /// all if the whole is full.
+    fn make_room(&mut self, session: u64) {
+        let own = self.pending.iter().filter(|p| p.session == session).count();
+        if own >= MAX_PENDING_PER_SESSION {
+            if let Some(at) = self.pending.iter().position(|p| p.session == session) {
+                self.pending.remove(at);
+            }
+        } else if self.pending.len() >= MAX_PENDING {
+            self.pending.pop_front();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -221,7 +251,7 @@ mod tests {
     use super::*;
 
     fn fragments_of(session: u64, packet: &[u8], number: u32, max: usize) -> Vec<Fragment> {
-        fragment(&encode(session, packet), number, max)
+        fragment(&encode(session, packet), max, || number)
             .expect("splits")
             .iter()
             .map(|p| match decode(p) {
@@ -253,7 +283,7 @@ mod tests {
     #[test]
     fn a_packet_split_to_fit_comes_back_whole_in_any_order() {
         let packet: Vec<u8> = (0..1400u32).map(|i| (i % 251) as u8).collect();
-        let pieces = fragment(&encode(7, &packet), 1, 1100).unwrap();
+        let pieces = fragment(&encode(7, &packet), 1100, || 1).unwrap();
         assert_eq!(pieces.len(), 2);
         assert!(pieces.iter().all(|p| p.len() <= 1100));
         assert!(pieces.iter().all(|p| session_of(p) == Some(7)));
@@ -278,14 +308,38 @@ mod tests {
     #[test]
     fn splitting_refuses_what_it_cannot_do() {
         let whole = encode(7, &[1; 1400]);
-        assert!(fragment(&whole, 1, FRAGMENT_HEADER).is_none(), "no room");
+        assert!(fragment(&whole, FRAGMENT_HEADER, || 1).is_none(), "no room");
         assert!(
-            fragment(&whole, 1, 100).is_none(),
+            fragment(&whole, 100, || 1).is_none(),
             "more than MAX_FRAGMENTS"
         );
-        assert!(fragment(&encode(7, &[1]), 1, 1000).is_none(), "one byte");
-        let piece = fragment(&whole, 1, 1000).unwrap().remove(0);
-        assert!(fragment(&piece, 2, 500).is_none(), "already a fragment");
+        assert!(fragment(&encode(7, &[1]), 1000, || 1).is_none(), "one byte");
+        let piece = fragment(&whole, 1000, || 1).unwrap().remove(0);
+        assert!(fragment(&piece, 500, || 2).is_none(), "already a fragment");
+    }
+
+    #[test]
+    fn pieces_that_do_not_fit_their_packet_are_refused() {
+        let mut r = Reassembly::default();
+        let stray = Fragment {
+            packet: 1,
+            index: 5,
+            count: 2,
+            data: Bytes::from_static(b"x"),
+        };
+        assert_eq!(r.push(1, stray), None);
+        // A fragment larger than any datagram of a control connection is malformed.
+        let mut big = BytesMut::from(&fragment(&encode(7, &[1; 1400]), 1000, || 1).unwrap()[0][..]);
+        big.extend_from_slice(&[0; MAX_FRAGMENT_DATA]);
+        assert!(decode(&big.freeze()).is_none());
+        // A packet that cannot be split takes no number.
+        let mut numbered = false;
+        assert!(fragment(&encode(7, &[1; 1400]), 100, || {
+            numbered = true;
+            1
+        })
+        .is_none());
+        assert!(!numbered);
     }
 
     #[test]
@@ -297,7 +351,9 @@ mod tests {
 
     #[test]
     fn malformed_fragments_are_refused() {
-        let good = fragment(&encode(7, &[1; 1400]), 9, 1000).unwrap().remove(0);
+        let good = fragment(&encode(7, &[1; 1400]), 1000, || 9)
+            .unwrap()
+            .remove(0);
         let with = |at: usize, byte: u8| {
             let mut b = BytesMut::from(&good[..]);
             b[at] = byte;
@@ -323,9 +379,21 @@ mod tests {
         assert_eq!(r.push(2, fb[1].clone()).as_deref(), Some(&b[..]));
         assert_eq!(r.push(1, fa[1].clone()).as_deref(), Some(&a[..]));
 
-        // Packets that never complete take at most MAX_PENDING places.
+        // One session's packets that never complete take at most its share of places, so a
+        // packet of another session half in survives them.
+        let fb = fragments_of(2, &b, 6, 800);
+        assert_eq!(r.push(2, fb[0].clone()), None);
         for n in 0..100 {
             assert_eq!(r.push(1, fragments_of(1, &a, n, 800).remove(0)), None);
+        }
+        assert_eq!(r.pending(), MAX_PENDING_PER_SESSION + 1);
+        assert_eq!(r.push(2, fb[1].clone()).as_deref(), Some(&b[..]));
+        // All sessions together take at most MAX_PENDING.
+        for session in 100..200 {
+            assert_eq!(
+                r.push(session, fragments_of(session, &a, 1, 800).remove(0)),
+                None
+            );
         }
         assert_eq!(r.pending(), MAX_PENDING);
         // A duplicate piece does not complete a packet by itself.

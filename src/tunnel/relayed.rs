@@ -18,13 +18,17 @@ pub enum Sent {
 }
 
 /// Why a payload did not go out as datagrams.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum NotSent {
     /// No datagram can carry it, whole or split: it needs a stream. The payload comes back.
+    #[error("no datagram can carry {} bytes; it needs a stream", .0.len())]
     NeedsStream(Bytes),
     /// The connection is closed.
+    #[error("the connection is closed")]
     Closed,
-    /// Datagrams are switched off on this connection, or a piece failed; the packet is lost.
+    /// Datagrams are switched off on this connection, or a piece failed after the ones
+    /// before it went out (the MTU shrank in between); the packet is lost, as in any loss.
+    #[error("relay datagram not sent: {0}")]
     Failed(SendDatagramError),
 }
 
@@ -41,7 +45,7 @@ pub fn send(
         Err(SendDatagramError::TooLarge) => {
             let pieces = conn
                 .max_datagram_size()
-                .and_then(|max| relay::fragment(&payload, number(), max));
+                .and_then(|max| relay::fragment(&payload, max, number));
             let Some(pieces) = pieces else {
                 return Err(NotSent::NeedsStream(payload));
             };

@@ -73,10 +73,11 @@ pub const CONTROL_MTU: u16 = 1452;
 ///
 /// Relayed traffic is almost all full-size datagrams, so an ordinary congestion loss (a busy
 /// receiver's socket buffer overflowing) looks to quinn like full-size packets vanishing, and
-/// it decides the path is a black hole. At quinn's default of one minute every relayed packet
-/// then goes on a stream of its own for that minute, and throughput collapses (measured: 8
-/// streams relayed to a one-thread agent fell from ~250 to ~50 MiB/s). A real black hole costs
-/// a few lost probes per try, so trying again soon is cheap.
+/// it decides the path is a black hole. Relayed packets then go in pieces until the MTU is
+/// found again; at quinn's default of one minute that cost a lot (before pieces, when each
+/// such packet went on a stream of its own, 8 streams relayed to a one-thread agent fell
+/// from ~250 to ~50 MiB/s). A real black hole costs a few lost probes per try, so trying
+/// again soon is cheap.
 pub const CONTROL_BLACK_HOLE_COOLDOWN: Duration = Duration::from_secs(1);
 
 /// MTU discovery of control connections, on both ends: up to [`CONTROL_MTU`], and see
@@ -105,7 +106,7 @@ pub fn peer_transport_config() -> quinn::TransportConfig {
 pub fn control_transport_config() -> quinn::TransportConfig {
     let mut t = transport_config();
     t.mtu_discovery_config(Some(control_mtu_discovery()));
-    // S sends relayed packets too large for a datagram on streams of their own.
+    // S sends a relayed payload no datagram can carry, even in pieces, on a stream of its own.
     t.max_concurrent_uni_streams(128u32.into());
     t.datagram_receive_buffer_size(Some(4 << 20));
     t.datagram_send_buffer_size(4 << 20);
