@@ -92,6 +92,9 @@ const LAB_S_ALT: &str = "203.0.113.2:7001";
 /// The second S (relay caps raised), in the same namespace.
 const LAB_S2_LISTEN: &str = "203.0.113.1:7100";
 const LAB_S2_ALT: &str = "203.0.113.2:7101";
+/// Where each S serves its metrics, on the loopback of S's namespace.
+const LAB_S_METRICS: &str = "127.0.0.1:9101";
+const LAB_S2_METRICS: &str = "127.0.0.1:9102";
 /// The service's port in the exposer's namespace (also the raw-TCP port forward).
 const LAB_SERVICE_PORT: u16 = 5201;
 /// The first forward port in the forwarder's namespace.
@@ -1784,6 +1787,59 @@ fn meets(ok: bool) -> &'static str {
     }
 }
 
+/// What S's metrics say it did with relayed packets (its `p2ptun_relay_*` counters).
+#[derive(Debug, Clone, Copy, Default)]
+struct RelayCounters {
+    /// Packets (or pieces) sent on.
+    forwarded: u64,
+    /// Whole packets S split to fit the receiver's datagrams.
+    split: u64,
+    /// Payloads S sent on a stream of their own.
+    streamed: u64,
+    /// Packets dropped on the way out (the receiver's connection could not take them).
+    send_failed: u64,
+}
+
+impl RelayCounters {
+    /// Reads S's metrics at `addr`, from a task of `rt` (in S's namespace).
+    fn fetch(rt: &Runtime, addr: SocketAddr) -> Result<RelayCounters> {
+        let text = on(rt, async move {
+            let mut s = TcpStream::connect(addr).await?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await?;
+            let mut text = String::new();
+            s.read_to_string(&mut text).await?;
+            anyhow::Ok(text)
+        })
+        .with_context(|| format!("reading S's metrics at {addr}"))?;
+        let get = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        Ok(RelayCounters {
+            forwarded: get("p2ptun_relay_relay_packets_total{result=\"forwarded\"}"),
+            split: get("p2ptun_relay_relay_split_packets_total"),
+            streamed: get("p2ptun_relay_relay_stream_packets_total"),
+            send_failed: get("p2ptun_relay_relay_packets_total{result=\"send_failed\"}"),
+        })
+    }
+
+    /// What happened between `before` and `self`.
+    fn since(self, before: RelayCounters) -> RelayCounters {
+        RelayCounters {
+            forwarded: self.forwarded.saturating_sub(before.forwarded),
+            split: self.split.saturating_sub(before.split),
+            streamed: self.streamed.saturating_sub(before.streamed),
+            send_failed: self.send_failed.saturating_sub(before.send_failed),
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({"forwarded": self.forwarded, "split_by_s": self.split,
+               "on_streams": self.streamed, "send_failed": self.send_failed})
+    }
+}
+
 struct Report {
     header: Vec<String>,
     rtt_s: Option<Duration>,
@@ -1792,6 +1848,8 @@ struct Report {
     direct: Vec<ThroughputRow>,
     relay: Vec<ThroughputRow>,
     relay_note: Option<String>,
+    /// S's relay counters over each S's relay rows: (which S, counters).
+    relay_counters: Vec<(String, Result<RelayCounters, String>)>,
     setups: Vec<SetupSample>,
     relay_setup: Option<SetupSample>,
     scale: Vec<Result<ScaleResult, String>>,
@@ -1973,6 +2031,16 @@ impl Report {
                     let _ = writeln!(o, "  {:<34} FAILED: {e}", r.label);
                 }
             }
+        }
+        for (which, c) in &self.relay_counters {
+            let _ = match c {
+                Ok(c) => writeln!(
+                    o,
+                    "  S's counters over the \"{which}\" rows: {} packets forwarded, {} split by S to fit, {} on streams, {} dropped on the way out",
+                    c.forwarded, c.split, c.streamed, c.send_failed
+                ),
+                Err(e) => writeln!(o, "  S's counters over the \"{which}\" rows: not read: {e}"),
+            };
         }
 
         // Latency.
@@ -2288,6 +2356,10 @@ impl Report {
             "cpu_s_per_gib_direct": {"forwarder": self.direct_cpu_per_gib(0), "exposer": self.direct_cpu_per_gib(1)},
             "throughput_relay": rows(&self.relay),
             "relay_note": self.relay_note,
+            "relay_counters": self.relay_counters.iter().map(|(which, c)| json!({
+                "s": which,
+                "counters": c.as_ref().map(RelayCounters::json).map_err(Clone::clone).unwrap_or_else(|e| json!({"error": e})),
+            })).collect::<Vec<_>>(),
             "latency": latency,
             "setup": {"direct_pairs": self.setups.iter().map(setup).collect::<Vec<_>>(),
                       "relay_pair": self.relay_setup.as_ref().map(setup),
@@ -2368,7 +2440,12 @@ fn run(opts: Opts) -> Result<()> {
         (net.s_listen, net.s_alt),
         &files.path().join("state/relay"),
         &logs,
-        &[],
+        // Its metrics tell what it did with relayed packets; only the lab measures the relay.
+        if net.is_lab() {
+            &["--metrics", LAB_S_METRICS][..]
+        } else {
+            &[]
+        },
     )?;
 
     // The service (its own process, in the exposer's namespace) and the clients' runtime.
@@ -2518,12 +2595,15 @@ fn run(opts: Opts) -> Result<()> {
 
     // The relay path.
     let mut relay_rows = Vec::new();
+    let mut relay_counters = Vec::new();
     let mut relay_setup = None;
     let relay_note = if !opts.relay {
         Some("not measured: not asked for (--only)".to_owned())
     } else if b.net.is_lab() {
         b.say("relay path: dropping UDP and TCP between the routers");
         let mut failures = Vec::new();
+        let rt_s = b.net.s.runtime("bench-s")?;
+        let mut metrics: SocketAddr = LAB_S_METRICS.parse()?;
         if let Err(e) = b.net.block_direct() {
             failures.push(format!("blocking the direct paths: {e:#}"));
         }
@@ -2553,6 +2633,8 @@ fn run(opts: Opts) -> Result<()> {
                         "100000000000",
                         "--relay-session-bytes",
                         "68719476736",
+                        "--metrics",
+                        LAB_S2_METRICS,
                     ],
                 ) {
                     Ok(s2) => {
@@ -2560,6 +2642,7 @@ fn run(opts: Opts) -> Result<()> {
                         let s1 = std::mem::replace(&mut b.relay, s2);
                         b.old_relays.push(s1);
                         b.server = listen;
+                        metrics = LAB_S2_METRICS.parse()?;
                     }
                     Err(e) => {
                         failures.push(format!("second S: {e:#}"));
@@ -2572,7 +2655,14 @@ fn run(opts: Opts) -> Result<()> {
                     if !caps {
                         relay_setup = Some(sample);
                     }
+                    let before = RelayCounters::fetch(&rt_s, metrics);
                     relay_rows.extend(b.throughput(&pair, false, prefix));
+                    let after = RelayCounters::fetch(&rt_s, metrics);
+                    let counted = match (before, after) {
+                        (Ok(before), Ok(after)) => Ok(after.since(before)),
+                        (Err(e), _) | (_, Err(e)) => Err(format!("{e:#}")),
+                    };
+                    relay_counters.push((prefix.trim_end_matches(": ").to_owned(), counted));
                     if let Some(k) = pair.forwarder.path_kind().filter(|k| k != "relay") {
                         b.problems.push(format!(
                             "relay pair ({prefix}): path is {k} at the end, expected relay"
@@ -2623,6 +2713,7 @@ fn run(opts: Opts) -> Result<()> {
         direct,
         relay: relay_rows,
         relay_note,
+        relay_counters,
         setups,
         relay_setup,
         scale,
