@@ -80,12 +80,20 @@ pub const CONTROL_MTU: u16 = 1452;
 /// again soon is cheap.
 pub const CONTROL_BLACK_HOLE_COOLDOWN: Duration = Duration::from_secs(1);
 
+/// How often a control connection below [`CONTROL_MTU`] searches again. quinn sends a probe
+/// only when nothing else waits, and a probe lost three times ends the search; under a
+/// sustained relayed load after a spurious black hole that can leave the MTU short, and
+/// relayed packets in pieces, until the next search (quinn's default: 10 minutes). At the
+/// upper bound a search sends nothing, so a healthy connection pays nothing for this.
+pub const CONTROL_MTU_SEARCH_EVERY: Duration = Duration::from_secs(30);
+
 /// MTU discovery of control connections, on both ends: up to [`CONTROL_MTU`], and see
-/// [`CONTROL_BLACK_HOLE_COOLDOWN`].
+/// [`CONTROL_BLACK_HOLE_COOLDOWN`] and [`CONTROL_MTU_SEARCH_EVERY`].
 pub fn control_mtu_discovery() -> quinn::MtuDiscoveryConfig {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(CONTROL_MTU);
     mtu.black_hole_cooldown(CONTROL_BLACK_HOLE_COOLDOWN);
+    mtu.interval(CONTROL_MTU_SEARCH_EVERY);
     mtu
 }
 
