@@ -37,8 +37,6 @@ const MAX_STREAMS_PER_AGENT: u32 = 16;
 const STREAM_WINDOW: u32 = 256 * 1024;
 /// Per-connection receive window, so a stranger's unread data is bounded.
 const CONNECTION_WINDOW: u32 = 1024 * 1024;
-/// Relayed datagrams buffered per connection in each direction before the oldest are lost.
-const DATAGRAM_BUFFER: usize = 4 << 20;
 /// Unidirectional streams (one oversized relayed packet each) an agent may have open at once.
 const RELAY_STREAMS_PER_AGENT: u32 = 128;
 /// How often S tries to find a port number free on both UDP and TCP when told port 0.
@@ -131,14 +129,13 @@ impl Relay {
 
         let own_identity = identity.own;
         let mut server_config = tls::server_config(identity.certs, identity.key, ALPN_CONTROL)?;
-        let mut transport = tls::transport_config();
+        // The agent's control-connection settings (datagram buffers, MTU discovery), with
+        // S's own limits on what an agent may open and send.
+        let mut transport = tls::control_transport_config();
         transport.max_concurrent_bidi_streams((MAX_STREAMS_PER_AGENT + 1).into());
         transport.max_concurrent_uni_streams(RELAY_STREAMS_PER_AGENT.into());
         transport.stream_receive_window(STREAM_WINDOW.into());
         transport.receive_window(CONNECTION_WINDOW.into());
-        transport.mtu_discovery_config(Some(tls::control_mtu_discovery()));
-        transport.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
-        transport.datagram_send_buffer_size(DATAGRAM_BUFFER);
         server_config.transport_config(Arc::new(transport));
 
         let (udp, tcp_listener) = bind_udp_and_tcp(config.listen).await?;

@@ -56,12 +56,11 @@ impl SendBatch {
         (MAX_BATCH_BYTES / segment_size.max(1)).min(max_gso)
     }
 
-    /// Adds `t`, to be sent to `destination`, if it continues the batch: the same
-    /// destination, source, ECN marking and segment size, the batch so far ending on a whole
+    /// Adds `t` if it continues the batch: the same destination, source, ECN marking and segment size, the batch so far ending on a whole
     /// datagram (a short one can only be last), and room for it within the limit for
     /// `max_gso` datagrams per send. An empty batch takes any transmit of several datagrams.
     /// Returns whether `t` was added.
-    pub fn push(&mut self, destination: SocketAddr, t: &Transmit, max_gso: usize) -> bool {
+    pub fn push(&mut self, t: &Transmit, max_gso: usize) -> bool {
         let size = t.segment_size.unwrap_or(t.contents.len());
         if size == 0 || t.contents.is_empty() {
             return false;
@@ -70,14 +69,14 @@ impl SendBatch {
             if t.contents.len() > size * Self::limit(size, max_gso) {
                 return false;
             }
-            self.destination = Some(destination);
+            self.destination = Some(t.destination);
             self.segment_size = size;
             self.ecn = t.ecn;
             self.src_ip = t.src_ip;
             self.buf.extend_from_slice(t.contents);
             return true;
         }
-        let continues = self.destination == Some(destination)
+        let continues = self.destination == Some(t.destination)
             && self.ecn == t.ecn
             && self.src_ip == t.src_ip
             && size <= self.segment_size
@@ -154,9 +153,9 @@ mod tests {
         let b = vec![2u8; 2000];
         let tail = vec![3u8; 400];
         let mut batch = SendBatch::default();
-        assert!(batch.push(PEER, &transmit(&a, Some(1000)), 64));
-        assert!(batch.push(PEER, &transmit(&b, Some(1000)), 64));
-        assert!(batch.push(PEER, &transmit(&tail, None), 64));
+        assert!(batch.push(&transmit(&a, Some(1000)), 64));
+        assert!(batch.push(&transmit(&b, Some(1000)), 64));
+        assert!(batch.push(&transmit(&tail, None), 64));
         assert_eq!(batch.segments(), 6);
         let t = batch.transmit().expect("held");
         assert_eq!(t.segment_size, Some(1000));
@@ -165,7 +164,7 @@ mod tests {
         assert_eq!(&t.contents[3000..5000], &b[..]);
         assert_eq!(&t.contents[5000..], &tail[..]);
         // Nothing may follow a short datagram.
-        assert!(!batch.push(PEER, &transmit(&b, Some(1000)), 64));
+        assert!(!batch.push(&transmit(&b, Some(1000)), 64));
         batch.clear();
         assert!(batch.is_empty());
         assert!(batch.transmit().is_none());
@@ -175,15 +174,16 @@ mod tests {
     fn a_different_destination_size_or_marking_starts_a_new_batch() {
         let a = vec![1u8; 2000];
         let mut batch = SendBatch::default();
-        assert!(batch.push(PEER, &transmit(&a, Some(1000)), 64));
-        let other: SocketAddr = "127.0.0.1:10".parse().expect("address");
-        assert!(!batch.push(other, &transmit(&a, Some(1000)), 64));
-        assert!(!batch.push(PEER, &transmit(&a, Some(500)), 64));
+        assert!(batch.push(&transmit(&a, Some(1000)), 64));
+        let mut elsewhere = transmit(&a, Some(1000));
+        elsewhere.destination = "127.0.0.1:10".parse().expect("address");
+        assert!(!batch.push(&elsewhere, 64));
+        assert!(!batch.push(&transmit(&a, Some(500)), 64));
         // A single datagram longer than the batch's size would be cut by GSO.
-        assert!(!batch.push(PEER, &transmit(&a[..1200], None), 64));
+        assert!(!batch.push(&transmit(&a[..1200], None), 64));
         let mut marked = transmit(&a, Some(1000));
         marked.ecn = Some(EcnCodepoint::Ect0);
-        assert!(!batch.push(PEER, &marked, 64));
+        assert!(!batch.push(&marked, 64));
         assert_eq!(batch.segments(), 2);
     }
 
@@ -195,15 +195,15 @@ mod tests {
         assert_eq!(SendBatch::limit(1400, 64), 46);
         assert_eq!(SendBatch::limit(1400, 20), 20);
         for _ in 0..4 {
-            assert!(batch.push(PEER, &transmit(&a, Some(1400)), 64));
+            assert!(batch.push(&transmit(&a, Some(1400)), 64));
         }
         assert!(batch.is_full(64, 10));
-        assert!(!batch.push(PEER, &transmit(&a, Some(1400)), 64));
-        assert!(batch.push(PEER, &transmit(&a[..2800], Some(1400)), 64));
+        assert!(!batch.push(&transmit(&a, Some(1400)), 64));
+        assert!(batch.push(&transmit(&a[..2800], Some(1400)), 64));
         assert_eq!(batch.segments(), 42);
         // A socket that cannot segment at all gets nothing held.
         let mut single = SendBatch::default();
-        assert!(!single.push(PEER, &transmit(&a[..2800], Some(1400)), 1));
+        assert!(!single.push(&transmit(&a[..2800], Some(1400)), 1));
         assert!(batch.transmit().expect("held").contents.len() <= MAX_BATCH_BYTES);
     }
 }

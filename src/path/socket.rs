@@ -343,7 +343,7 @@ impl PathSocket {
         let per_transmit = t.contents.len() / t.segment_size.unwrap_or(usize::MAX).max(1);
         let mut batch = self.batch.lock().unwrap_or_else(|e| e.into_inner());
         if !batch.is_empty() {
-            if batch.push(t.destination, t, max_gso) {
+            if batch.push(t, max_gso) {
                 if worth_holding(t) && !batch.is_full(max_gso, per_transmit) {
                     return Ok(());
                 }
@@ -356,7 +356,7 @@ impl PathSocket {
             // On WouldBlock `t` is not taken: quinn waits until the socket is writable.
             self.flush(&mut batch)?;
         }
-        if worth_holding(t) && batch.push(t.destination, t, max_gso) {
+        if worth_holding(t) && batch.push(t, max_gso) {
             flush_needed.notify_one();
             return Ok(());
         }

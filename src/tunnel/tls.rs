@@ -87,9 +87,10 @@ pub const CONTROL_BLACK_HOLE_COOLDOWN: Duration = Duration::from_secs(1);
 /// upper bound a search sends nothing, so a healthy connection pays nothing for this.
 pub const CONTROL_MTU_SEARCH_EVERY: Duration = Duration::from_secs(30);
 
-/// MTU discovery of control connections, on both ends: up to [`CONTROL_MTU`], and see
-/// [`CONTROL_BLACK_HOLE_COOLDOWN`] and [`CONTROL_MTU_SEARCH_EVERY`].
-pub fn control_mtu_discovery() -> quinn::MtuDiscoveryConfig {
+/// MTU discovery of control connections (both ends use [`control_transport_config`]): up
+/// to [`CONTROL_MTU`], and see [`CONTROL_BLACK_HOLE_COOLDOWN`] and
+/// [`CONTROL_MTU_SEARCH_EVERY`].
+fn control_mtu_discovery() -> quinn::MtuDiscoveryConfig {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(CONTROL_MTU);
     mtu.black_hole_cooldown(CONTROL_BLACK_HOLE_COOLDOWN);
