@@ -9,7 +9,7 @@ use std::time::Duration;
 use p2ptun::path::{PathSocket, Policy};
 use p2ptun::proto::{Candidate, CandidateKind, Credentials, Rendezvous, ALPN_PEER};
 use p2ptun::punch::symmetric::Strategy::Ordinary;
-use p2ptun::punch::{punch, Punched, StunRouter};
+use p2ptun::punch::{find, Punch, StunRouter};
 use p2ptun::tunnel::{copy, endpoint, header, tls, Identity};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -75,21 +75,32 @@ fn virt_of(at: &Side, peer: &Side) -> SocketAddr {
     at.router.socket().table_write().peer(peer.id.fingerprint())
 }
 
-/// Punches both ways and returns each side's virtual address for the other.
-async fn connect_pair(a: &Side, b: &Side) -> (SocketAddr, SocketAddr, Punched, Punched) {
+/// Punches both ways, installs each side's path to the other (as the agent's link would),
+/// and returns each side's virtual address for the other, with the punches that keep the
+/// paths watched.
+async fn connect_pair(a: &Side, b: &Side) -> (SocketAddr, SocketAddr, Punch, Punch) {
     let (va, vb) = (virt_of(a, b), virt_of(b, a));
     let (rv_a, rv_b) = (
         rendezvous(b, creds("aaaa", "bbbb")),
         rendezvous(a, creds("bbbb", "aaaa")),
     );
     let (ra, rb) = tokio::join!(
-        punch(&a.router, va, &rv_a, &Ordinary),
-        punch(&b.router, vb, &rv_b, &Ordinary)
+        find(&a.router, &rv_a, &Ordinary),
+        find(&b.router, &rv_b, &Ordinary)
     );
-    let (ra, rb) = (ra.expect("a punched"), rb.expect("b punched"));
-    assert_eq!(ra.remote, b.addr);
-    assert_eq!(rb.remote, a.addr);
-    (va, vb, ra, rb)
+    let (pa, remote_a, rtt_a) = ra.expect("a punched");
+    let (pb, remote_b, rtt_b) = rb.expect("b punched");
+    assert_eq!(remote_a, b.addr);
+    assert_eq!(remote_b, a.addr);
+    a.router
+        .socket()
+        .table_write()
+        .add_udp_path(va, remote_a, Some(rtt_a));
+    b.router
+        .socket()
+        .table_write()
+        .add_udp_path(vb, remote_b, Some(rtt_b));
+    (va, vb, pa, pb)
 }
 
 #[tokio::test]
@@ -168,11 +179,11 @@ async fn punch_then_quic_then_a_spliced_tcp_connection_with_half_close() {
 #[tokio::test]
 async fn checks_with_wrong_credentials_find_no_path() {
     let (a, b) = (side(), side());
-    let (va, vb) = (virt_of(&a, &b), virt_of(&b, &a));
+    let vb = virt_of(&b, &a);
     let mut wrong = creds("bbbb", "aaaa");
     wrong.local_pwd = "not-the-password-a-expects".into();
     let rv_a = rendezvous(&b, creds("aaaa", "bbbb"));
-    let a_run = punch(&a.router, va, &rv_a, &Ordinary);
+    let a_run = find(&a.router, &rv_a, &Ordinary);
     // b answers with a password a does not expect: a must not accept the answers.
     let b_session = b.router.open_session(&wrong);
     let started = std::time::Instant::now();

@@ -1,18 +1,16 @@
-//! `expose`: answering S's introductions with a punch, accepting the forwarder's connection,
-//! and serving each of its streams from the local service the header names.
+//! `expose`: handing S's introductions to the forwarders' links, accepting the forwarder's
+//! connection, and serving each of its streams from the local service the header names.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
-use super::server::Registered;
-use super::status::Role;
-use super::{paths, relay};
-use super::{Ctx, ExposeSpec};
+use super::activity::Role;
+use super::ctx::{Ctx, ExposeSpec};
+use super::link::Links;
+use super::registration::Registered;
 use crate::proto::{Fingerprint, Rendezvous};
 use crate::tunnel::header::{self, close, codes};
 use crate::tunnel::{copy, tls};
@@ -24,51 +22,28 @@ const STREAM_SETUP: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct Exposer {
     ctx: Arc<Ctx>,
-    /// The direct paths of the latest session per forwarder.
-    sessions: Arc<Mutex<HashMap<Fingerprint, paths::Held>>>,
+    links: Arc<Links>,
 }
 
 impl Exposer {
-    /// The exposer of the services in `ctx`'s options.
-    pub fn new(ctx: Arc<Ctx>) -> Self {
-        Exposer {
-            ctx,
-            sessions: Arc::default(),
-        }
+    /// The exposer of the services in `ctx`'s options, with the agent's links.
+    pub fn new(ctx: Arc<Ctx>, links: Arc<Links>) -> Self {
+        Exposer { ctx, links }
     }
 
     fn spec(&self, name: &str) -> Option<&ExposeSpec> {
         self.ctx.opts.exposes.iter().find(|e| e.name == name)
     }
 
-    /// Makes paths to every forwarder S introduces: the relay at once, then a punch.
-    pub async fn answer_introductions(
-        self,
-        mut incoming: mpsc::Receiver<(Rendezvous, Arc<Registered>)>,
-    ) {
-        while let Some((rv, reg)) = incoming.recv().await {
-            let this = self.clone();
-            tokio::spawn(async move { this.punch_for(rv, &reg).await });
-        }
-    }
-
-    async fn punch_for(&self, rv: Rendezvous, reg: &Registered) {
+    /// Hands an introduction S pushed to the forwarder's link, which punches toward it (and
+    /// opens the relay session at once, if S relays).
+    pub fn introduced(&self, rv: Rendezvous, reg: Arc<Registered>) {
         if self.spec(&rv.name).is_none() {
             tracing::warn!(name = %rv.name, "S introduced a forwarder for a name not exposed here");
             return;
         }
-        let peer = rv.peer_fingerprint;
-        tracing::info!(name = %rv.name, %peer, "forwarder introduced; checking paths");
-        let virt = self.ctx.router.socket().table_write().peer(peer);
-        if rv.relay {
-            relay::open(&self.ctx, reg, rv.session, virt);
-        }
-        let outcomes = paths::start(&self.ctx, &rv, virt, false);
-        let found = paths::keep(outcomes, format!("expose '{}' to {peer}", rv.name));
-        self.sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(peer, found);
+        tracing::info!(name = %rv.name, peer = %rv.peer_fingerprint, "forwarder introduced; checking paths");
+        self.links.introduce(rv, reg, None);
     }
 
     /// Accepts forwarders' QUIC connections and serves their streams.
@@ -105,6 +80,8 @@ impl Exposer {
             return;
         }
         tracing::info!(%peer, "forwarder connected");
+        // The link lives at least as long as the connection it carries.
+        let _link = self.links.get(peer);
         loop {
             match conn.accept_bi().await {
                 Ok((send, recv)) => {

@@ -2,8 +2,8 @@
 
 use tokio::net::{TcpListener, TcpStream};
 
+use super::activity::Role;
 use super::peers::Peers;
-use super::status::Role;
 use super::ForwardSpec;
 use crate::tunnel::{copy, header};
 

@@ -1,16 +1,23 @@
 //! The agent: `expose`, `forward` and `up` put together.
 //!
 //! One agent process has one identity, one UDP socket ([`crate::path::PathSocket`]) and one
-//! quinn endpoint on it. [`server`] keeps it registered with S; [`expose`] answers
-//! introductions and serves streams to local services; [`forward`] listens on local ports
-//! and carries each connection to a peer, which [`peers`] finds and keeps connected.
+//! quinn endpoint on it, shared by every part through [`ctx::Ctx`]. [`server`] keeps it
+//! registered with S; [`link`] owns everything that carries traffic to each peer agent and
+//! keeps its paths healthy; [`expose`] hands S's introductions to the links and serves
+//! streams to local services; [`forward`] listens on local ports and carries each connection
+//! to a peer, whose connection [`peers`] makes. [`Agent`] runs all of it in this process.
 
+pub mod activity;
 pub mod backoff;
+pub mod ctx;
 pub mod expose;
 pub mod forward;
+pub mod heal;
 pub mod known;
+pub mod link;
 pub mod paths;
 pub mod peers;
+pub mod registration;
 pub mod relay;
 pub mod server;
 pub mod status;
@@ -18,177 +25,170 @@ pub mod status;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+pub use ctx::{AgentOptions, Ctx, ExposeSpec, ForwardSpec};
 
 use crate::path::{PathSocket, Policy};
-use crate::proto::{Fingerprint, ALPN_PEER};
+use crate::proto::ALPN_PEER;
 use crate::punch::StunRouter;
 use crate::tunnel::{endpoint, tls, Identity};
-
-/// A local service to expose.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExposeSpec {
-    /// The name to expose it under.
-    pub name: String,
-    /// Where it listens, `HOST:PORT`.
-    pub local: String,
-    /// Forwarders allowed to use it; empty allows every agent S introduces.
-    pub allow: Vec<Fingerprint>,
-}
-
-/// A local port to forward to a name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ForwardSpec {
-    /// The name to reach.
-    pub name: String,
-    /// Where to listen locally.
-    pub bind: SocketAddr,
-}
-
-/// Everything an agent needs to run.
-#[derive(Debug, Clone)]
-pub struct AgentOptions {
-    /// S as `HOST:PORT`.
-    pub server: String,
-    /// The token S requires, if any.
-    pub token: Option<String>,
-    /// S's expected key; without it S's key is pinned on first use.
-    pub server_fingerprint: Option<Fingerprint>,
-    /// Where the identity and pins are kept.
-    pub state_dir: PathBuf,
-    /// Where the agent's UDP socket binds.
-    pub bind: SocketAddr,
-    /// Services to expose.
-    pub exposes: Vec<ExposeSpec>,
-    /// Ports to forward.
-    pub forwards: Vec<ForwardSpec>,
-    /// Which port-mapping protocols to ask the gateway with.
-    pub portmap: crate::portmap::Mode,
-}
-
-/// What every part of a running agent shares.
-pub struct Ctx {
-    /// The options it runs with.
-    pub opts: AgentOptions,
-    /// Its identity.
-    pub identity: Identity,
-    /// The quinn endpoint on its socket.
-    pub endpoint: quinn::Endpoint,
-    /// STUN dispatch on its socket.
-    pub router: Arc<StunRouter>,
-    /// The current registration with S.
-    pub registration: watch::Receiver<Option<Arc<server::Registered>>>,
-    /// What status reports.
-    pub activity: status::Activity,
-    /// Sessions whose packets S relays.
-    pub relays: relay::RelaySessions,
-    /// The TCP punching port, if one could be bound.
-    pub tcp: Option<Arc<crate::punch::tcp::TcpPunch>>,
-    /// The port mappings the gateway granted (empty until, unless, one is).
-    pub portmap: watch::Receiver<Vec<crate::portmap::Mapping>>,
-}
-
-impl Ctx {
-    /// Whether the socket is IPv4.
-    pub fn ipv4(&self) -> bool {
-        self.router
-            .socket()
-            .local()
-            .map(|a| a.is_ipv4())
-            .unwrap_or(true)
-    }
-}
+use server::ServerEvent;
 
 /// The identity file in a state directory.
 pub fn identity_path(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("identity.pem")
 }
 
+/// A running agent: its tasks, its status, and how to stop it. [`Agent::start`] runs one in
+/// this process (tests do, and [`run`] for the binary).
+pub struct Agent {
+    ctx: Arc<Ctx>,
+    control: JoinHandle<anyhow::Error>,
+    tasks: Vec<JoinHandle<()>>,
+    status_task: JoinHandle<anyhow::Result<()>>,
+    keeper: crate::portmap::Keeper,
+    _lock: std::fs::File,
+}
+
+impl Agent {
+    /// Starts an agent with `opts`: binds its local ports and socket, then registers with
+    /// S, exposes and forwards in the background. Fails at once on what the user must fix
+    /// (a port in use, a state directory another agent holds).
+    pub async fn start(opts: AgentOptions) -> anyhow::Result<Agent> {
+        let identity = Identity::load_or_create(&identity_path(&opts.state_dir))
+            .context("cannot load this agent's identity")?;
+        let lock = lock_state_dir(&opts.state_dir)?;
+        // Bind the local ports first: a port in use is the user's to fix, now.
+        let mut listeners = Vec::new();
+        for f in &opts.forwards {
+            let listener = tokio::net::TcpListener::bind(f.bind)
+                .await
+                .with_context(|| format!("cannot listen on {} for forward '{}'", f.bind, f.name))?;
+            listeners.push((f.clone(), listener));
+        }
+        let (socket, stun_rx) = PathSocket::bind(opts.bind, Policy::KnownOnly)
+            .with_context(|| format!("cannot bind the UDP socket at {}", opts.bind))?;
+        let router = StunRouter::start(socket.clone(), stun_rx);
+        // The TCP punching port takes the UDP port's number when it is free, which keeps
+        // firewall rules simple; any port works.
+        let udp_local = socket.local()?;
+        let tcp = crate::punch::tcp::TcpPunch::bind(udp_local)
+            .or_else(|_| crate::punch::tcp::TcpPunch::bind(SocketAddr::new(udp_local.ip(), 0)))
+            .map_err(|e| tracing::warn!("no TCP punching port ({e}); only UDP and relay paths"))
+            .ok();
+        // Port mapping runs in the background: registration and punching never wait for it; a
+        // mapping that arrives later is sent to S as an update.
+        let keeper =
+            crate::portmap::Keeper::start(opts.portmap, udp_local, tcp.as_ref().map(|t| t.local()));
+        let server_config =
+            tls::server_config(identity.cert_chain(), identity.private_key(), ALPN_PEER)?;
+        let endpoint = endpoint::make_endpoint(socket, Some(server_config), Some(&identity))
+            .context("cannot start the QUIC endpoint")?;
+
+        let (reg_tx, reg_rx) = watch::channel(None);
+        let (events_tx, mut events) = mpsc::channel(64);
+        let ctx = Arc::new(Ctx {
+            opts,
+            identity,
+            endpoint,
+            router,
+            registration: reg_rx,
+            activity: activity::Activity::default(),
+            relays: Arc::default(),
+            tcp,
+            portmap: keeper.mappings(),
+        });
+        tracing::info!(id = %ctx.identity.fingerprint(), udp = ?ctx.router.socket().local().ok(), "agent started");
+
+        let status_path = status::socket_path(&ctx.opts.state_dir);
+        let status_task = tokio::spawn(status::serve(ctx.clone(), status_path));
+        let control = tokio::spawn(server::run(ctx.clone(), reg_tx, events_tx));
+        let links = link::Links::new(ctx.clone());
+        let exposer = expose::Exposer::new(ctx.clone(), links.clone());
+        let mut tasks = Vec::new();
+        {
+            let (exposer, links) = (exposer.clone(), links.clone());
+            tasks.push(tokio::spawn(async move {
+                while let Some(event) = events.recv().await {
+                    match event {
+                        ServerEvent::Introduced(rv, reg) => exposer.introduced(*rv, reg),
+                        ServerEvent::RelayClosed { session } => links.relay_closed(session),
+                    }
+                }
+            }));
+        }
+        tasks.push(tokio::spawn(exposer.accept_connections()));
+        let peers = peers::Peers::new(ctx.clone(), links);
+        for (spec, listener) in listeners {
+            tracing::info!(name = %spec.name, local = ?listener.local_addr().ok(), "forwarding");
+            tasks.push(tokio::spawn(forward::serve(peers.clone(), spec, listener)));
+        }
+        Ok(Agent {
+            ctx,
+            control,
+            tasks,
+            status_task,
+            keeper,
+            _lock: lock,
+        })
+    }
+
+    /// What `p2ptun status` would show of this agent now.
+    pub fn status(&self) -> status::Status {
+        status::snapshot(&self.ctx)
+    }
+
+    /// Waits until the agent fails in a way retrying cannot fix (S refused its token or a
+    /// name), and returns why.
+    pub async fn failed(&mut self) -> anyhow::Error {
+        (&mut self.control)
+            .await
+            .unwrap_or_else(|e| anyhow::anyhow!("control task failed: {e}"))
+    }
+
+    /// Stops the agent: closes the peers' connections and deletes the port mappings, each
+    /// bounded by a second, so this never hangs on a silent peer or gateway.
+    pub async fn shutdown(self) {
+        self.ctx.endpoint.close(
+            crate::tunnel::header::close::SHUTDOWN.into(),
+            b"agent stopped",
+        );
+        let wait = Duration::from_secs(1);
+        tokio::join!(
+            async {
+                let _ = tokio::time::timeout(wait, self.ctx.endpoint.wait_idle()).await;
+            },
+            self.keeper.shutdown(wait),
+        );
+        self.control.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
+        // Aborting drops the task's guard, which removes the status socket.
+        self.status_task.abort();
+        let _ = self.status_task.await;
+    }
+}
+
 /// Runs an agent until Ctrl-C, or until an error that retrying cannot fix.
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
-    let identity = Identity::load_or_create(&identity_path(&opts.state_dir))
-        .context("cannot load this agent's identity")?;
-    let _lock = lock_state_dir(&opts.state_dir)?;
-    // Bind the local ports first: a port in use is the user's to fix, now.
-    let mut listeners = Vec::new();
-    for f in &opts.forwards {
-        let listener = tokio::net::TcpListener::bind(f.bind)
-            .await
-            .with_context(|| format!("cannot listen on {} for forward '{}'", f.bind, f.name))?;
-        listeners.push((f.clone(), listener));
-    }
-    let (socket, stun_rx) = PathSocket::bind(opts.bind, Policy::KnownOnly)
-        .with_context(|| format!("cannot bind the UDP socket at {}", opts.bind))?;
-    let router = StunRouter::start(socket.clone(), stun_rx);
-    // The TCP punching port takes the UDP port's number when it is free, which keeps
-    // firewall rules simple; any port works.
-    let udp_local = socket.local()?;
-    let tcp = crate::punch::tcp::TcpPunch::bind(udp_local)
-        .or_else(|_| crate::punch::tcp::TcpPunch::bind(SocketAddr::new(udp_local.ip(), 0)))
-        .map_err(|e| tracing::warn!("no TCP punching port ({e}); only UDP and relay paths"))
-        .ok();
-    // Port mapping runs in the background: registration and punching never wait for it; a
-    // mapping that arrives later is sent to S as an update.
-    let keeper =
-        crate::portmap::Keeper::start(opts.portmap, udp_local, tcp.as_ref().map(|t| t.local()));
-    let server_config =
-        tls::server_config(identity.cert_chain(), identity.private_key(), ALPN_PEER)?;
-    let endpoint = endpoint::make_endpoint(socket, Some(server_config), Some(&identity))
-        .context("cannot start the QUIC endpoint")?;
-
-    let (reg_tx, reg_rx) = watch::channel(None);
-    let (incoming_tx, incoming_rx) = mpsc::channel(64);
-    let ctx = Arc::new(Ctx {
-        opts,
-        identity,
-        endpoint,
-        router,
-        registration: reg_rx,
-        activity: status::Activity::default(),
-        relays: relay::RelaySessions::default(),
-        tcp,
-        portmap: keeper.mappings(),
-    });
-    tracing::info!(id = %ctx.identity.fingerprint(), udp = ?ctx.router.socket().local().ok(), "agent started");
-
-    let status_path = status::socket_path(&ctx.opts.state_dir);
-    let status_task = tokio::spawn(status::serve(ctx.clone(), status_path));
-    let control = tokio::spawn(server::run(ctx.clone(), reg_tx, incoming_tx));
-    let exposer = expose::Exposer::new(ctx.clone());
-    tokio::spawn(exposer.clone().answer_introductions(incoming_rx));
-    tokio::spawn(exposer.accept_connections());
-    let peers = peers::Peers::new(ctx.clone());
-    for (spec, listener) in listeners {
-        tracing::info!(name = %spec.name, local = ?listener.local_addr().ok(), "forwarding");
-        tokio::spawn(forward::serve(peers.clone(), spec, listener));
-    }
-
-    let result = tokio::select! {
-        fatal = control => {
-            let err = fatal.unwrap_or_else(|e| anyhow::anyhow!("control task failed: {e}"));
-            ctx.endpoint.close(crate::tunnel::header::close::SHUTDOWN.into(), b"agent stopped");
-            keeper.shutdown(std::time::Duration::from_secs(1)).await;
-            Err(err)
+    let mut agent = Agent::start(opts).await?;
+    tokio::select! {
+        fatal = agent.failed() => {
+            agent.shutdown().await;
+            Err(fatal)
         }
         _ = tokio::signal::ctrl_c() => {
             tracing::info!("shutting down");
-            ctx.endpoint.close(crate::tunnel::header::close::SHUTDOWN.into(), b"agent stopped");
-            // Closing the peers' connections and deleting the port mappings go on together;
-            // each is bounded, so Ctrl-C never hangs on a silent peer or gateway.
-            let wait = std::time::Duration::from_secs(1);
-            tokio::join!(
-                async { let _ = tokio::time::timeout(wait, ctx.endpoint.wait_idle()).await; },
-                keeper.shutdown(wait),
-            );
+            agent.shutdown().await;
             Ok(())
         }
-    };
-    // Aborting drops the task's guard, which removes the status socket.
-    status_task.abort();
-    let _ = status_task.await;
-    result
+    }
 }
 
 /// Takes the state directory's lock for as long as the returned file lives.

@@ -1,6 +1,7 @@
-//! Finding direct paths for a session: the UDP and TCP punches (and, behind a symmetric NAT,
-//! the birthday punch) run side by side, and each path found is installed in the path table,
-//! where the best one carries the traffic.
+//! Starting the punches of one introduction: the UDP checks, the TCP simultaneous open and,
+//! behind a symmetric NAT, the birthday punch, side by side. Each reports what it found to
+//! the caller (the peer's link), which alone installs paths; nothing here writes the path
+//! table.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,55 +9,87 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::Ctx;
+use super::ctx::Ctx;
 use crate::path::PathKind;
 use crate::proto::Rendezvous;
+use crate::punch::checker::Event;
 use crate::punch::symmetric::{self, Strategy};
-use crate::punch::{birthday, checks, punch, start_delay, Punched};
+use crate::punch::{birthday, checks, start_delay, Punch};
 
-/// A direct path a punch found; dropping it gives the path up.
-pub enum Found {
-    /// UDP from the agent's socket, checked by its monitor.
-    Udp(Punched),
-    /// A path with a task of its own: a TCP connection, or a birthday punch's UDP socket.
-    /// Dropping it removes the path, which ends the task.
-    Channel(ChannelPath),
-}
-
-/// A path in the table whose datagrams go through a channel to the task that owns it.
+/// A direct path with a task of its own — a TCP connection, or a birthday punch's UDP
+/// socket — whose datagrams go through a channel. The task ends when every sender of
+/// `sink` is dropped.
+#[derive(Debug)]
 pub struct ChannelPath {
-    socket: Arc<crate::path::PathSocket>,
-    virt: SocketAddr,
-    kind: PathKind,
-    remote: SocketAddr,
+    /// Its kind.
+    pub kind: PathKind,
+    /// The peer's address on it.
+    pub remote: SocketAddr,
+    /// Where the peer's outgoing QUIC packets go.
+    pub sink: mpsc::Sender<Bytes>,
+    /// Whether it is live (a black-holed path stays open: this says so).
+    pub live: watch::Receiver<bool>,
+    /// Completes when the task ended (the connection closed or failed).
+    pub done: oneshot::Receiver<std::io::Result<()>>,
 }
 
-impl Drop for ChannelPath {
-    fn drop(&mut self) {
-        // The table holds the path's only sender: removing it ends the task, which closes
-        // the connection or socket.
-        self.socket
-            .table_write()
-            .remove_path(self.virt, self.kind, self.remote);
-    }
+/// What a TCP or birthday punch ended with.
+#[derive(Debug)]
+pub enum Outcome {
+    /// A path.
+    Found(ChannelPath),
+    /// Why there is none (for the log).
+    Failed(String),
 }
 
-/// The direct paths of one session, held for as long as the session is in use.
-pub type Held = Arc<std::sync::Mutex<Vec<Found>>>;
-
-/// What one punch ended with.
-pub type Outcome = Result<Found, String>;
-
-/// Starts the punches toward the peer of `rv` (at virtual address `virt`). Each sends its
-/// outcome on the returned channel, which yields one outcome per punch started: UDP, TCP
-/// (when this agent has a TCP port) and the birthday punch (when this side's NAT picks
-/// random ports and the peer's does not).
+/// Starts the punches toward the peer of `rv` (at virtual address `virt`). The UDP checks
+/// report their [`Event`]s to `udp`, tagged with `id`, for as long as the returned [`Punch`]
+/// lives; the TCP punch (when this agent has a TCP port) and the birthday punch (when this
+/// side's NAT picks random ports and the peer's does not) send one [`Outcome`] each to
+/// `outcomes`.
 pub fn start(
     ctx: &Arc<Ctx>,
     rv: &Rendezvous,
     virt: SocketAddr,
     controlling: bool,
-) -> mpsc::Receiver<Outcome> {
+    id: u64,
+    udp: mpsc::Sender<(u64, Event)>,
+    outcomes: mpsc::Sender<Outcome>,
+) -> Punch {
+    let strategy = strategy(ctx, rv);
+    if let Strategy::OpenMany(to) = strategy {
+        let (ctx, rv, tx) = (ctx.clone(), rv.clone(), outcomes.clone());
+        tokio::spawn(async move {
+            let outcome = open_many(&ctx, &rv, virt, to).await;
+            let _ = tx.send(outcome).await;
+        });
+    }
+    if let Some(tcp) = ctx.tcp.clone() {
+        let (ctx, rv) = (ctx.clone(), rv.clone());
+        tokio::spawn(async move {
+            let outcome = match tcp.punch(&rv, controlling).await {
+                Ok((stream, remote)) => {
+                    let injector = ctx.router.socket().injector();
+                    let (sink, done, live) =
+                        crate::path::tcp::spawn_checked(stream, virt, injector);
+                    Outcome::Found(ChannelPath {
+                        kind: PathKind::DirectTcp,
+                        remote,
+                        sink,
+                        live,
+                        done,
+                    })
+                }
+                Err(e) => Outcome::Failed(e.to_string()),
+            };
+            let _ = outcomes.send(outcome).await;
+        });
+    }
+    crate::punch::start(&ctx.router, rv, &strategy, id, udp)
+}
+
+/// How to get through the NATs of this introduction (see [`symmetric::strategy`]).
+fn strategy(ctx: &Ctx, rv: &Rendezvous) -> Strategy {
     let mine = ctx
         .registration
         .borrow()
@@ -80,40 +113,7 @@ pub fn start(
             tracing::info!(session = rv.session, ?mine, peer = ?rv.peer_nat, strategy = ?other, "through a symmetric NAT")
         }
     }
-    let (tx, rx) = mpsc::channel(3);
-    if let Strategy::OpenMany(to) = strategy {
-        let (ctx, rv, tx) = (ctx.clone(), rv.clone(), tx.clone());
-        tokio::spawn(async move {
-            let outcome = open_many(&ctx, &rv, virt, to).await;
-            let _ = tx.send(outcome).await;
-        });
-    }
-    {
-        let (ctx, rv, tx) = (ctx.clone(), rv.clone(), tx.clone());
-        tokio::spawn(async move {
-            let outcome = punch(&ctx.router, virt, &rv, &strategy)
-                .await
-                .map(Found::Udp)
-                .map_err(|e| e.to_string());
-            let _ = tx.send(outcome).await;
-        });
-    }
-    if let Some(tcp) = ctx.tcp.clone() {
-        let (ctx, rv) = (ctx.clone(), rv.clone());
-        tokio::spawn(async move {
-            let outcome = match tcp.punch(&rv, controlling).await {
-                Ok((stream, remote)) => {
-                    let injector = ctx.router.socket().injector();
-                    let (tx, done, live) = crate::path::tcp::spawn_checked(stream, virt, injector);
-                    let path = Task { tx, done, live };
-                    Ok(install(&ctx, virt, PathKind::DirectTcp, remote, path))
-                }
-                Err(e) => Err(e.to_string()),
-            };
-            let _ = tx.send(outcome).await;
-        });
-    }
-    rx
+    strategy
 }
 
 /// The symmetric side of a birthday punch: many sockets toward the peer's mapping; the one
@@ -121,7 +121,10 @@ pub fn start(
 async fn open_many(ctx: &Arc<Ctx>, rv: &Rendezvous, virt: SocketAddr, to: SocketAddr) -> Outcome {
     tokio::time::sleep(start_delay(rv)).await;
     let started = tokio::time::Instant::now();
-    let local = ctx.router.socket().local().map_err(|e| e.to_string())?.ip();
+    let local = match ctx.router.socket().local() {
+        Ok(local) => local.ip(),
+        Err(e) => return Outcome::Failed(e.to_string()),
+    };
     let punch = birthday::open_many(local, to, &rv.credentials, started + checks::DEADLINE);
     // The ordinary checks may get through after all (the peer's NAT filters by address
     // only): then the sockets are closed at once, not at the deadline.
@@ -135,103 +138,23 @@ async fn open_many(ctx: &Arc<Ctx>, rv: &Rendezvous, virt: SocketAddr, to: Socket
         }
     };
     let (socket, remote) = tokio::select! {
-        won = punch => won.map_err(|e| e.to_string())?,
-        () = direct => return Err("birthday punch not needed: the ordinary checks found a direct UDP path".into()),
+        won = punch => match won {
+            Ok(won) => won,
+            Err(e) => return Outcome::Failed(e.to_string()),
+        },
+        () = direct => return Outcome::Failed(
+            "birthday punch not needed: the ordinary checks found a direct UDP path".into(),
+        ),
     };
     tracing::info!(%remote, after_ms = started.elapsed().as_millis() as u64, "birthday punch: the peer reached one of our sockets");
     let injector = ctx.router.socket().injector();
-    let (tx, done, live) =
+    let (sink, done, live) =
         birthday::spawn_path(socket, remote, virt, rv.credentials.clone(), injector);
-    let path = Task { tx, done, live };
-    Ok(install(ctx, virt, PathKind::DirectUdp, remote, path))
-}
-
-/// The handles of a task that carries a path: where to send datagrams, when it ended, and
-/// whether it is live.
-struct Task {
-    tx: mpsc::Sender<Bytes>,
-    done: oneshot::Receiver<std::io::Result<()>>,
-    live: watch::Receiver<bool>,
-}
-
-/// Makes the path carried by `task` one of the peer's paths until it ends or is given up.
-fn install(
-    ctx: &Arc<Ctx>,
-    virt: SocketAddr,
-    kind: PathKind,
-    remote: SocketAddr,
-    task: Task,
-) -> Found {
-    let Task { tx, done, mut live } = task;
-    let socket = ctx.router.socket().clone();
-    socket
-        .table_write()
-        .add_channel_path(virt, kind, remote, tx, None);
-    {
-        // A black-holed path stays open: follow its liveness instead.
-        let socket = socket.clone();
-        tokio::spawn(async move {
-            while live.changed().await.is_ok() {
-                let now = *live.borrow_and_update();
-                socket.table_write().set_live(virt, kind, remote, now);
-                if now {
-                    tracing::info!(%remote, "{kind} path answers again");
-                } else {
-                    tracing::warn!(%remote, "{kind} path went silent; using the next path");
-                }
-            }
-        });
-    }
-    {
-        let socket = socket.clone();
-        tokio::spawn(async move {
-            let why = match done.await {
-                Ok(Ok(())) | Err(_) => "closed".to_owned(),
-                Ok(Err(e)) => e.to_string(),
-            };
-            tracing::debug!(%remote, "{kind} path ended: {why}");
-            socket.table_write().remove_path(virt, kind, remote);
-        });
-    }
-    Found::Channel(ChannelPath {
-        socket,
-        virt,
-        kind,
+    Outcome::Found(ChannelPath {
+        kind: PathKind::DirectUdp,
         remote,
+        sink,
+        live,
+        done,
     })
-}
-
-impl Found {
-    /// Describes the path for logs.
-    pub fn describe(&self) -> String {
-        match self {
-            Found::Udp(p) => format!(
-                "direct UDP to {} (rtt {:.2} ms)",
-                p.remote,
-                p.rtt.as_secs_f64() * 1000.0
-            ),
-            Found::Channel(t) => format!("{} to {}", t.kind, t.remote),
-        }
-    }
-}
-
-/// Keeps every path found for as long as the returned holder lives, logging as they come.
-pub fn keep(mut outcomes: mpsc::Receiver<Outcome>, label: String) -> Held {
-    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let weak = Arc::downgrade(&held);
-    tokio::spawn(async move {
-        while let Some(outcome) = outcomes.recv().await {
-            match outcome {
-                Ok(found) => {
-                    tracing::info!("{label}: found {}", found.describe());
-                    match weak.upgrade() {
-                        Some(held) => held.lock().unwrap_or_else(|e| e.into_inner()).push(found),
-                        None => return,
-                    }
-                }
-                Err(e) => tracing::info!("{label}: {e}"),
-            }
-        }
-    });
-    held
 }

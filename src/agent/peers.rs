@@ -1,43 +1,49 @@
 //! The forwarder's side of peer connections: for a name, the one QUIC connection to the agent
-//! exposing it, made through S's introduction, a punch, and a fingerprint check.
+//! exposing it, made through S's introduction, the peer's link, and a fingerprint check. All
+//! names exposed by one agent share one connection (the stream header names the service).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use anyhow::{anyhow, bail, Context};
 use quinn::Connection;
 use tokio::sync::Mutex;
 
+use super::ctx::Ctx;
 use super::known::{PinFile, Pinned};
-use super::{paths, relay, Ctx};
+use super::link::{Link, Links};
 use crate::proto::{Fingerprint, ALPN_PEER};
+use crate::punch::checks;
 use crate::tunnel::tls;
 
 /// How long a new local connection waits for a registration with S.
 const WAIT_FOR_S: std::time::Duration = std::time::Duration::from_secs(15);
 
-/// A live connection to a peer, with the direct paths (once punched) it may use.
+/// A live connection to a peer and the link under it. It lives as long as the connection:
+/// a task holds it until the connection closes, so a link never outlives its last user.
 struct Live {
     conn: Connection,
-    _direct: paths::Held,
+    link: Arc<Link>,
 }
 
 /// The connection for one name, behind a lock held while it is being made.
-type Slot = Arc<Mutex<Option<Arc<Live>>>>;
+type Slot = Arc<Mutex<Weak<Live>>>;
 
 /// Connections to exposers, one per peer and made at most once at a time per name.
 #[derive(Clone)]
 pub struct Peers {
     ctx: Arc<Ctx>,
+    links: Arc<Links>,
     by_name: Arc<Mutex<HashMap<String, Slot>>>,
-    by_peer: Arc<std::sync::Mutex<HashMap<Fingerprint, std::sync::Weak<Live>>>>,
+    by_peer: Arc<std::sync::Mutex<HashMap<Fingerprint, Weak<Live>>>>,
 }
 
 impl Peers {
-    /// An empty set of connections.
-    pub fn new(ctx: Arc<Ctx>) -> Self {
+    /// No connections yet; links are made in `links`.
+    pub fn new(ctx: Arc<Ctx>, links: Arc<Links>) -> Self {
         Peers {
             ctx,
+            links,
             by_name: Arc::default(),
             by_peer: Arc::default(),
         }
@@ -59,15 +65,24 @@ impl Peers {
             .clone();
         // Holding the slot makes concurrent local connections wait for one introduction.
         let mut slot = slot.lock().await;
-        if let Some(live) = slot.as_ref() {
+        if let Some(live) = slot.upgrade() {
             if live.conn.close_reason().is_none() {
                 return Ok(live.conn.clone());
             }
         }
         let live = self.connect(name).await?;
         let conn = live.conn.clone();
-        *slot = Some(live);
+        *slot = Arc::downgrade(&live);
         Ok(conn)
+    }
+
+    fn live_to(&self, peer: Fingerprint) -> Option<Arc<Live>> {
+        self.by_peer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&peer)
+            .and_then(Weak::upgrade)
+            .filter(|l| l.conn.close_reason().is_none())
     }
 
     async fn connect(&self, name: &str) -> anyhow::Result<Arc<Live>> {
@@ -85,7 +100,7 @@ impl Peers {
             .clone()
             .context("not registered with S")?;
         let rv = reg
-            .connect(name, reg.candidates(ctx))
+            .connect(name, ctx.candidates(&reg))
             .await
             .with_context(|| format!("S cannot introduce '{name}'"))?;
         let peer = rv.peer_fingerprint;
@@ -95,40 +110,27 @@ impl Peers {
         let pin_key = format!("{} {name}", ctx.opts.server);
         let pinned = pins.check(&format!("the exposer of '{name}'"), &pin_key, peer)?;
 
-        // Another name of the same peer may already have a connection.
-        let existing = self
-            .by_peer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&peer)
-            .and_then(|w| w.upgrade());
-        if let Some(live) = existing.filter(|l| l.conn.close_reason().is_none()) {
+        let relayed = rv.relay;
+        // The link takes the introduction whatever happens next: another name of the same
+        // peer may already have a connection, and the new punch only adds paths to it.
+        let link = self.links.introduce(rv, reg, Some(name));
+        if let Some(live) = self.live_to(peer) {
             return Ok(live);
         }
-
-        let virt = ctx.router.socket().table_write().peer(peer);
-        // With a relay, traffic starts through S at once and moves to the direct path when
-        // the punch finds one; without, the punch must succeed first.
-        if rv.relay {
-            relay::open(ctx, &reg, rv.session, virt);
-        }
-        let mut outcomes = paths::start(ctx, &rv, virt, true);
-        let mut found = Vec::new();
-        if !rv.relay {
+        if !relayed {
             // No relay: a direct path must exist before QUIC can start.
-            let mut failures = Vec::new();
-            while found.is_empty() {
-                match outcomes.recv().await {
-                    Some(Ok(path)) => found.push(path),
-                    Some(Err(e)) => failures.push(e),
-                    None => bail!("{}", failures.join("; ")),
-                }
+            let wait = checks::DEADLINE + std::time::Duration::from_secs(3);
+            if !link.wait_for_path(wait).await {
+                bail!(
+                    "no path to the exposer of '{name}': S does not relay for this pair and no \
+                     direct path was found (see the log for each punch)"
+                );
             }
         }
         let config = tls::client_config(&ctx.identity, ALPN_PEER)?;
         let conn = ctx
             .endpoint
-            .connect_with(config, virt, "p2ptun-peer")?
+            .connect_with(config, link.virt(), "p2ptun-peer")?
             .await
             .with_context(|| format!("QUIC handshake with the exposer of '{name}' failed"))?;
         let seen = tls::peer_fingerprint(&conn);
@@ -146,8 +148,9 @@ impl Peers {
         if pinned == Pinned::New {
             tracing::info!(%name, %peer, "pinned the exposer's key in {}", pins.path().display());
         }
-        let path = ctx.router.socket().table_read().selected(virt);
-        let (kind, remote) = path
+        let (kind, remote) = link
+            .view()
+            .selected
             .map(|(k, a)| (k.to_string(), a.to_string()))
             .unwrap_or_else(|| ("no path".into(), "-".into()));
         tracing::info!(
@@ -158,19 +161,16 @@ impl Peers {
             rtt_ms = format_args!("{:.2}", conn.rtt().as_secs_f64() * 1000.0),
             "connected to peer via {kind}"
         );
-        let direct = paths::keep(outcomes, format!("forward '{name}'"));
-        direct
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(found);
-        let live = Arc::new(Live {
-            conn,
-            _direct: direct,
-        });
+        let live = Arc::new(Live { conn, link });
         self.by_peer
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(peer, Arc::downgrade(&live));
+        let held = live.clone();
+        tokio::spawn(async move {
+            held.conn.closed().await;
+            tracing::debug!(peer = %held.link.peer(), "connection to the peer closed");
+        });
         Ok(live)
     }
 }

@@ -4,22 +4,21 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use quinn::Connection;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use super::server::Registered;
-use super::Ctx;
-use crate::path::{Injected, PathKind};
+use crate::path::Injected;
 use crate::proto::relay::{self, Reassembly, Relayed};
 use crate::tunnel::relayed::{self, NotSent, Sent};
 
 /// Packets waiting for the control connection before new ones are lost.
 const QUEUE: usize = 1024;
 
-/// Relayed sessions of this agent: session ID → the peer's virtual address.
+/// Relayed sessions of this agent: session ID → the peer's virtual address, for packets
+/// coming back from S.
 #[derive(Debug, Default)]
 pub struct RelaySessions {
     peers: Mutex<HashMap<u64, SocketAddr>>,
@@ -31,30 +30,65 @@ impl RelaySessions {
     }
 }
 
-/// Makes S's relay a path to the peer at `virt` for `session`, through the registration
-/// `reg`. The path goes away when the control connection does or [`close`] is called.
-pub fn open(ctx: &Ctx, reg: &Registered, session: u64, virt: SocketAddr) {
+/// One relay session through S, usable as a path: what goes into [`RelayPath::sink`] is
+/// sent to S for the peer. Packets of the session coming back are handed to quinn as the
+/// peer's for as long as this lives.
+#[derive(Debug)]
+pub struct RelayPath {
+    /// The session's ID.
+    pub session: u64,
+    /// S's address (what status shows as the path's remote).
+    pub server: SocketAddr,
+    /// Where the peer's outgoing QUIC packets go.
+    pub sink: mpsc::Sender<Bytes>,
+    sessions: Arc<RelaySessions>,
+}
+
+impl Drop for RelayPath {
+    fn drop(&mut self) {
+        self.sessions.lock().remove(&self.session);
+    }
+}
+
+/// Makes session `session` on the control connection `conn` to S (at `server`) a path to
+/// the peer at `virt`. The receiver completes when the control connection is gone; the
+/// sending task ends then, or when every sender of the path is dropped.
+pub fn open(
+    sessions: &Arc<RelaySessions>,
+    conn: &Connection,
+    server: SocketAddr,
+    session: u64,
+    virt: SocketAddr,
+) -> (RelayPath, oneshot::Receiver<()>) {
     let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE);
-    ctx.relays.lock().insert(session, virt);
-    ctx.router
-        .socket()
-        .table_write()
-        .add_channel_path(virt, PathKind::Relay, reg.server, tx, None);
-    let conn = reg.conn.clone();
-    let server = reg.server;
-    let table_owner = ctx.router.socket().clone();
+    let (closed_tx, closed) = oneshot::channel();
+    sessions.lock().insert(session, virt);
+    let conn = conn.clone();
     tokio::spawn(async move {
         let mut split = 0u32;
-        while let Some(packet) = rx.recv().await {
-            if !send(&conn, relay::encode(session, &packet), &mut split) {
-                break;
+        loop {
+            tokio::select! {
+                packet = rx.recv() => match packet {
+                    Some(packet) => {
+                        if !send(&conn, relay::encode(session, &packet), &mut split) {
+                            break;
+                        }
+                    }
+                    // The path was given up.
+                    None => return,
+                },
+                _ = conn.closed() => break,
             }
         }
-        // The control connection is gone: so is this path.
-        table_owner
-            .table_write()
-            .remove_path(virt, PathKind::Relay, server);
+        let _ = closed_tx.send(());
     });
+    let path = RelayPath {
+        session,
+        server,
+        sink: tx,
+        sessions: sessions.clone(),
+    };
+    (path, closed)
 }
 
 /// Sends one relay payload: as datagrams, or on a stream of its own when none can carry it.
@@ -93,25 +127,18 @@ fn send(conn: &Connection, payload: Bytes, split: &mut u32) -> bool {
     }
 }
 
-/// Stops using the relay for `session` (S closed it).
-pub fn close(ctx: &Ctx, session: u64, server: SocketAddr) {
-    if let Some(virt) = ctx.relays.lock().remove(&session) {
-        ctx.router
-            .socket()
-            .table_write()
-            .remove_path(virt, PathKind::Relay, server);
-    }
-}
-
 /// Hands relayed packets arriving on the control connection `conn` to quinn, until it ends.
-pub async fn pump(ctx: std::sync::Arc<Ctx>, conn: Connection) {
-    let injector = ctx.router.socket().injector();
+pub async fn pump(
+    sessions: Arc<RelaySessions>,
+    injector: mpsc::Sender<Injected>,
+    conn: Connection,
+) {
     // Pieces come as datagrams; a piece on a stream is possible but rare (see proto::relay).
-    let pieces = std::sync::Arc::new(Mutex::new(Reassembly::default()));
+    let pieces = Arc::new(Mutex::new(Reassembly::default()));
     let deliver = move |payload: Bytes| {
         let (session, what) = relay::decode(&payload)?;
         // Before reassembly, so that pieces of no session of ours take no room there.
-        let from = *ctx.relays.lock().get(&session)?;
+        let from = *sessions.lock().get(&session)?;
         let data = match what {
             Relayed::Packet(packet) => packet,
             Relayed::Fragment(piece) => pieces

@@ -1,5 +1,6 @@
-//! The agent's control connection to S: connect, check S's key, register, receive
-//! introductions, and reconnect with backoff whenever the connection is lost.
+//! The agent's control connection to S: connect, check S's key, register, pass on what S
+//! pushes (introductions, relay sessions closed), and reconnect with backoff whenever the
+//! connection is lost.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,35 +11,25 @@ use quinn::Connection;
 use tokio::sync::{mpsc, watch};
 
 use super::backoff::Backoff;
+use super::ctx::Ctx;
 use super::known::{PinFile, Pinned};
-use super::Ctx;
+use super::registration::{Registered, EXCHANGE_TIMEOUT};
 use crate::proto::{
     read_frame, write_frame, Candidate, CandidateKind, ClientMsg, ErrorCode, ErrorMsg, NatMapping,
     Rendezvous, ServerMsg, PROTOCOL_VERSION,
 };
-use crate::punch::candidates::host_candidates;
 use crate::tunnel::tls;
 
-/// How long any one exchange with S may take.
-const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A live registration with S.
+/// What S pushes on the registration, passed on to the rest of the agent.
 #[derive(Debug)]
-pub struct Registered {
-    /// The control connection.
-    pub conn: Connection,
-    /// S's address.
-    pub server: SocketAddr,
-    /// Where S saw this agent come from: its server-reflexive address.
-    pub observed: SocketAddr,
-    /// Where S saw this agent's TCP punching port come from, if it could tell.
-    pub tcp_observed: Option<SocketAddr>,
-    /// How this agent's NAT picks public ports, found at registration.
-    pub nat: NatMapping,
-    /// The candidates the registration carried.
-    pub registered_with: Vec<Candidate>,
-    /// The send half of the registration stream; finishing it would end the registration.
-    _registration: quinn::SendStream,
+pub enum ServerEvent {
+    /// S introduces a forwarder to one of this agent's names.
+    Introduced(Box<Rendezvous>, Arc<Registered>),
+    /// S stopped relaying a session (its budget, its idle time, or the other side left).
+    RelayClosed {
+        /// The session.
+        session: u64,
+    },
 }
 
 /// Why a registration attempt failed.
@@ -52,102 +43,16 @@ pub enum ControlError {
     Retry(anyhow::Error),
 }
 
-impl Registered {
-    /// Asks S to introduce this agent to the exposer of `name`.
-    pub async fn connect(
-        &self,
-        name: &str,
-        candidates: Vec<Candidate>,
-    ) -> anyhow::Result<Rendezvous> {
-        let msg = ClientMsg::Connect {
-            name: name.to_owned(),
-            candidates,
-            nat: self.nat,
-        };
-        match self.request(&msg).await? {
-            ServerMsg::Rendezvous(rv) if rv.name == name => Ok(rv),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Replaces the candidates S gives the peers of this agent's later introductions.
-    pub async fn update_candidates(&self, candidates: Vec<Candidate>) -> anyhow::Result<()> {
-        match self
-            .request(&ClientMsg::UpdateCandidates { candidates })
-            .await?
-        {
-            ServerMsg::CandidatesUpdated => Ok(()),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// One request on a stream of its own, and S's one answer.
-    async fn request(&self, msg: &ClientMsg) -> anyhow::Result<ServerMsg> {
-        let exchange = async {
-            let (mut send, mut recv) = self.conn.open_bi().await?;
-            write_frame(&mut send, msg).await?;
-            let _ = send.finish();
-            read_frame::<ServerMsg, _>(&mut recv)
-                .await?
-                .ok_or_else(|| anyhow!("S closed the request without an answer"))
-        };
-        tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
-            .await
-            .map_err(|_| anyhow!("S did not answer within {}s", EXCHANGE_TIMEOUT.as_secs()))?
-    }
-
-    /// This agent's candidates: its interfaces, port mappings and what S observed.
-    pub fn candidates(&self, ctx: &Ctx) -> Vec<Candidate> {
-        let mut out = local_candidates(ctx);
-        out.push(Candidate {
-            kind: CandidateKind::ServerReflexive,
-            addr: self.observed,
-        });
-        out.extend(self.tcp_observed.map(|addr| Candidate {
-            kind: CandidateKind::TcpServerReflexive,
-            addr,
-        }));
-        out
-    }
-}
-
-/// An answer a request did not expect: S's error, or a protocol mix-up.
-fn unexpected(answer: ServerMsg) -> anyhow::Error {
-    match answer {
-        ServerMsg::Error(e) => anyhow!(e),
-        other => anyhow!("S answered with an unexpected message: {other:?}"),
-    }
-}
-
 /// What this agent registers with (and sends again when its port mappings change): its own
 /// candidates and its TCP port's reflexive address. S adds the UDP one it observes.
 fn registration_candidates(ctx: &Ctx, tcp_observed: Option<SocketAddr>) -> Vec<Candidate> {
-    local_candidates(ctx)
+    ctx.local_candidates()
         .into_iter()
         .chain(tcp_observed.map(|addr| Candidate {
             kind: CandidateKind::TcpServerReflexive,
             addr,
         }))
         .collect()
-}
-
-/// This agent's own candidates: its interfaces with the UDP port and with the TCP port, and
-/// the gateway's port mappings of both.
-fn local_candidates(ctx: &Ctx) -> Vec<Candidate> {
-    let mut out = ctx
-        .router
-        .socket()
-        .local()
-        .map(host_candidates)
-        .unwrap_or_default();
-    if let Some(tcp) = &ctx.tcp {
-        out.extend(host_candidates(tcp.local()).into_iter().map(|c| Candidate {
-            kind: CandidateKind::TcpHost,
-            ..c
-        }));
-    }
-    out.extend(ctx.portmap.borrow().iter().map(|m| m.candidate()));
-    out
 }
 
 /// Sends S this agent's candidates again whenever its port mappings change, for as long as
@@ -173,12 +78,12 @@ async fn update_candidates(ctx: Arc<Ctx>, reg: Arc<Registered>, mut sent: Vec<Ca
 }
 
 /// Keeps this agent registered with S for as long as it runs: publishes each registration in
-/// `current` (and `None` while there is none) and passes introductions S pushes into
-/// `incoming`. Returns only on an error retrying cannot fix.
+/// `current` (and `None` while there is none) and passes what S pushes into `pushed`.
+/// Returns only on an error retrying cannot fix.
 pub async fn run(
     ctx: Arc<Ctx>,
     current: watch::Sender<Option<Arc<Registered>>>,
-    incoming: mpsc::Sender<(Rendezvous, Arc<Registered>)>,
+    pushed: mpsc::Sender<ServerEvent>,
 ) -> anyhow::Error {
     let mut backoff = Backoff::default();
     loop {
@@ -187,7 +92,11 @@ pub async fn run(
                 backoff.reset();
                 let reg = Arc::new(reg);
                 current.send_replace(Some(reg.clone()));
-                let pump = tokio::spawn(super::relay::pump(ctx.clone(), reg.conn.clone()));
+                let pump = tokio::spawn(super::relay::pump(
+                    ctx.relays.clone(),
+                    ctx.router.socket().injector(),
+                    reg.conn.clone(),
+                ));
                 let updates = tokio::spawn(update_candidates(
                     ctx.clone(),
                     reg.clone(),
@@ -196,13 +105,17 @@ pub async fn run(
                 let why = loop {
                     match read_frame::<ServerMsg, _>(&mut events).await {
                         Ok(Some(ServerMsg::Incoming(rv))) => {
-                            if incoming.send((rv, reg.clone())).await.is_err() {
+                            let event = ServerEvent::Introduced(Box::new(rv), reg.clone());
+                            if pushed.send(event).await.is_err() {
                                 break "agent shutting down".to_owned();
                             }
                         }
                         Ok(Some(ServerMsg::RelayClosed { session, reason })) => {
                             tracing::warn!(session, "S stopped relaying a session: {reason}");
-                            super::relay::close(&ctx, session, reg.server);
+                            let event = ServerEvent::RelayClosed { session };
+                            if pushed.send(event).await.is_err() {
+                                break "agent shutting down".to_owned();
+                            }
                         }
                         Ok(Some(other)) => tracing::warn!(?other, "unexpected message from S"),
                         Ok(None) => break "S closed the connection".to_owned(),
@@ -272,7 +185,7 @@ async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlE
         if !over_udp {
             return NatMapping::Unknown;
         }
-        let locals: Vec<SocketAddr> = local_candidates(ctx).iter().map(|c| c.addr).collect();
+        let locals: Vec<SocketAddr> = ctx.local_candidates().iter().map(|c| c.addr).collect();
         crate::punch::netcheck::nat_mapping(&ctx.router, server, &locals).await
     };
     let (tcp_observed, nat) = tokio::join!(tcp_observed, nat);

@@ -283,6 +283,18 @@ impl PathTable {
         }
     }
 
+    /// Forgets every path of a peer, keeping its virtual address.
+    pub fn clear_paths(&mut self, virt: SocketAddr) {
+        if let Some(peer) = self.peers.get_mut(&virt) {
+            for p in peer.paths.drain(..) {
+                if p.kind == PathKind::DirectUdp && self.by_remote.get(&p.remote) == Some(&virt) {
+                    self.by_remote.remove(&p.remote);
+                }
+            }
+            peer.selected = None;
+        }
+    }
+
     /// The path the peer at `virt` uses now: kind and remote address.
     pub fn selected(&self, virt: SocketAddr) -> Option<(PathKind, SocketAddr)> {
         let peer = self.peers.get(&canonical(virt))?;

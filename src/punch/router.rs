@@ -27,11 +27,17 @@ struct Session {
     checked_from: mpsc::Sender<SocketAddr>,
 }
 
+/// Responses queued for a session before they are dropped: a few rounds of checks.
+const SESSION_RESPONSES: usize = 64;
+
 #[derive(Default)]
 struct State {
     pending: HashMap<Tid, oneshot::Sender<Response>>,
     /// Open sessions by our username fragment in them.
     sessions: HashMap<String, Session>,
+    /// Where responses go whose transaction ID starts with a session's prefix: a session's
+    /// checks draw their IDs under its prefix, so no per-check registration is needed.
+    by_prefix: HashMap<[u8; 4], mpsc::Sender<Response>>,
 }
 
 /// Dispatches the STUN datagrams [`PathSocket`] diverts.
@@ -51,14 +57,21 @@ impl std::fmt::Debug for StunRouter {
 pub struct SessionHandle {
     router: Weak<StunRouter>,
     local_ufrag: String,
+    /// The first four bytes of every transaction ID this session's checks may use.
+    pub prefix: [u8; 4],
     /// Sources of valid checks the peer sent us: each proves the peer reaches us from there.
     pub checked_from: mpsc::Receiver<SocketAddr>,
+    /// Responses to this session's checks (transaction IDs under [`Self::prefix`]),
+    /// unverified: integrity is for the receiver to check.
+    pub responses: mpsc::Receiver<Response>,
 }
 
 impl Drop for SessionHandle {
     fn drop(&mut self) {
         if let Some(router) = self.router.upgrade() {
-            router.lock().sessions.remove(&self.local_ufrag);
+            let mut state = router.lock();
+            state.sessions.remove(&self.local_ufrag);
+            state.by_prefix.remove(&self.prefix);
         }
     }
 }
@@ -114,7 +127,9 @@ impl StunRouter {
     /// Registers a session so the peer's checks are answered.
     pub fn open_session(self: &Arc<Self>, creds: &Credentials) -> SessionHandle {
         let (tx, rx) = mpsc::channel(64);
-        self.lock().sessions.insert(
+        let (resp_tx, resp_rx) = mpsc::channel(SESSION_RESPONSES);
+        let mut state = self.lock();
+        state.sessions.insert(
             creds.local_ufrag.clone(),
             Session {
                 local_pwd: creds.local_pwd.clone(),
@@ -122,10 +137,19 @@ impl StunRouter {
                 checked_from: tx,
             },
         );
+        let prefix = loop {
+            let prefix: [u8; 4] = rand::random();
+            if !state.by_prefix.contains_key(&prefix) {
+                break prefix;
+            }
+        };
+        state.by_prefix.insert(prefix, resp_tx);
         SessionHandle {
             router: Arc::downgrade(self),
             local_ufrag: creds.local_ufrag.clone(),
+            prefix,
             checked_from: rx,
+            responses: resp_rx,
         }
     }
 
@@ -194,11 +218,22 @@ impl StunRouter {
         };
         if stun::is_binding_request(&msg) {
             self.answer_check(msg, packet.from).await;
-        } else if let Some(waiter) = self.lock().pending.remove(&msg.transaction_id()) {
-            let _ = waiter.send(Response {
+        } else {
+            let tid = msg.transaction_id();
+            let mut state = self.lock();
+            let response = Response {
                 msg,
                 from: packet.from,
-            });
+            };
+            if let Some(waiter) = state.pending.remove(&tid) {
+                let _ = waiter.send(response);
+            } else if let Some(session) = tid.as_bytes().get(..4).and_then(|p| {
+                let p: [u8; 4] = p.try_into().ok()?;
+                state.by_prefix.get(&p)
+            }) {
+                // A full queue drops the response: the check is retransmitted.
+                let _ = session.try_send(response);
+            }
         }
     }
 

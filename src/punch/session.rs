@@ -1,31 +1,22 @@
-//! One punch: checks every candidate pair of a session until one answers, and installs the
-//! best as the peer's direct path.
+//! The I/O driver of one introduction's checks: runs a [`Checker`] on the agent's socket
+//! through the [`StunRouter`], and passes what it decides to the owner of the peer's paths.
+//! Everything the checks decide is in [`super::checker`]; this module only moves packets and
+//! time. It writes nothing but datagrams: installing paths is the owner's job.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::task::JoinSet;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::checks::{self, DEADLINE, PACING, SETTLE};
-use super::router::{Response, SessionHandle, StunRouter};
+use super::checker::{Checker, Event};
+use super::checks::{self, DEADLINE};
+use super::router::{Response, StunRouter};
 use super::symmetric::{self, Strategy};
 use crate::proto::stun;
 use crate::proto::{Credentials, Rendezvous};
-
-/// A path found by a punch.
-pub struct Punched {
-    /// The peer's address on it.
-    pub remote: SocketAddr,
-    /// The check's round-trip time.
-    pub rtt: Duration,
-    /// Keeps answering the peer's checks; drop it when the connection ends.
-    pub session: SessionHandle,
-    /// Keeps checking the path (and marks it dead or live); stops when dropped.
-    pub monitor: super::monitor::AbortOnDrop,
-}
 
 /// Why a punch found no path.
 #[derive(Debug, thiserror::Error)]
@@ -49,101 +40,128 @@ pub fn start_delay(rv: &Rendezvous) -> Duration {
     Duration::from_millis(rv.start_in_ms).min(MAX_START_DELAY)
 }
 
-/// Runs the connectivity checks of session `rv` and installs the best answered pair as the
-/// direct path of the peer at virtual address `virt`.
-///
-/// Checks that reach *us* count too: their source proves the peer gets through from there,
-/// so it becomes a path at once (QUIC can answer on it) and a new pair to check — this is how
-/// a port chosen by the peer's NAT is learnt (a peer-reflexive candidate, RFC 8445 §7.3.1.3).
-///
-/// `strategy` adds probes for a peer behind a NAT that maps per destination
-/// ([`Strategy::Predict`], [`Strategy::ProbeRandom`]); other strategies change nothing here.
-pub async fn punch(
+/// A running punch: its checks go on, and the peer's checks under its credentials are
+/// answered, until it is dropped or its checker ends ([`Event::Failed`], [`Event::Expired`]).
+pub struct Punch {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Punch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts the checks of introduction `rv`; every [`Event`] goes to `events` tagged with
+/// `id`. `strategy` adds probes for a peer behind a NAT that maps per destination
+/// ([`Strategy::Predict`], [`Strategy::ProbeRandom`]).
+pub fn start(
     router: &Arc<StunRouter>,
-    virt: SocketAddr,
     rv: &Rendezvous,
     strategy: &Strategy,
-) -> Result<Punched, PunchError> {
+    id: u64,
+    events: mpsc::Sender<(u64, Event)>,
+) -> Punch {
+    let (router, rv, strategy) = (router.clone(), rv.clone(), strategy.clone());
+    let task = tokio::spawn(async move {
+        drive(&router, &rv, &strategy, |e| {
+            let events = events.clone();
+            async move { events.send((id, e)).await.is_ok() }
+        })
+        .await
+    });
+    Punch { task }
+}
+
+/// Runs one punch until it finds a path or fails, for callers that own the path themselves
+/// (tests of the layers below the agent). The returned [`Punch`] keeps the path watched
+/// and the peer's checks answered.
+pub async fn find(
+    router: &Arc<StunRouter>,
+    rv: &Rendezvous,
+    strategy: &Strategy,
+) -> Result<(Punch, SocketAddr, Duration), PunchError> {
+    let (tx, mut rx) = mpsc::channel(16);
+    let punch = start(router, rv, strategy, 0, tx);
+    while let Some((_, event)) = rx.recv().await {
+        match event {
+            Event::Found { remote, rtt } => return Ok((punch, remote, rtt)),
+            Event::Failed { tried } => return Err(PunchError::NoPath { tried }),
+            _ => {}
+        }
+    }
+    Err(PunchError::NoPath { tried: 0 })
+}
+
+/// The driver loop: sends what the checker asks, feeds it what arrives and the time, and
+/// hands its events to `emit` (which says whether anyone still listens).
+async fn drive<F, Fut>(router: &Arc<StunRouter>, rv: &Rendezvous, strategy: &Strategy, emit: F)
+where
+    F: Fn(Event) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    // The session is open before the wait, so the peer's early checks are answered.
     let mut session = router.open_session(&rv.credentials);
     tokio::time::sleep(start_delay(rv)).await;
-
     let ipv4 = router.socket().local().map(|a| a.is_ipv4()).unwrap_or(true);
     let targets = checks::plan(&rv.peer_candidates, ipv4, false);
     let started = Instant::now();
-    let deadline = started + DEADLINE;
-    let mut checking: HashSet<SocketAddr> = HashSet::new();
-    let mut tasks = JoinSet::new();
-    for (i, to) in targets.iter().enumerate() {
-        checking.insert(*to);
-        let start = started + PACING * i as u32;
-        tasks.spawn(check(
-            router.clone(),
-            *to,
-            rv.credentials.clone(),
-            start,
-            deadline,
-        ));
-    }
-
+    let mut checker = Checker::new(
+        &targets,
+        started.into_std(),
+        u32::from_be_bytes(session.prefix),
+    );
     let mut probes = Probes::new(router, rv, strategy, started + symmetric::PROBE_AFTER);
-    let mut answered: Vec<(SocketAddr, Duration)> = Vec::new();
-    let mut settle_at: Option<Instant> = None;
     loop {
-        let until = settle_at.unwrap_or(deadline);
-        let probing = answered.is_empty() && probes.is_active();
-        tokio::select! {
-            _ = tokio::time::sleep_until(probes.next_at), if probing => probes.send_next().await,
-            Some(resp) = probes.response(), if probing => {
-                if let Some(pair) = probes.accept(resp) {
-                    tracing::info!(remote = %pair.0, probes = probes.sent, "a probe through the peer's symmetric NAT was answered");
-                    answered.push(pair);
-                    settle_at.get_or_insert(Instant::now() + SETTLE);
-                }
+        let now = Instant::now().into_std();
+        while let Some(t) = checker.poll_transmit(now) {
+            let request = check_request(t.tid, &rv.credentials);
+            if let Err(e) = router.socket().send_to(&request, t.to).await {
+                tracing::trace!(to = %t.to, error = %e, "check not sent");
             }
-            done = tasks.join_next(), if !tasks.is_empty() => {
-                if let Some(Ok(Some(pair))) = done {
-                    tracing::debug!(remote = %pair.0, rtt = ?pair.1, "check answered");
-                    answered.push(pair);
-                    settle_at.get_or_insert(Instant::now() + SETTLE);
+        }
+        while let Some(event) = checker.poll_event() {
+            if !emit(event).await {
+                return;
+            }
+        }
+        if checker.is_done() {
+            return;
+        }
+        let wake = checker
+            .poll_timeout()
+            .map(Instant::from_std)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let probing = probes.is_active() && checker.is_checking();
+        let next_probe = probes.next_at;
+        tokio::select! {
+            biased;
+            Some(resp) = session.responses.recv() => {
+                if is_valid_answer(&resp, &rv.credentials) {
+                    checker.handle_response(resp.msg.transaction_id(), resp.from, Instant::now().into_std());
                 }
             }
             Some(from) = session.checked_from.recv() => {
-                add_path(router, virt, from, None);
-                if checking.len() < checks::MAX_CANDIDATES * 2 && checking.insert(from) {
-                    tracing::debug!(%from, "checking a peer-reflexive address");
-                    let now = Instant::now();
-                    tasks.spawn(check(router.clone(), from, rv.credentials.clone(), now, deadline));
+                checker.handle_check_from(from, Instant::now().into_std());
+            }
+            Some(resp) = probes.response(), if probing => {
+                if let Some((remote, rtt)) = probes.accept(resp) {
+                    tracing::info!(%remote, probes = probes.sent, "a probe through the peer's symmetric NAT was answered");
+                    checker.handle_found(remote, rtt, Instant::now().into_std());
                 }
             }
-            _ = tokio::time::sleep_until(until) => break,
+            _ = tokio::time::sleep_until(next_probe), if probing => probes.send_next().await,
+            _ = tokio::time::sleep_until(wake) => checker.handle_timeout(Instant::now().into_std()),
         }
-        if tasks.is_empty() && answered.is_empty() && settle_at.is_none() {
-            // Every pair gave up; only a late check from the peer could still help.
-            if Instant::now() >= deadline {
-                break;
-            }
+        if !checker.is_checking() && probes.is_active() {
+            probes.stop();
         }
     }
-    tasks.abort_all();
-    probes.stop();
-    let Some((remote, rtt)) = checks::best(&answered) else {
-        return Err(PunchError::NoPath {
-            tried: checking.len() + probes.sent,
-        });
-    };
-    add_path(router, virt, remote, Some(rtt));
-    let monitor = tokio::spawn(super::monitor::watch(
-        router.clone(),
-        virt,
-        remote,
-        rv.credentials.clone(),
-    ));
-    Ok(Punched {
-        remote,
-        rtt,
-        session,
-        monitor: super::monitor::AbortOnDrop(monitor),
-    })
+}
+
+/// A success response to one of our checks with the peer's integrity.
+fn is_valid_answer(resp: &Response, creds: &Credentials) -> bool {
+    stun::is_binding_success(&resp.msg) && stun::has_valid_integrity(&resp.msg, &creds.remote_pwd)
 }
 
 /// The extra checks toward a peer behind a NAT that maps per destination: predicted ports, or
@@ -255,55 +273,8 @@ impl<'a> Probes<'a> {
     }
 }
 
-fn add_path(router: &StunRouter, virt: SocketAddr, remote: SocketAddr, rtt: Option<Duration>) {
-    router
-        .socket()
-        .table_write()
-        .add_udp_path(virt, remote, rtt);
-}
-
 /// A connectivity check of the session: USERNAME `theirs:ours`, keyed by the peer's password.
 pub(crate) fn check_request(tid: stun::Tid, creds: &Credentials) -> Vec<u8> {
     let username = format!("{}:{}", creds.remote_ufrag, creds.local_ufrag);
     stun::connectivity_check(tid, &username, &creds.remote_pwd)
-}
-
-/// Checks one pair from `start` until answered or `deadline`: `Some((remote, rtt))` when a
-/// response with valid integrity came back from the address the check went to.
-pub(crate) async fn check(
-    router: Arc<StunRouter>,
-    to: SocketAddr,
-    creds: Credentials,
-    start: Instant,
-    deadline: Instant,
-) -> Option<(SocketAddr, Duration)> {
-    tokio::time::sleep_until(start).await;
-    let tid = stun::new_tid();
-    let request = check_request(tid, &creds);
-    let first = Instant::now();
-    let mut last_sent = first;
-    let mut rx = router.send_request(tid, &request, to).await?;
-    let mut n = 1;
-    let result = loop {
-        let next = (first + checks::send_offset(n)).min(deadline);
-        tokio::select! {
-            resp = &mut rx => {
-                let Ok(resp) = resp else { break None };
-                let valid = stun::is_binding_success(&resp.msg)
-                    && stun::has_valid_integrity(&resp.msg, &creds.remote_pwd)
-                    && resp.from == to;
-                break valid.then(|| (to, last_sent.elapsed()));
-            }
-            _ = tokio::time::sleep_until(next) => {
-                if next >= deadline {
-                    break None;
-                }
-                last_sent = Instant::now();
-                let _ = router.socket().send_to(&request, to).await;
-                n += 1;
-            }
-        }
-    };
-    router.forget(&tid);
-    result
 }

@@ -1,0 +1,115 @@
+//! What every part of a running agent shares: its options, identity, socket, endpoint and
+//! registration ([`Ctx`]). Nothing here acts; the modules that do take a `Ctx`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::activity::Activity;
+use super::registration::Registered;
+use super::relay::RelaySessions;
+use crate::proto::{Candidate, CandidateKind, Fingerprint};
+use crate::punch::candidates::host_candidates;
+use crate::punch::StunRouter;
+use crate::tunnel::Identity;
+
+/// A local service to expose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExposeSpec {
+    /// The name to expose it under.
+    pub name: String,
+    /// Where it listens, `HOST:PORT`.
+    pub local: String,
+    /// Forwarders allowed to use it; empty allows every agent S introduces.
+    pub allow: Vec<Fingerprint>,
+}
+
+/// A local port to forward to a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardSpec {
+    /// The name to reach.
+    pub name: String,
+    /// Where to listen locally.
+    pub bind: SocketAddr,
+}
+
+/// Everything an agent needs to run.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// S as `HOST:PORT`.
+    pub server: String,
+    /// The token S requires, if any.
+    pub token: Option<String>,
+    /// S's expected key; without it S's key is pinned on first use.
+    pub server_fingerprint: Option<Fingerprint>,
+    /// Where the identity and pins are kept.
+    pub state_dir: PathBuf,
+    /// Where the agent's UDP socket binds.
+    pub bind: SocketAddr,
+    /// Services to expose.
+    pub exposes: Vec<ExposeSpec>,
+    /// Ports to forward.
+    pub forwards: Vec<ForwardSpec>,
+    /// Which port-mapping protocols to ask the gateway with.
+    pub portmap: crate::portmap::Mode,
+}
+
+/// What every part of a running agent shares.
+pub struct Ctx {
+    /// The options it runs with.
+    pub opts: AgentOptions,
+    /// Its identity.
+    pub identity: Identity,
+    /// The quinn endpoint on its socket.
+    pub endpoint: quinn::Endpoint,
+    /// STUN dispatch on its socket.
+    pub router: Arc<StunRouter>,
+    /// The current registration with S.
+    pub registration: watch::Receiver<Option<Arc<Registered>>>,
+    /// What status reports.
+    pub activity: Activity,
+    /// Sessions whose packets S relays.
+    pub relays: Arc<RelaySessions>,
+    /// The TCP punching port, if one could be bound.
+    pub tcp: Option<Arc<crate::punch::tcp::TcpPunch>>,
+    /// The port mappings the gateway granted (empty until, unless, one is).
+    pub portmap: watch::Receiver<Vec<crate::portmap::Mapping>>,
+}
+
+impl Ctx {
+    /// This agent's own candidates: its interfaces with the UDP port and with the TCP port,
+    /// and the gateway's port mappings of both.
+    pub fn local_candidates(&self) -> Vec<Candidate> {
+        let mut out = self
+            .router
+            .socket()
+            .local()
+            .map(host_candidates)
+            .unwrap_or_default();
+        if let Some(tcp) = &self.tcp {
+            out.extend(host_candidates(tcp.local()).into_iter().map(|c| Candidate {
+                kind: CandidateKind::TcpHost,
+                ..c
+            }));
+        }
+        out.extend(self.portmap.borrow().iter().map(|m| m.candidate()));
+        out
+    }
+
+    /// Every candidate of this agent for an introduction through `reg`: its own and the
+    /// addresses S observed.
+    pub fn candidates(&self, reg: &Registered) -> Vec<Candidate> {
+        reg.with_reflexive(self.local_candidates())
+    }
+
+    /// Whether the socket is IPv4.
+    pub fn ipv4(&self) -> bool {
+        self.router
+            .socket()
+            .local()
+            .map(|a| a.is_ipv4())
+            .unwrap_or(true)
+    }
+}

@@ -1,0 +1,100 @@
+//! A live registration with S: the control connection and what S told this agent, and the
+//! requests made on it (an introduction, new candidates).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use quinn::Connection;
+
+use crate::proto::{
+    read_frame, write_frame, Candidate, CandidateKind, ClientMsg, NatMapping, Rendezvous, ServerMsg,
+};
+
+/// How long any one exchange with S may take.
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A live registration with S.
+#[derive(Debug)]
+pub struct Registered {
+    /// The control connection.
+    pub conn: Connection,
+    /// S's address.
+    pub server: SocketAddr,
+    /// Where S saw this agent come from: its server-reflexive address.
+    pub observed: SocketAddr,
+    /// Where S saw this agent's TCP punching port come from, if it could tell.
+    pub tcp_observed: Option<SocketAddr>,
+    /// How this agent's NAT picks public ports, found at registration.
+    pub nat: NatMapping,
+    /// The candidates the registration carried.
+    pub registered_with: Vec<Candidate>,
+    /// The send half of the registration stream; finishing it would end the registration.
+    pub(super) _registration: quinn::SendStream,
+}
+
+impl Registered {
+    /// Asks S to introduce this agent to the exposer of `name`.
+    pub async fn connect(
+        &self,
+        name: &str,
+        candidates: Vec<Candidate>,
+    ) -> anyhow::Result<Rendezvous> {
+        let msg = ClientMsg::Connect {
+            name: name.to_owned(),
+            candidates,
+            nat: self.nat,
+        };
+        match self.request(&msg).await? {
+            ServerMsg::Rendezvous(rv) if rv.name == name => Ok(rv),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Replaces the candidates S gives the peers of this agent's later introductions.
+    pub async fn update_candidates(&self, candidates: Vec<Candidate>) -> anyhow::Result<()> {
+        match self
+            .request(&ClientMsg::UpdateCandidates { candidates })
+            .await?
+        {
+            ServerMsg::CandidatesUpdated => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One request on a stream of its own, and S's one answer.
+    async fn request(&self, msg: &ClientMsg) -> anyhow::Result<ServerMsg> {
+        let exchange = async {
+            let (mut send, mut recv) = self.conn.open_bi().await?;
+            write_frame(&mut send, msg).await?;
+            let _ = send.finish();
+            read_frame::<ServerMsg, _>(&mut recv)
+                .await?
+                .ok_or_else(|| anyhow!("S closed the request without an answer"))
+        };
+        tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
+            .await
+            .map_err(|_| anyhow!("S did not answer within {}s", EXCHANGE_TIMEOUT.as_secs()))?
+    }
+
+    /// `local` (this agent's own candidates) with the addresses S observed added.
+    pub fn with_reflexive(&self, mut out: Vec<Candidate>) -> Vec<Candidate> {
+        out.push(Candidate {
+            kind: CandidateKind::ServerReflexive,
+            addr: self.observed,
+        });
+        out.extend(self.tcp_observed.map(|addr| Candidate {
+            kind: CandidateKind::TcpServerReflexive,
+            addr,
+        }));
+        out
+    }
+}
+
+/// An answer a request did not expect: S's error, or a protocol mix-up.
+fn unexpected(answer: ServerMsg) -> anyhow::Error {
+    match answer {
+        ServerMsg::Error(e) => anyhow!(e),
+        other => anyhow!("S answered with an unexpected message: {other:?}"),
+    }
+}
