@@ -37,13 +37,13 @@ impl Exposer {
 
     /// Hands an introduction S pushed to the forwarder's link, which punches toward it (and
     /// opens the relay session at once, if S relays).
-    pub fn introduced(&self, rv: Rendezvous, reg: Arc<Registered>) {
+    pub async fn introduced(&self, rv: Rendezvous, reg: Arc<Registered>) {
         if self.spec(&rv.name).is_none() {
             tracing::warn!(name = %rv.name, "S introduced a forwarder for a name not exposed here");
             return;
         }
         tracing::info!(name = %rv.name, peer = %rv.peer_fingerprint, "forwarder introduced; checking paths");
-        self.links.introduce(rv, reg, None);
+        self.links.introduce(rv, reg, None).await;
     }
 
     /// Accepts forwarders' QUIC connections and serves their streams.

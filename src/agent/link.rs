@@ -63,6 +63,8 @@ enum Command {
         rv: Rendezvous,
         reg: Arc<Registered>,
         controlling: bool,
+        /// Completed once the introduction's relay path is in place and its punches started.
+        taken: Option<oneshot::Sender<()>>,
     },
     Name(String),
     RelayClosed(u64),
@@ -93,10 +95,11 @@ impl Links {
         self.lock().get(&peer).and_then(Weak::upgrade)
     }
 
-    /// Hands introduction `rv` (through `reg`) to its peer's link, made if none lives.
-    /// `forward` is the name this agent asked for, when it is the forwarder. The link is
-    /// kept for a while even if nobody takes it.
-    pub fn introduce(
+    /// Hands introduction `rv` (through `reg`) to its peer's link, made if none lives, and
+    /// returns once the link has taken it (its relay path, if any, carries packets). `forward`
+    /// is the name this agent asked for, when it is the forwarder. The link is kept for a
+    /// while even if nobody takes it.
+    pub async fn introduce(
         &self,
         rv: Rendezvous,
         reg: Arc<Registered>,
@@ -118,11 +121,14 @@ impl Links {
         if let Some(name) = forward {
             link.send(Command::Name(name.to_owned()));
         }
+        let (taken, done) = oneshot::channel();
         link.send(Command::Introduce {
             rv,
             reg,
             controlling: forward.is_some(),
+            taken: Some(taken),
         });
+        let _ = done.await;
         let keep = link.clone();
         tokio::spawn(async move {
             tokio::time::sleep(LINGER).await;
@@ -411,6 +417,7 @@ impl Driver {
                     rv,
                     reg,
                     controlling: true,
+                    taken: None,
                 },
                 Ok(rv) => Command::AttemptFailed(format!(
                     "'{name}' is now exposed by {}, not by this peer",
@@ -428,7 +435,13 @@ impl Driver {
                 rv,
                 reg,
                 controlling,
-            } => self.introduce(rv, &reg, controlling),
+                taken,
+            } => {
+                self.introduce(rv, &reg, controlling);
+                if let Some(taken) = taken {
+                    let _ = taken.send(());
+                }
+            }
             Command::Name(name) => {
                 self.names.insert(name);
             }
@@ -520,7 +533,7 @@ impl Driver {
             Event::Found { remote, rtt } => {
                 self.punches[i].path = Some((remote, true));
                 self.table_add_udp(remote, rtt);
-                tracing::info!(peer = %self.peer, %remote, rtt_ms = format_args!("{:.2}", ms(rtt)), "found a direct UDP path");
+                tracing::info!(peer = %self.peer, %remote, rtt_ms = format_args!("{:.2}", ms(rtt)), "found direct UDP path");
                 // Older checks of the same path are redundant now.
                 self.punches
                     .retain(|p| p.id >= id || p.path.map(|(r, _)| r) != Some(remote));
@@ -608,7 +621,7 @@ impl Driver {
             mut live,
             done,
         } = path;
-        tracing::info!(peer = %self.peer, %remote, "found a {kind} path");
+        tracing::info!(peer = %self.peer, %remote, "found {kind} path");
         // A new path to the same place replaces the old one, whose end is then not ours.
         self.channels
             .retain(|_, c| !(c.kind == kind && c.remote == remote));

@@ -48,6 +48,7 @@ pub fn identity_path(state_dir: &std::path::Path) -> PathBuf {
 /// this process (tests do, and [`run`] for the binary).
 pub struct Agent {
     ctx: Arc<Ctx>,
+    links: Arc<link::Links>,
     control: JoinHandle<anyhow::Error>,
     tasks: Vec<JoinHandle<()>>,
     status_task: JoinHandle<anyhow::Result<()>>,
@@ -105,10 +106,10 @@ impl Agent {
         });
         tracing::info!(id = %ctx.identity.fingerprint(), udp = ?ctx.router.socket().local().ok(), "agent started");
 
-        let status_path = status::socket_path(&ctx.opts.state_dir);
-        let status_task = tokio::spawn(status::serve(ctx.clone(), status_path));
-        let control = tokio::spawn(server::run(ctx.clone(), reg_tx, events_tx));
         let links = link::Links::new(ctx.clone());
+        let status_path = status::socket_path(&ctx.opts.state_dir);
+        let status_task = tokio::spawn(status::serve(ctx.clone(), links.clone(), status_path));
+        let control = tokio::spawn(server::run(ctx.clone(), reg_tx, events_tx));
         let exposer = expose::Exposer::new(ctx.clone(), links.clone());
         let mut tasks = Vec::new();
         {
@@ -116,20 +117,21 @@ impl Agent {
             tasks.push(tokio::spawn(async move {
                 while let Some(event) = events.recv().await {
                     match event {
-                        ServerEvent::Introduced(rv, reg) => exposer.introduced(*rv, reg),
+                        ServerEvent::Introduced(rv, reg) => exposer.introduced(*rv, reg).await,
                         ServerEvent::RelayClosed { session } => links.relay_closed(session),
                     }
                 }
             }));
         }
         tasks.push(tokio::spawn(exposer.accept_connections()));
-        let peers = peers::Peers::new(ctx.clone(), links);
+        let peers = peers::Peers::new(ctx.clone(), links.clone());
         for (spec, listener) in listeners {
             tracing::info!(name = %spec.name, local = ?listener.local_addr().ok(), "forwarding");
             tasks.push(tokio::spawn(forward::serve(peers.clone(), spec, listener)));
         }
         Ok(Agent {
             ctx,
+            links,
             control,
             tasks,
             status_task,
@@ -140,7 +142,7 @@ impl Agent {
 
     /// What `p2ptun status` would show of this agent now.
     pub fn status(&self) -> status::Status {
-        status::snapshot(&self.ctx)
+        status::snapshot(&self.ctx, &self.links)
     }
 
     /// Waits until the agent fails in a way retrying cannot fix (S refused its token or a

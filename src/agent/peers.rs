@@ -113,7 +113,7 @@ impl Peers {
         let relayed = rv.relay;
         // The link takes the introduction whatever happens next: another name of the same
         // peer may already have a connection, and the new punch only adds paths to it.
-        let link = self.links.introduce(rv, reg, Some(name));
+        let link = self.links.introduce(rv, reg, Some(name)).await;
         if let Some(live) = self.live_to(peer) {
             return Ok(live);
         }

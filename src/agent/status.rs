@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub use super::activity::Role;
 use super::ctx::Ctx;
+use super::link::Links;
 use crate::path::PathStatus;
 
 /// The status an agent reports.
@@ -60,6 +61,13 @@ pub struct PeerReport {
     pub tx_bytes: u64,
     /// Bytes received from the peer.
     pub rx_bytes: u64,
+    /// Fresh introductions the link asked for (or took) after the first, to get back to a
+    /// direct path.
+    #[serde(default)]
+    pub repunches: u64,
+    /// Seconds until the link's next re-punch, while it is not on direct UDP.
+    #[serde(default)]
+    pub next_repunch_in_secs: Option<u64>,
 }
 
 /// One service in [`Status`].
@@ -79,8 +87,8 @@ pub struct ServiceReport {
     pub bytes_out: u64,
 }
 
-/// A snapshot of `ctx`'s status.
-pub fn snapshot(ctx: &Ctx) -> Status {
+/// A snapshot of `ctx`'s status, with what `links` show of each peer.
+pub fn snapshot(ctx: &Ctx, links: &Links) -> Status {
     let registration = ctx.registration.borrow().clone();
     let table = ctx.router.socket().table_read();
     let peers = ctx.activity.peers.lock().unwrap_or_else(|e| e.into_inner());
@@ -88,6 +96,7 @@ pub fn snapshot(ctx: &Ctx) -> Status {
         .iter()
         .map(|(fp, entry)| {
             let paths = table.status(entry.conn.remote_address());
+            let link = links.get(*fp).map(|l| l.view()).unwrap_or_default();
             PeerReport {
                 fingerprint: fp.to_string(),
                 role: entry.role,
@@ -98,6 +107,8 @@ pub fn snapshot(ctx: &Ctx) -> Status {
                 rtt_ms: entry.conn.rtt().as_secs_f64() * 1000.0,
                 tx_bytes: paths.as_ref().map_or(0, |p| p.tx_bytes),
                 rx_bytes: paths.as_ref().map_or(0, |p| p.rx_bytes),
+                repunches: link.repunches,
+                next_repunch_in_secs: link.next_repunch_in,
             }
         })
         .collect();
@@ -135,7 +146,7 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 }
 
 /// Answers status requests on `path` until the agent stops; removes the socket then.
-pub async fn serve(ctx: Arc<Ctx>, path: PathBuf) -> anyhow::Result<()> {
+pub async fn serve(ctx: Arc<Ctx>, links: Arc<Links>, path: PathBuf) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)
         .with_context(|| format!("cannot create the status socket {}", path.display()))?;
@@ -147,7 +158,7 @@ pub async fn serve(ctx: Arc<Ctx>, path: PathBuf) -> anyhow::Result<()> {
     let _cleanup = RemoveOnDrop(path);
     loop {
         let (mut stream, _) = listener.accept().await?;
-        let body = serde_json::to_vec(&snapshot(&ctx)).unwrap_or_default();
+        let body = serde_json::to_vec(&snapshot(&ctx, &links)).unwrap_or_default();
         tokio::spawn(async move {
             let _ = stream.write_all(&body).await;
             let _ = stream.shutdown().await;
@@ -261,6 +272,13 @@ pub fn render(statuses: &[Status]) -> String {
                 p.rx_bytes,
                 if p.connected { "" } else { "  (closed)" }
             );
+            if let Some(secs) = p.next_repunch_in_secs {
+                let _ = writeln!(
+                    out,
+                    "  {:<8} not on a direct path: re-punch in {secs}s ({} so far)",
+                    "", p.repunches
+                );
+            }
         }
         for svc in &s.services {
             let _ = writeln!(

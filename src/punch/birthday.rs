@@ -5,7 +5,7 @@
 //! The winning socket is not the agent's main socket, so its path is a channel path like a
 //! TCP one: QUIC datagrams for the peer go out of it, and what comes in is handed to quinn
 //! as if it came from the peer's virtual address. The peer keeps the path alive and checked
-//! from its side (its monitor's checks every half second arrive here and are answered), so
+//! from its side (its checker's keepalives every half second arrive here and are answered), so
 //! this side judges liveness by those checks arriving.
 
 use std::net::{IpAddr, SocketAddr};
@@ -25,9 +25,9 @@ use crate::proto::{stun, Credentials};
 /// How often each socket repeats its check to the peer, in case the first was lost.
 const RESEND: Duration = Duration::from_secs(3);
 
-/// Silence (no check from the peer) after which the path is reported not live: the peer
-/// checks every 500 ms, so three missed checks.
-pub const DEAD_AFTER: Duration = Duration::from_millis(1500);
+/// Silence (no check from the peer) after which the path is reported not live: the same
+/// verdict the peer's own checks of this path reach (see [`super::checker::DEAD_AFTER`]).
+pub const DEAD_AFTER: Duration = super::checker::DEAD_AFTER;
 
 /// Datagrams waiting to be sent before new ones are lost.
 const QUEUE: usize = 1024;
