@@ -60,7 +60,7 @@ pub struct LinkView {
 
 enum Command {
     Introduce {
-        rv: Rendezvous,
+        rv: Box<Rendezvous>,
         reg: Arc<Registered>,
         controlling: bool,
         /// Completed once the introduction's relay path is in place and its punches started.
@@ -123,7 +123,7 @@ impl Links {
         }
         let (taken, done) = oneshot::channel();
         link.send(Command::Introduce {
-            rv,
+            rv: Box::new(rv),
             reg,
             controlling: forward.is_some(),
             taken: Some(taken),
@@ -414,7 +414,7 @@ impl Driver {
         tokio::spawn(async move {
             let command = match reg.connect(&name, ctx.candidates(&reg)).await {
                 Ok(rv) if rv.peer_fingerprint == peer => Command::Introduce {
-                    rv,
+                    rv: Box::new(rv),
                     reg,
                     controlling: true,
                     taken: None,
@@ -437,7 +437,7 @@ impl Driver {
                 controlling,
                 taken,
             } => {
-                self.introduce(rv, &reg, controlling);
+                self.introduce(*rv, &reg, controlling);
                 if let Some(taken) = taken {
                     let _ = taken.send(());
                 }
