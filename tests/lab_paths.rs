@@ -38,55 +38,15 @@ mod common;
 #[path = "lab_paths/support.rs"]
 mod support;
 
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use natlab::{Host, Lab, Nat, Shaping};
 use support::{
-    block_peer, iface_bytes, mib, peer_block_rules, unblock_peer, Conn, Pace, PathView,
-    PeerTraffic, Round, Timeline, Tunnel,
+    block_peer, describe_path, easy_pair, heavy, iface_bytes, mib, peer_block_rules, runtime,
+    unblock_peer, Conn, Pace, PathView, PathWatch, PeerTraffic, Round, Timeline, Tunnel,
 };
 
 const MIB: u64 = 1024 * 1024;
-
-/// The transfer tests run one at a time (they measure times on a machine with few CPUs).
-static HEAVY: Mutex<()> = Mutex::new(());
-
-fn heavy() -> MutexGuard<'static, ()> {
-    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-/// An easy × easy lab: A (the exposer's host) and B (the forwarder's host), each behind its
-/// own `easy` NAT.
-fn easy_pair(lab: &Lab) -> (Host, Host) {
-    let a = lab.add_host(Nat::Easy, Shaping::none()).expect("host A");
-    let b = lab.add_host(Nat::Easy, Shaping::none()).expect("host B");
-    (a, b)
-}
-
-fn describe_path(p: &Option<PathView>) -> String {
-    p.as_ref()
-        .map(|p| p.to_string())
-        .unwrap_or_else(|| "no path".into())
-}
-
-async fn status_dump(t: &Tunnel) -> String {
-    format!(
-        "forwarder status: {}\nexposer status: {}",
-        serde_json::to_string(&support::status(&t.b_state).await.unwrap_or_default())
-            .unwrap_or_default(),
-        serde_json::to_string(&support::status(&t.a_state).await.unwrap_or_default())
-            .unwrap_or_default()
-    )
-}
 
 // =============================================================================================
 // 1. Keepalive (issue 3)
@@ -142,7 +102,7 @@ async fn keepalive() {
     else {
         panic!(
             "the forwarder's path never became direct_udp (easy x easy must punch)\n{}\n{}",
-            status_dump(&t).await,
+            t.status_dump().await,
             t.reports()
         );
     };
@@ -316,44 +276,6 @@ fn failover_to_relay_when_udp_and_tcp_between_peers_are_cut() {
     runtime().block_on(failover(PeerTraffic::UdpAndTcp));
 }
 
-/// One sample of both agents' selected paths.
-async fn sample_paths(t: &Tunnel) -> (Option<PathView>, Option<PathView>) {
-    let f = t.forwarder_path().await;
-    let e = t.exposer_peer().await.as_ref().and_then(PathView::of);
-    (f, e)
-}
-
-/// Records path changes in the timeline.
-struct PathWatch {
-    forwarder: Option<String>,
-    exposer: Option<String>,
-}
-
-impl PathWatch {
-    fn new() -> PathWatch {
-        PathWatch {
-            forwarder: None,
-            exposer: None,
-        }
-    }
-
-    /// Samples both agents; logs changes; returns the forwarder's path.
-    async fn sample(&mut self, t: &Tunnel, tl: &Timeline) -> Option<PathView> {
-        let (f, e) = sample_paths(t).await;
-        let fk = f.as_ref().map(|p| format!("{} {}", p.kind, p.remote));
-        let ek = e.as_ref().map(|p| format!("{} {}", p.kind, p.remote));
-        if fk != self.forwarder {
-            tl.event(format!("forwarder path -> {}", describe_path(&f)));
-            self.forwarder = fk;
-        }
-        if ek != self.exposer {
-            tl.event(format!("exposer path -> {}", describe_path(&e)));
-            self.exposer = ek;
-        }
-        f
-    }
-}
-
 async fn failover(cut: PeerTraffic) {
     let test_start = Instant::now();
     let tl = Timeline::new();
@@ -379,7 +301,7 @@ async fn failover(cut: PeerTraffic) {
     else {
         panic!(
             "never on direct_udp (easy x easy)\n{}\n{}",
-            status_dump(&t).await,
+            t.status_dump().await,
             t.reports()
         );
     };
@@ -491,7 +413,7 @@ async fn failover(cut: PeerTraffic) {
         panic!(
             "10 s after UDP between the peers was blocked the forwarder still reports direct_udp (or no path)\n{}\n{}\n{}",
             tl.render(),
-            status_dump(&t).await,
+            t.status_dump().await,
             t.reports()
         );
     };
@@ -735,7 +657,7 @@ async fn failover(cut: PeerTraffic) {
     assert!(
         back.is_some(),
         "traffic did not return to direct_udp within 10 s of the unblock\n{}",
-        status_dump(&t).await
+        t.status_dump().await
     );
     assert!(
         worst < GAP_LIMIT,
@@ -1007,7 +929,7 @@ async fn relay_first() {
     let Some(td) = direct else {
         panic!(
             "the forwarder never switched to direct_udp after the unblock\n{}\n{}",
-            status_dump(&t).await,
+            t.status_dump().await,
             t.reports()
         );
     };
@@ -1301,7 +1223,7 @@ async fn symmetric_direct(exposer: Nat, forwarder: Nat) -> f64 {
         panic!(
             "{pair}: no direct UDP path within {TO_DIRECT:?} (now {})\n{}\n{}",
             describe_path(&t.forwarder_path().await),
-            status_dump(&t).await,
+            t.status_dump().await,
             t.reports()
         );
     };

@@ -222,6 +222,7 @@ impl Lab {
             server: relay.server(),
             token: relay.opts.tokens.first().cloned(),
             server_fingerprint: relay.fingerprint.clone(),
+            bind: AGENT_BIND.to_owned(),
         }
     }
 
@@ -234,6 +235,7 @@ impl Lab {
             server: server.to_owned(),
             token: None,
             server_fingerprint: None,
+            bind: AGENT_BIND.to_owned(),
         }
     }
 
@@ -387,6 +389,19 @@ impl Proc {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The lines of the log that contain one of `needles` (case-insensitive).
+    pub fn lines_with(&self, needles: &[&str]) -> Vec<String> {
+        let needles: Vec<String> = needles.iter().map(|n| n.to_lowercase()).collect();
+        self.log()
+            .lines()
+            .filter(|l| {
+                let lower = l.to_lowercase();
+                needles.iter().any(|n| lower.contains(n))
+            })
+            .map(str::to_owned)
+            .collect()
     }
 
     /// The last `lines` lines of the log.
@@ -942,6 +957,9 @@ pub struct Agent {
     pub token: Option<String>,
     /// `--server-fingerprint`, if known (else S's key is pinned on first use).
     pub server_fingerprint: Option<String>,
+    /// `--bind` (and `bind` in an `up` config): [`AGENT_BIND`] unless changed (an agent in
+    /// a NAT lab namespace binds every interface there).
+    pub bind: String,
     logs: PathBuf,
 }
 
@@ -984,8 +1002,7 @@ impl Agent {
         self
     }
 
-    /// `p2ptun --server S --state-dir D --bind 127.0.0.1:0 [--token T]
-    /// [--server-fingerprint F] ARGS`.
+    /// `p2ptun --server S --state-dir D --bind B [--token T] [--server-fingerprint F] ARGS`.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(agent_bin());
         cmd.arg("--server")
@@ -993,7 +1010,7 @@ impl Agent {
             .arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--bind")
-            .arg(AGENT_BIND);
+            .arg(&self.bind);
         if let Some(t) = &self.token {
             cmd.arg("--token").arg(t);
         }
@@ -1047,7 +1064,7 @@ impl Agent {
         }
         let dir = self.state_dir.to_str().expect("utf-8 temp path");
         let _ = writeln!(t, "state_dir = {}", toml_str(dir));
-        let _ = writeln!(t, "bind = {}", toml_str(AGENT_BIND));
+        let _ = writeln!(t, "bind = {}", toml_str(&self.bind));
         for e in exposes {
             let allow: Vec<String> = e.allow.iter().map(|a| toml_str(a)).collect();
             let _ = write!(
