@@ -42,8 +42,8 @@ use std::time::{Duration, Instant};
 
 use natlab::{Host, Lab, Nat, Shaping};
 use support::{
-    block_peer, describe_path, easy_pair, heavy, iface_bytes, mib, peer_block_rules, runtime,
-    unblock_peer, Conn, Pace, PathView, PathWatch, PeerTraffic, Round, Timeline, Tunnel,
+    block_peer, describe_path, easy_pair, heavy, iface_bytes, mib, peer_block_rules, run_heavy,
+    runtime, unblock_peer, Conn, Pace, PathView, PathWatch, PeerTraffic, Round, Timeline, Tunnel,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -258,22 +258,14 @@ const SAMPLE: Duration = Duration::from_millis(250);
 
 #[test]
 fn failover_direct_udp_to_next_path_and_back_without_losing_streams() {
-    if !natlab::require_root() {
-        return;
-    }
-    let _heavy = heavy();
-    runtime().block_on(failover(PeerTraffic::Udp));
+    run_heavy(failover(PeerTraffic::Udp));
 }
 
 /// As above, but TCP between the peers is cut too, so the only path left is the relay
 /// through S (a direct TCP path, if the TCP punch made one, goes silent as well).
 #[test]
 fn failover_to_relay_when_udp_and_tcp_between_peers_are_cut() {
-    if !natlab::require_root() {
-        return;
-    }
-    let _heavy = heavy();
-    runtime().block_on(failover(PeerTraffic::UdpAndTcp));
+    run_heavy(failover(PeerTraffic::UdpAndTcp));
 }
 
 async fn failover(cut: PeerTraffic) {
@@ -689,11 +681,7 @@ const RELAY_FIRST_UNBLOCK: Duration = Duration::from_millis(2500);
 
 #[test]
 fn relay_first_then_direct_udp_mid_transfer() {
-    if !natlab::require_root() {
-        return;
-    }
-    let _heavy = heavy();
-    runtime().block_on(relay_first());
+    run_heavy(relay_first());
 }
 
 async fn relay_first() {
@@ -971,11 +959,7 @@ const SMALL_MTU: u16 = 1280;
 /// relayed packets and send them in pieces: the transfer arrives intact, on the relay.
 #[test]
 fn relay_sends_packets_in_pieces_where_the_path_to_s_is_small() {
-    if !natlab::require_root() {
-        return;
-    }
-    let _heavy = heavy();
-    runtime().block_on(small_mtu_relay());
+    run_heavy(small_mtu_relay());
 }
 
 async fn small_mtu_relay() {

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use natlab::{Lab, Nat, Shaping};
 use support::{
-    block_peer, describe_path, easy_pair, flush_conntrack, heavy, mib, runtime, sample_paths,
+    block_peer, describe_path, easy_pair, flush_conntrack, mib, run_heavy, sample_paths,
     service_name, start_relay_with, unblock_peer, CpuHog, Pace, PathView, PathWatch, PeerTraffic,
     Progress, Timeline, Tunnel,
 };
@@ -155,11 +155,7 @@ const HOLD_PACE: u64 = 2 * MIB;
 
 #[test]
 fn two_services_in_one_daemon_share_one_direct_link() {
-    if !natlab::require_root() {
-        return;
-    }
-    let _heavy = heavy();
-    runtime().block_on(two_services());
+    run_heavy(two_services());
 }
 
 async fn two_services() {
@@ -385,11 +381,12 @@ fn require_conntrack() -> bool {
 
 #[test]
 fn hard_forwarder_nat_flush_heals_back_to_direct() {
-    if !natlab::require_root() || !require_conntrack() {
-        return;
-    }
-    let _heavy = heavy();
-    runtime().block_on(nat_flush());
+    run_heavy(async {
+        // After the lab's own check (inside run_heavy), which names what is missing first.
+        if require_conntrack() {
+            nat_flush().await;
+        }
+    });
 }
 
 async fn nat_flush() {
@@ -567,11 +564,7 @@ const BLOCK_PACE: u64 = 2 * MIB;
 
 #[test]
 fn udp_between_peers_blocked_20s_comes_back_direct_within_5s() {
-    if !natlab::require_root() {
-        return;
-    }
-    let _heavy = heavy();
-    runtime().block_on(udp_block());
+    run_heavy(udp_block());
 }
 
 async fn udp_block() {
@@ -764,11 +757,7 @@ const RELAY_LEN: u64 = 48 * MIB;
 
 #[test]
 fn relay_session_closed_by_s_is_replaced_when_direct_dies() {
-    if !natlab::require_root() {
-        return;
-    }
-    let _heavy = heavy();
-    runtime().block_on(relay_replaced());
+    run_heavy(relay_replaced());
 }
 
 async fn relay_replaced() {
@@ -934,11 +923,7 @@ const HOG_THREADS: usize = 2;
 
 #[test]
 fn saturating_transfer_never_declares_the_direct_path_dead() {
-    if !natlab::require_root() {
-        return;
-    }
-    let _heavy = heavy();
-    runtime().block_on(saturate());
+    run_heavy(saturate());
 }
 
 async fn saturate() {

@@ -86,6 +86,17 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
+/// Runs one transfer test of the NAT lab: skips it without root and nftables (see
+/// [`natlab::require_root`]; fails instead under CI=true), holds [`heavy`] and runs `test`
+/// in a fresh [`runtime`].
+pub fn run_heavy(test: impl std::future::Future<Output = ()>) {
+    if !natlab::require_root() {
+        return;
+    }
+    let _heavy = heavy();
+    runtime().block_on(test);
+}
+
 /// An easy × easy lab: A (the exposer's host) and B (the forwarder's host), each behind its
 /// own `easy` NAT.
 pub fn easy_pair(lab: &Lab) -> (Host, Host) {
