@@ -67,9 +67,7 @@ mod natlab;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::future::Future;
-use std::io::Read as _;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,9 +84,6 @@ use tokio::task::JoinSet;
 const MIB: f64 = 1024.0 * 1024.0;
 const GIB: f64 = 1024.0 * MIB;
 
-/// S's QUIC/STUN address in the lab, and its second STUN address.
-const LAB_S_LISTEN: &str = "203.0.113.1:7000";
-const LAB_S_ALT: &str = "203.0.113.2:7001";
 /// The second S (relay caps raised), in the same namespace.
 const LAB_S2_LISTEN: &str = "203.0.113.1:7100";
 const LAB_S2_ALT: &str = "203.0.113.2:7101";
@@ -528,7 +523,7 @@ impl Net {
              `easy` NAT (public {}); forwarder {} behind an `easy` NAT (public {}); direct \
              path, no shaping. Raw TCP: the forwarder's host to a port forward on the \
              exposer's router ({}:{}).",
-            LAB_S_LISTEN,
+            natlab::S_LISTEN,
             a.ip(),
             ra.public_ip(),
             b.ip(),
@@ -546,8 +541,8 @@ impl Net {
             b: Side {
                 ns: Some(b.ns().to_owned()),
             },
-            s_listen: LAB_S_LISTEN.parse()?,
-            s_alt: LAB_S_ALT.parse()?,
+            s_listen: natlab::S_LISTEN.parse()?,
+            s_alt: natlab::S_ALT.parse()?,
             service_bind: SocketAddr::from((Ipv4Addr::UNSPECIFIED, LAB_SERVICE_PORT)),
             router_a: Some((ra.ns().to_owned(), ra.public_ip())),
             router_b_public: Some(rb.public_ip()),
@@ -1049,14 +1044,12 @@ async fn connect_rtt(addr: SocketAddr, n: usize) -> Result<Duration> {
 // ---------------------------------------------------------------------------------------------
 // Agents
 
-/// The status an agent reports (`p2ptun status --json`'s entry), read from its socket.
+/// The status agent `pid` of `state_dir` reports (`p2ptun status --json`'s entry).
 fn agent_status(state_dir: &Path, pid: u32) -> Result<Value> {
-    let path = state_dir.join(format!("agent-{pid}.sock"));
-    let mut s = StdUnixStream::connect(&path).with_context(|| format!("{}", path.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    let mut body = Vec::new();
-    s.read_to_end(&mut body)?;
-    Ok(serde_json::from_slice(&body)?)
+    common::agent_status_blocking(state_dir)?
+        .into_iter()
+        .find(|s| s["pid"].as_u64() == Some(u64::from(pid)))
+        .ok_or_else(|| anyhow!("no status of agent {pid} in {}", state_dir.display()))
 }
 
 /// The path kind of the agent's first peer (`direct_udp`, `direct_tcp`, `relay`).

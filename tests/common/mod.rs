@@ -938,6 +938,50 @@ pub fn is_fingerprint(s: &str) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Agent status
+
+/// How long one agent's status socket may take to answer.
+pub const STATUS_WAIT: Duration = Duration::from_secs(3);
+
+/// The status of every agent running with `state_dir`, as `p2ptun status --json` prints it
+/// (one entry per agent), read from their status sockets (`agent-PID.sock`) the way the CLI
+/// reads them. Blocks, at most [`STATUS_WAIT`] per read; async code uses [`agent_status`].
+/// An error if a socket does not answer or answers no JSON; empty if no agent runs.
+pub fn agent_status_blocking(state_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    for entry in fs::read_dir(state_dir)?.flatten() {
+        let path = entry.path();
+        let is_sock = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("agent-") && n.ends_with(".sock"));
+        if !is_sock {
+            continue;
+        }
+        let mut body = Vec::new();
+        let mut sock = std::os::unix::net::UnixStream::connect(&path)
+            .with_context(|| format!("connecting to {}", path.display()))?;
+        sock.set_read_timeout(Some(STATUS_WAIT))?;
+        sock.read_to_end(&mut body)
+            .with_context(|| format!("{}: no answer", path.display()))?;
+        out.push(
+            serde_json::from_slice(&body)
+                .with_context(|| format!("{}: status JSON", path.display()))?,
+        );
+    }
+    Ok(out)
+}
+
+/// [`agent_status_blocking`] on tokio's blocking threads.
+pub async fn agent_status(state_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    let dir = state_dir.to_owned();
+    tokio::task::spawn_blocking(move || agent_status_blocking(&dir))
+        .await
+        .context("status task")?
+}
+
+// ---------------------------------------------------------------------------------------------
 // Agents
 
 /// The agents' UDP socket address (`--bind`). Loopback, so that agents offer no host

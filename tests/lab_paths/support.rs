@@ -36,10 +36,7 @@ use tokio::net::TcpStream;
 use crate::common::{self, DataGen, Proc};
 use crate::natlab::{self, Host, Lab, Nat, Shaping};
 
-/// S's QUIC/STUN address (and TCP port) in the lab.
-pub const S_LISTEN: &str = "203.0.113.1:7000";
-/// S's second STUN address, on its other IP.
-pub const S_ALT: &str = "203.0.113.2:7001";
+pub use crate::natlab::{S_ALT, S_LISTEN};
 /// The forwarder's local port (inside the forwarder's namespace, so it is always free).
 pub const FORWARD_PORT: u16 = 4000;
 /// The name the exposer registers (its first service's, when it has several).
@@ -51,8 +48,6 @@ pub const LAB_BIND: &str = "0.0.0.0:0";
 const RELAY_START: Duration = Duration::from_secs(20);
 /// How long an agent may take to register with S.
 const REGISTER: Duration = Duration::from_secs(20);
-/// How long one status query may take.
-const STATUS_WAIT: Duration = Duration::from_secs(3);
 
 /// Header magic of the service's protocol.
 const MAGIC: [u8; 4] = *b"LABP";
@@ -962,32 +957,8 @@ impl Tunnel {
 // ---------------------------------------------------------------------------------------------
 // Status
 
-/// Reads the status of every agent of `state_dir` from its status socket (what
-/// `p2ptun status --json` prints, one entry per agent).
-pub async fn status(state_dir: &Path) -> anyhow::Result<Vec<Value>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(state_dir)?.flatten() {
-        let path = entry.path();
-        let is_sock = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("agent-") && n.ends_with(".sock"));
-        if !is_sock {
-            continue;
-        }
-        let read = async {
-            let mut s = tokio::net::UnixStream::connect(&path).await?;
-            let mut body = Vec::new();
-            s.read_to_end(&mut body).await?;
-            anyhow::Ok(body)
-        };
-        let body = tokio::time::timeout(STATUS_WAIT, read)
-            .await
-            .map_err(|_| anyhow!("{}: no answer", path.display()))??;
-        out.push(serde_json::from_slice(&body).context("status JSON")?);
-    }
-    Ok(out)
-}
+/// Reads the status of every agent of `state_dir` (see [`common::agent_status`]).
+pub use crate::common::agent_status as status;
 
 /// Words of the agents' log lines about paths (see [`Tunnel::path_log`]); "stopped
 /// answering" is how the agent reports a path's death.
