@@ -15,11 +15,11 @@
 //! with the transfer, and compares both digests (and the service's own record of what it
 //! received).
 //!
-//! The path kind is what the forwarder's `p2ptun status --json` reports for its peer, read
-//! once the punches are over (a direct UDP path, both punch outcomes in the forwarder's log,
-//! or [`SETTLE_MAX`]) and again after the transfer. It is confirmed independently by the bytes
-//! S's interface received during the transfer: under 2 MiB for a direct path, over 8 MiB for
-//! the relay.
+//! The path kind is what the forwarder reports for its peer on its status socket (what
+//! `p2ptun status --json` prints), read once the punches are over (a direct UDP path, both
+//! punch outcomes in the forwarder's log, or [`SETTLE_MAX`]) and again after the transfer. It
+//! is confirmed independently by the bytes S's interface received during the transfer: under
+//! 2 MiB for a direct path, over 8 MiB for the relay.
 //!
 //! All pairs run first (a few at a time, [`JOBS`] or `P2PTUN_GRID_JOBS`), then the grid is
 //! printed and the test fails listing every pair whose outcome differs from the expectation,
