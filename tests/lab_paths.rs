@@ -1247,11 +1247,7 @@ async fn symmetric_direct(exposer: Nat, forwarder: Nat) -> f64 {
         &t.forwarder
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let fds = hard
-        .pid()
-        .and_then(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).ok())
-        .map(|d| d.count())
-        .unwrap_or(0);
+    let fds = hard.fds().unwrap_or(0);
     assert!(
         fds < 64,
         "{pair}: the hard side still holds {fds} descriptors after the punch"

@@ -528,6 +528,41 @@ impl Proc {
         }
     }
 
+    /// Fails with the log's last lines if the process has ended (for code that reports
+    /// errors rather than panicking, such as the benchmark).
+    pub fn ensure_running(&self) -> anyhow::Result<()> {
+        match self.exit_status() {
+            None => Ok(()),
+            Some(st) => bail!(
+                "{} exited ({st}); last lines of {}:\n{}",
+                self.label,
+                self.log_path.display(),
+                self.tail(15)
+            ),
+        }
+    }
+
+    /// Its resident memory (VmRSS) in KiB, while it runs.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let text = fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// The CPU time it has used (user + system) in seconds, while it runs.
+    pub fn cpu_secs(&self) -> Option<f64> {
+        cpu_secs_of(self.pid()?)
+    }
+
+    /// How many file descriptors it holds, while it runs.
+    pub fn fds(&self) -> Option<usize> {
+        fs::read_dir(format!("/proc/{}/fd", self.pid()?))
+            .ok()
+            .map(|d| d.count())
+    }
+
     /// Kills the process (SIGKILL) and reaps it.
     pub fn kill(&self) {
         if let Some(mut child) = self.child.lock().expect("lock").take() {
@@ -554,6 +589,20 @@ impl Drop for Proc {
             self.kill();
         }
     }
+}
+
+/// The CPU time process `pid` has used (user + system) in seconds, from /proc/PID/stat.
+pub fn cpu_secs_of(pid: u32) -> Option<f64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after it are fixed.
+    let rest = &text[text.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After ")": state is field 3; utime 14 and stime 15 (1-based, whole line).
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some((utime + stime) as f64 / tck)
 }
 
 /// Whether a log line reports a problem: a tracing WARN/ERROR line or an `error...` line.
