@@ -469,16 +469,9 @@ async fn failover(cut: PeerTraffic) {
     unblock_peer(&lab, &a);
     let t_unblock = Instant::now();
     tl.event_at(t_unblock, "UNBLOCK");
-    let mut back: Option<Instant> = None;
-    let deadline = t_unblock + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let p = watch.sample(&t, &tl).await;
-        if p.as_ref().is_some_and(|p| p.kind == "direct_udp") {
-            back = Some(Instant::now());
-            break;
-        }
-        tokio::time::sleep(SAMPLE).await;
-    }
+    let back = watch
+        .wait_kind(&t, &tl, "direct_udp", Duration::from_secs(10), SAMPLE)
+        .await;
     if let Some(t_back) = back {
         tl.event_at(
             t_back,

@@ -640,15 +640,9 @@ async fn udp_block() {
     unblock_peer(&lab, &a);
     let t_unblock = Instant::now();
     tl.event_at(t_unblock, "UNBLOCK");
-    let mut t_back: Option<Instant> = None;
-    while t_unblock.elapsed() < BACK_WATCH && !task.is_finished() {
-        let p = watch.sample(&t, &tl).await;
-        if is_direct_udp(&p) {
-            t_back = Some(Instant::now());
-            break;
-        }
-        tokio::time::sleep(SAMPLE).await;
-    }
+    let t_back = watch
+        .wait_kind(&t, &tl, DIRECT_UDP, BACK_WATCH, SAMPLE)
+        .await;
     if let Some(back) = t_back {
         tl.event_at(
             back,

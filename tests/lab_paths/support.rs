@@ -1071,6 +1071,27 @@ impl PathWatch {
         }
     }
 
+    /// Samples every `every` until the forwarder's path is of `kind`, at most `within`;
+    /// returns when it was seen.
+    pub async fn wait_kind(
+        &mut self,
+        t: &Tunnel,
+        tl: &Timeline,
+        kind: &str,
+        within: Duration,
+        every: Duration,
+    ) -> Option<Instant> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let p = self.sample(t, tl).await;
+            if p.as_ref().is_some_and(|p| p.kind == kind) {
+                return Some(Instant::now());
+            }
+            tokio::time::sleep(every).await;
+        }
+        None
+    }
+
     /// Samples both agents; logs changes; returns the forwarder's path.
     pub async fn sample(&mut self, t: &Tunnel, tl: &Timeline) -> Option<PathView> {
         let (f, e) = sample_paths(t).await;
