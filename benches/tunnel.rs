@@ -65,13 +65,10 @@ mod common;
 mod natlab;
 
 use std::fmt::Write as _;
-use std::fs::File;
 use std::future::Future;
-use std::io::Read as _;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -83,12 +80,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tokio::task::JoinSet;
 
+use common::Proc;
+
 const MIB: f64 = 1024.0 * 1024.0;
 const GIB: f64 = 1024.0 * MIB;
 
-/// S's QUIC/STUN address in the lab, and its second STUN address.
-const LAB_S_LISTEN: &str = "203.0.113.1:7000";
-const LAB_S_ALT: &str = "203.0.113.2:7001";
 /// The second S (relay caps raised), in the same namespace.
 const LAB_S2_LISTEN: &str = "203.0.113.1:7100";
 const LAB_S2_ALT: &str = "203.0.113.2:7101";
@@ -280,7 +276,7 @@ fn install_signal_cleanup() -> Result<()> {
                 }
             });
             let reg = registry();
-            for &pid in &reg.pids {
+            for &pid in reg.pids.iter().filter(|&&pid| is_our_child(pid)) {
                 // SAFETY: kill(2) of a child this process started and has not reaped.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             }
@@ -303,113 +299,30 @@ fn install_signal_cleanup() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Processes
 
-/// A child process with its output in a log file; killed when dropped.
-struct Proc {
-    label: String,
-    child: Child,
-    log: PathBuf,
+/// Starts `cmd` as a [`common::Proc`] (its output in a log file, killed when dropped) with
+/// the children's environment (`RUST_LOG` as the bench's, else `info`), and registers it for
+/// the signal cleanup.
+fn spawn(label: &str, mut cmd: Command, logs: &Path) -> Proc {
+    common::child_env(&mut cmd, "RUST_LOG", "info");
+    let proc = Proc::spawn(label, cmd, logs);
+    let mut reg = registry();
+    // Processes dropped since are reaped; forget them.
+    reg.pids.retain(|&pid| is_our_child(pid));
+    reg.pids.extend(proc.pid());
+    proc
 }
 
-impl Proc {
-    fn spawn(label: &str, mut cmd: Command, logs: &Path) -> Result<Proc> {
-        let log = logs.join(format!("{label}.log"));
-        let f = File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        cmd.stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f)
-            .env("NO_COLOR", "1")
-            .env("RUST_BACKTRACE", "1");
-        for var in [
-            "P2PTUN_TOKEN",
-            "P2PTUN_SERVER",
-            "P2PTUN_STATE_DIR",
-            "P2PTUN_SERVER_FINGERPRINT",
-            "P2PTUN_RELAY_TOKEN",
-        ] {
-            cmd.env_remove(var);
-        }
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info");
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {label}: {cmd:?}"))?;
-        registry().pids.push(child.id());
-        Ok(Proc {
-            label: label.to_owned(),
-            child,
-            log,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn ensure_running(&mut self) -> Result<()> {
-        match self.child.try_wait()? {
-            None => Ok(()),
-            Some(st) => bail!(
-                "{} exited ({st}); last lines of {}:\n{}",
-                self.label,
-                self.log.display(),
-                self.tail(15)
-            ),
-        }
-    }
-
-    fn log_text(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
-    }
-
-    fn tail(&self, n: usize) -> String {
-        let text = self.log_text();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-
-    /// VmRSS in KiB.
-    fn rss_kib(&self) -> Option<u64> {
-        let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-    }
-
-    /// utime + stime in seconds.
-    fn cpu_secs(&self) -> Option<f64> {
-        cpu_secs_of(self.pid())
-    }
-
-    /// Open file descriptors.
-    fn fds(&self) -> Option<usize> {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .ok()
-            .map(|d| d.count())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let pid = self.child.id();
-        registry().pids.retain(|&p| p != pid);
-    }
-}
-
-fn cpu_secs_of(pid: u32) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces; the fields after it are fixed.
-    let rest = &text[text.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // After ")": state is field 3; utime 14 and stime 15 (1-based, whole line).
-    let utime: u64 = f.get(11)?.parse().ok()?;
-    let stime: u64 = f.get(12)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Some((utime + stime) as f64 / tck)
+/// Whether `pid` is a child of this process not yet reaped: a PID recorded earlier and
+/// reused since by another process is never signalled.
+fn is_our_child(pid: u32) -> bool {
+    let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|t| {
+            // After the command name: state, then the parent's PID.
+            let rest = &t[t.rfind(')')? + 2..];
+            rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+        });
+    parent == Some(std::process::id())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -528,7 +441,7 @@ impl Net {
              `easy` NAT (public {}); forwarder {} behind an `easy` NAT (public {}); direct \
              path, no shaping. Raw TCP: the forwarder's host to a port forward on the \
              exposer's router ({}:{}).",
-            LAB_S_LISTEN,
+            natlab::S_LISTEN,
             a.ip(),
             ra.public_ip(),
             b.ip(),
@@ -546,8 +459,8 @@ impl Net {
             b: Side {
                 ns: Some(b.ns().to_owned()),
             },
-            s_listen: LAB_S_LISTEN.parse()?,
-            s_alt: LAB_S_ALT.parse()?,
+            s_listen: natlab::S_LISTEN.parse()?,
+            s_alt: natlab::S_ALT.parse()?,
             service_bind: SocketAddr::from((Ipv4Addr::UNSPECIFIED, LAB_SERVICE_PORT)),
             router_a: Some((ra.ns().to_owned(), ra.public_ip())),
             router_b_public: Some(rb.public_ip()),
@@ -1049,14 +962,15 @@ async fn connect_rtt(addr: SocketAddr, n: usize) -> Result<Duration> {
 // ---------------------------------------------------------------------------------------------
 // Agents
 
-/// The status an agent reports (`p2ptun status --json`'s entry), read from its socket.
-fn agent_status(state_dir: &Path, pid: u32) -> Result<Value> {
-    let path = state_dir.join(format!("agent-{pid}.sock"));
-    let mut s = StdUnixStream::connect(&path).with_context(|| format!("{}", path.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    let mut body = Vec::new();
-    s.read_to_end(&mut body)?;
-    Ok(serde_json::from_slice(&body)?)
+/// The status agent `proc` of `state_dir` reports (`p2ptun status --json`'s entry).
+fn agent_status(state_dir: &Path, proc: &Proc) -> Result<Value> {
+    let pid = proc
+        .pid()
+        .with_context(|| format!("{} was killed", proc.label))?;
+    common::agent_status_blocking(state_dir)?
+        .into_iter()
+        .find(|s| s["pid"].as_u64() == Some(u64::from(pid)))
+        .ok_or_else(|| anyhow!("no status of agent {pid} in {}", state_dir.display()))
 }
 
 /// The path kind of the agent's first peer (`direct_udp`, `direct_tcp`, `relay`).
@@ -1081,7 +995,7 @@ struct Agent {
 
 impl Agent {
     fn status(&self) -> Result<Value> {
-        agent_status(&self.state, self.proc.pid())
+        agent_status(&self.state, &self.proc)
     }
 
     fn path_kind(&self) -> Option<String> {
@@ -1289,7 +1203,7 @@ impl Bench {
             .arg("--no-portmap")
             .args(args);
         Ok(Agent {
-            proc: Proc::spawn(label, cmd, &self.logs)?,
+            proc: spawn(label, cmd, &self.logs),
             state,
         })
     }
@@ -1333,7 +1247,7 @@ impl Bench {
             SocketAddr::from((Ipv4Addr::LOCALHOST, free_tcp_port()?))
         };
         let t0 = Instant::now();
-        let mut forwarder = self.spawn_agent(
+        let forwarder = self.spawn_agent(
             &self.net.b.clone(),
             &format!("forwarder{k}"),
             &["forward".into(), name.clone(), forward_addr.to_string()],
@@ -1345,7 +1259,7 @@ impl Bench {
         while t0.elapsed() < SETUP_WAIT {
             forwarder.proc.ensure_running()?;
             exposer.proc.ensure_running()?;
-            if let Ok(st) = agent_status(&forwarder.state, forwarder.proc.pid()) {
+            if let Ok(st) = agent_status(&forwarder.state, &forwarder.proc) {
                 last_kind = path_kind(&st);
                 if last_kind.as_deref() == Some(want) {
                     path = Some(t0.elapsed());
@@ -1710,9 +1624,9 @@ fn start_relay(
         .arg("--state-dir")
         .arg(state)
         .args(extra);
-    let mut relay = Proc::spawn(label, cmd, logs)?;
+    let relay = spawn(label, cmd, logs);
     let deadline = Instant::now() + START_WAIT;
-    while !relay.log_text().contains("listening") {
+    while !relay.log().contains("listening") {
         relay.ensure_running()?;
         ensure!(
             Instant::now() < deadline,
@@ -2455,7 +2369,7 @@ fn run(opts: Opts) -> Result<()> {
     cmd.arg("--service")
         .arg(net.service_bind.to_string())
         .arg(&addr_file);
-    let mut service = Proc::spawn("service", cmd, &logs)?;
+    let service = spawn("service", cmd, &logs);
     let deadline = Instant::now() + START_WAIT;
     let service_addr: SocketAddr = loop {
         if let Ok(text) = std::fs::read_to_string(&addr_file) {
@@ -2686,7 +2600,8 @@ fn run(opts: Opts) -> Result<()> {
     if let [accepted, errors] = service_stats.split_whitespace().collect::<Vec<_>>()[..] {
         if errors != "0" {
             b.problems.push(format!(
-                "the service saw {errors} connection error(s) (of {accepted} accepted); see service.log"
+                "the service saw {errors} connection error(s) (of {accepted} accepted); see {}",
+                b.service.log_path().display()
             ));
         }
     }

@@ -15,11 +15,11 @@
 //! with the transfer, and compares both digests (and the service's own record of what it
 //! received).
 //!
-//! The path kind is what the forwarder's `p2ptun status --json` reports for its peer, read
-//! once the punches are over (a direct UDP path, both punch outcomes in the forwarder's log,
-//! or [`SETTLE_MAX`]) and again after the transfer. It is confirmed independently by the bytes
-//! S's interface received during the transfer: under 2 MiB for a direct path, over 8 MiB for
-//! the relay.
+//! The path kind is what the forwarder reports for its peer on its status socket (what
+//! `p2ptun status --json` prints), read once the punches are over (a direct UDP path, both
+//! punch outcomes in the forwarder's log, or [`SETTLE_MAX`]) and again after the transfer. It
+//! is confirmed independently by the bytes S's interface received during the transfer: under
+//! 2 MiB for a direct path, over 8 MiB for the relay.
 //!
 //! All pairs run first (a few at a time, [`JOBS`] or `P2PTUN_GRID_JOBS`), then the grid is
 //! printed and the test fails listing every pair whose outcome differs from the expectation,
@@ -45,13 +45,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context};
 use common::{data_digest, echo_once, hex, transfer_via, Mode, Proc, Service};
-use natlab::{Host, Lab, Nat, Shaping};
+use natlab::{Host, Lab, Nat, Shaping, S_ALT, S_LISTEN};
 
 /// Bytes moved each way per pair.
 const LEN: u64 = 8 * 1024 * 1024;
-/// S's QUIC/STUN/TCP address and its second STUN address.
-const S_LISTEN: &str = "203.0.113.1:7000";
-const S_ALT: &str = "203.0.113.2:7001";
 /// The forward's port on 127.0.0.1 in B's namespace (a fresh namespace: always free).
 const FWD_PORT: u16 = 7100;
 /// Pairs run at once (each is a lab, S and two agents; 2 cores manage 4).
@@ -313,17 +310,9 @@ fn rx_bytes(ns: &str, dev: &str) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow!("no stats64.rx.bytes for {dev} in {ns}: {out}"))
 }
 
-/// What `p2ptun status --json --state-dir DIR` says (one agent per state dir).
+/// What the agents of `state_dir` report (one agent per state dir), as a JSON list.
 fn status(state_dir: &Path) -> anyhow::Result<serde_json::Value> {
-    let mut cmd = Command::new(agent_bin());
-    cmd.arg("status")
-        .arg("--json")
-        .arg("--state-dir")
-        .arg(state_dir);
-    child_env(&mut cmd);
-    cmd.env("RUST_LOG", "warn");
-    let out = run_capture(cmd, ONE_SHOT)?;
-    serde_json::from_str(&out).with_context(|| format!("`p2ptun status --json` printed {out:?}"))
+    common::agent_status_blocking(state_dir).map(serde_json::Value::Array)
 }
 
 /// The forwarder's path to its peer, as its status reports it.

@@ -38,55 +38,15 @@ mod common;
 #[path = "lab_paths/support.rs"]
 mod support;
 
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use natlab::{Host, Lab, Nat, Shaping};
 use support::{
-    block_peer, iface_bytes, mib, peer_block_rules, unblock_peer, Conn, Pace, PathView,
-    PeerTraffic, Round, Timeline, Tunnel,
+    block_peer, describe_path, easy_pair, heavy, iface_bytes, mib, peer_block_rules, run_heavy,
+    runtime, unblock_peer, Conn, Pace, PathView, PathWatch, PeerTraffic, Round, Timeline, Tunnel,
 };
 
 const MIB: u64 = 1024 * 1024;
-
-/// The transfer tests run one at a time (they measure times on a machine with few CPUs).
-static HEAVY: Mutex<()> = Mutex::new(());
-
-fn heavy() -> MutexGuard<'static, ()> {
-    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-/// An easy × easy lab: A (the exposer's host) and B (the forwarder's host), each behind its
-/// own `easy` NAT.
-fn easy_pair(lab: &Lab) -> (Host, Host) {
-    let a = lab.add_host(Nat::Easy, Shaping::none()).expect("host A");
-    let b = lab.add_host(Nat::Easy, Shaping::none()).expect("host B");
-    (a, b)
-}
-
-fn describe_path(p: &Option<PathView>) -> String {
-    p.as_ref()
-        .map(|p| p.to_string())
-        .unwrap_or_else(|| "no path".into())
-}
-
-async fn status_dump(t: &Tunnel) -> String {
-    format!(
-        "forwarder status: {}\nexposer status: {}",
-        serde_json::to_string(&support::status(&t.b_state).await.unwrap_or_default())
-            .unwrap_or_default(),
-        serde_json::to_string(&support::status(&t.a_state).await.unwrap_or_default())
-            .unwrap_or_default()
-    )
-}
 
 // =============================================================================================
 // 1. Keepalive (issue 3)
@@ -142,7 +102,7 @@ async fn keepalive() {
     else {
         panic!(
             "the forwarder's path never became direct_udp (easy x easy must punch)\n{}\n{}",
-            status_dump(&t).await,
+            t.status_dump().await,
             t.reports()
         );
     };
@@ -298,60 +258,14 @@ const SAMPLE: Duration = Duration::from_millis(250);
 
 #[test]
 fn failover_direct_udp_to_next_path_and_back_without_losing_streams() {
-    if !natlab::require_root() {
-        return;
-    }
-    let _heavy = heavy();
-    runtime().block_on(failover(PeerTraffic::Udp));
+    run_heavy(failover(PeerTraffic::Udp));
 }
 
 /// As above, but TCP between the peers is cut too, so the only path left is the relay
 /// through S (a direct TCP path, if the TCP punch made one, goes silent as well).
 #[test]
 fn failover_to_relay_when_udp_and_tcp_between_peers_are_cut() {
-    if !natlab::require_root() {
-        return;
-    }
-    let _heavy = heavy();
-    runtime().block_on(failover(PeerTraffic::UdpAndTcp));
-}
-
-/// One sample of both agents' selected paths.
-async fn sample_paths(t: &Tunnel) -> (Option<PathView>, Option<PathView>) {
-    let f = t.forwarder_path().await;
-    let e = t.exposer_peer().await.as_ref().and_then(PathView::of);
-    (f, e)
-}
-
-/// Records path changes in the timeline.
-struct PathWatch {
-    forwarder: Option<String>,
-    exposer: Option<String>,
-}
-
-impl PathWatch {
-    fn new() -> PathWatch {
-        PathWatch {
-            forwarder: None,
-            exposer: None,
-        }
-    }
-
-    /// Samples both agents; logs changes; returns the forwarder's path.
-    async fn sample(&mut self, t: &Tunnel, tl: &Timeline) -> Option<PathView> {
-        let (f, e) = sample_paths(t).await;
-        let fk = f.as_ref().map(|p| format!("{} {}", p.kind, p.remote));
-        let ek = e.as_ref().map(|p| format!("{} {}", p.kind, p.remote));
-        if fk != self.forwarder {
-            tl.event(format!("forwarder path -> {}", describe_path(&f)));
-            self.forwarder = fk;
-        }
-        if ek != self.exposer {
-            tl.event(format!("exposer path -> {}", describe_path(&e)));
-            self.exposer = ek;
-        }
-        f
-    }
+    run_heavy(failover(PeerTraffic::UdpAndTcp));
 }
 
 async fn failover(cut: PeerTraffic) {
@@ -379,7 +293,7 @@ async fn failover(cut: PeerTraffic) {
     else {
         panic!(
             "never on direct_udp (easy x easy)\n{}\n{}",
-            status_dump(&t).await,
+            t.status_dump().await,
             t.reports()
         );
     };
@@ -491,7 +405,7 @@ async fn failover(cut: PeerTraffic) {
         panic!(
             "10 s after UDP between the peers was blocked the forwarder still reports direct_udp (or no path)\n{}\n{}\n{}",
             tl.render(),
-            status_dump(&t).await,
+            t.status_dump().await,
             t.reports()
         );
     };
@@ -555,16 +469,9 @@ async fn failover(cut: PeerTraffic) {
     unblock_peer(&lab, &a);
     let t_unblock = Instant::now();
     tl.event_at(t_unblock, "UNBLOCK");
-    let mut back: Option<Instant> = None;
-    let deadline = t_unblock + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let p = watch.sample(&t, &tl).await;
-        if p.as_ref().is_some_and(|p| p.kind == "direct_udp") {
-            back = Some(Instant::now());
-            break;
-        }
-        tokio::time::sleep(SAMPLE).await;
-    }
+    let back = watch
+        .wait_kind(&t, &tl, "direct_udp", Duration::from_secs(10), SAMPLE)
+        .await;
     if let Some(t_back) = back {
         tl.event_at(
             t_back,
@@ -735,7 +642,7 @@ async fn failover(cut: PeerTraffic) {
     assert!(
         back.is_some(),
         "traffic did not return to direct_udp within 10 s of the unblock\n{}",
-        status_dump(&t).await
+        t.status_dump().await
     );
     assert!(
         worst < GAP_LIMIT,
@@ -767,11 +674,7 @@ const RELAY_FIRST_UNBLOCK: Duration = Duration::from_millis(2500);
 
 #[test]
 fn relay_first_then_direct_udp_mid_transfer() {
-    if !natlab::require_root() {
-        return;
-    }
-    let _heavy = heavy();
-    runtime().block_on(relay_first());
+    run_heavy(relay_first());
 }
 
 async fn relay_first() {
@@ -1007,7 +910,7 @@ async fn relay_first() {
     let Some(td) = direct else {
         panic!(
             "the forwarder never switched to direct_udp after the unblock\n{}\n{}",
-            status_dump(&t).await,
+            t.status_dump().await,
             t.reports()
         );
     };
@@ -1049,11 +952,7 @@ const SMALL_MTU: u16 = 1280;
 /// relayed packets and send them in pieces: the transfer arrives intact, on the relay.
 #[test]
 fn relay_sends_packets_in_pieces_where_the_path_to_s_is_small() {
-    if !natlab::require_root() {
-        return;
-    }
-    let _heavy = heavy();
-    runtime().block_on(small_mtu_relay());
+    run_heavy(small_mtu_relay());
 }
 
 async fn small_mtu_relay() {
@@ -1301,7 +1200,7 @@ async fn symmetric_direct(exposer: Nat, forwarder: Nat) -> f64 {
         panic!(
             "{pair}: no direct UDP path within {TO_DIRECT:?} (now {})\n{}\n{}",
             describe_path(&t.forwarder_path().await),
-            status_dump(&t).await,
+            t.status_dump().await,
             t.reports()
         );
     };
@@ -1341,11 +1240,7 @@ async fn symmetric_direct(exposer: Nat, forwarder: Nat) -> f64 {
         &t.forwarder
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let fds = hard
-        .pid()
-        .and_then(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).ok())
-        .map(|d| d.count())
-        .unwrap_or(0);
+    let fds = hard.fds().unwrap_or(0);
     assert!(
         fds < 64,
         "{pair}: the hard side still holds {fds} descriptors after the punch"

@@ -25,7 +25,6 @@ mod natlab;
 mod common;
 
 #[path = "lab_paths/support.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::net::SocketAddr;

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 
@@ -18,6 +19,7 @@ Configuration file keys (TOML; all optional; relay/relay.example.toml documents 
   relay_session_bytes = 4294967296   as --relay-session-bytes
   relay_session_rate = 100000000     as --relay-session-rate
   relay_rate_per_ip = 200000000      as --relay-rate-per-ip
+  relay_idle_timeout = 600           as --relay-idle-timeout
 
 Logging: RUST_LOG (default: info), e.g. RUST_LOG=p2ptun_relay=debug.";
 
@@ -92,6 +94,11 @@ pub struct Cli {
     /// [default: 200000000].
     #[arg(long, value_name = "BYTES_PER_SEC")]
     pub relay_rate_per_ip: Option<u64>,
+
+    /// Seconds without a relayed packet after which a session is closed (its agents are
+    /// told and ask for a new one when they need it) [default: 600].
+    #[arg(long, value_name = "SECS")]
+    pub relay_idle_timeout: Option<u64>,
 }
 
 impl Cli {
@@ -134,6 +141,9 @@ impl Cli {
         }
         if let Some(rate) = self.relay_rate_per_ip {
             config.relay.rate_per_ip = rate;
+        }
+        if let Some(secs) = self.relay_idle_timeout {
+            config.relay.idle_timeout = Duration::from_secs(secs);
         }
     }
 }
@@ -184,6 +194,58 @@ mod tests {
         assert_eq!(config.relay.session_bytes, 0);
         assert_eq!(config.relay.rate_per_ip, 5000);
         assert_eq!(config.relay.session_rate, 100_000_000);
+    }
+
+    #[test]
+    fn the_relay_idle_timeout_flag_overrides_the_file_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("relay.toml");
+        std::fs::write(&file, "relay_idle_timeout = 60\n").unwrap();
+        let from_file = Cli::try_parse_from(["p2ptun-relay", "-c", file.to_str().unwrap()])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(from_file.relay.idle_timeout, Duration::from_secs(60));
+        let flagged = Cli::try_parse_from([
+            "p2ptun-relay",
+            "-c",
+            file.to_str().unwrap(),
+            "--relay-idle-timeout",
+            "3",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        assert_eq!(flagged.relay.idle_timeout, Duration::from_secs(3));
+        assert_eq!(
+            Cli::try_parse_from(["p2ptun-relay"])
+                .unwrap()
+                .into_config()
+                .unwrap()
+                .relay
+                .idle_timeout,
+            Duration::from_secs(600)
+        );
+
+        let err = Cli::try_parse_from(["p2ptun-relay", "--relay-idle-timeout", "0"])
+            .unwrap()
+            .into_config()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`relay_idle_timeout` must be at least 1 (second)"),
+            "{err}"
+        );
+        for bad in ["-1", "10m", "1.5"] {
+            let flag = format!("--relay-idle-timeout={bad}");
+            let err = Cli::try_parse_from(["p2ptun-relay", flag.as_str()])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("invalid value") && err.contains("--relay-idle-timeout"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

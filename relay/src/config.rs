@@ -5,6 +5,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer};
@@ -85,6 +86,10 @@ pub struct RelayBudgets {
     /// Bytes per second one source (IPv4 address or IPv6 /64) may send through the relay,
     /// over all its sessions.
     pub rate_per_ip: u64,
+    /// A session no packet has crossed for this long is closed, and both agents are told.
+    /// Agents on a direct path relay nothing, so this is also how long S keeps a session
+    /// that nobody needs at the moment; an agent asks for a new one when it needs it again.
+    pub idle_timeout: Duration,
 }
 
 impl Default for RelayBudgets {
@@ -93,6 +98,7 @@ impl Default for RelayBudgets {
             session_bytes: 4 << 30,
             session_rate: 100_000_000,
             rate_per_ip: 200_000_000,
+            idle_timeout: crate::relay::IDLE_TIMEOUT,
         }
     }
 }
@@ -208,6 +214,13 @@ impl RelayConfig {
                 });
             }
         }
+        // 0 would close every session at the first sweep, before its agents could use it.
+        if self.relay.idle_timeout < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                key: "relay_idle_timeout",
+                problem: "must be at least 1 (second)".into(),
+            });
+        }
         if self.tokens.iter().any(|t| t.trim().is_empty()) {
             return Err(ConfigError::Invalid {
                 key: "tokens",
@@ -282,6 +295,9 @@ pub struct FileConfig {
     /// See [`RelayBudgets::rate_per_ip`].
     #[serde(default, deserialize_with = "de_relay_rate_per_ip")]
     pub relay_rate_per_ip: Option<u64>,
+    /// See [`RelayBudgets::idle_timeout`], in seconds.
+    #[serde(default, deserialize_with = "de_relay_idle_timeout")]
+    pub relay_idle_timeout: Option<u64>,
 }
 
 const ADDR: &str = "an IP address and port in quotes, such as \"0.0.0.0:7000\" or \"[::]:7000\"";
@@ -289,6 +305,7 @@ const PATH: &str = "a path in quotes";
 const COUNT: &str = "a whole number from 1 to 4294967295";
 const BYTES: &str = "a whole number of bytes, such as 4294967296 (4 GiB)";
 const BYTE_RATE: &str = "a whole number of bytes per second, such as 100000000 (100 MB/s)";
+const SECONDS: &str = "a whole number of seconds, such as 600 (10 minutes)";
 
 /// Reads one value, turning any failure into a message that names `key` and what it takes.
 fn typed<'de, D, T>(d: D, key: &str, expected: &str) -> Result<Option<T>, D::Error>
@@ -327,6 +344,7 @@ field_readers! {
     de_relay_session_bytes: u64 = "relay_session_bytes", BYTES;
     de_relay_session_rate: u64 = "relay_session_rate", BYTE_RATE;
     de_relay_rate_per_ip: u64 = "relay_rate_per_ip", BYTE_RATE;
+    de_relay_idle_timeout: u64 = "relay_idle_timeout", SECONDS;
 }
 
 impl FileConfig {
@@ -396,6 +414,9 @@ impl FileConfig {
                     .relay_session_rate
                     .unwrap_or(defaults.relay.session_rate),
                 rate_per_ip: self.relay_rate_per_ip.unwrap_or(defaults.relay.rate_per_ip),
+                idle_timeout: self
+                    .relay_idle_timeout
+                    .map_or(defaults.relay.idle_timeout, Duration::from_secs),
             },
         })
     }
@@ -429,6 +450,7 @@ mod tests {
             relay_session_bytes = 1000000
             relay_session_rate = 2000
             relay_rate_per_ip = 3000
+            relay_idle_timeout = 30
             "#,
         )
         .unwrap();
@@ -461,7 +483,8 @@ mod tests {
             RelayBudgets {
                 session_bytes: 1_000_000,
                 session_rate: 2000,
-                rate_per_ip: 3000
+                rate_per_ip: 3000,
+                idle_timeout: Duration::from_secs(30)
             }
         );
     }
@@ -536,6 +559,21 @@ mod tests {
                 .session_bytes,
             0
         );
+
+        let err = parse("relay_idle_timeout = 0").unwrap_err().to_string();
+        assert!(
+            err.contains("`relay_idle_timeout` must be at least 1 (second)"),
+            "{err}"
+        );
+        for bad in ["-3", "\"10m\"", "2.5"] {
+            let err = parse(&format!("relay_idle_timeout = {bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("`relay_idle_timeout` must be a whole number of seconds"),
+                "{bad}: {err}"
+            );
+        }
 
         let err = parse("tokens = [\"\"]").unwrap_err().to_string();
         assert!(err.contains("`tokens`"), "{err}");

@@ -30,8 +30,6 @@ const STREAM_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long sending one packet on a stream may take; later than that it is of no use to the
 /// QUIC connection inside, which has long declared it lost.
 const STREAM_SEND_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often idle sessions are looked for.
-const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 /// Relays one datagram that agent `from` (its registration number) sent. A packet that must
 /// go on as a stream is sent from a task put into `tasks`.
@@ -179,9 +177,11 @@ pub fn announce(shared: &Shared, closed: Closed<Agent>) {
     }
 }
 
-/// Closes idle sessions, every [`SWEEP_EVERY`], until the task is dropped.
+/// Closes idle sessions, every [`crate::relay::Sessions::sweep_every`], until the task is
+/// dropped.
 pub async fn sweep(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    let every = shared.relay().sweep_every();
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

@@ -22,8 +22,12 @@ use tokio::sync::Semaphore;
 use crate::config::RelayBudgets;
 use crate::ratelimit::source_key;
 
-/// A session no packet has crossed for this long is forgotten.
+/// A session no packet has crossed for this long is closed, unless configured otherwise
+/// ([`RelayBudgets::idle_timeout`], `relay_idle_timeout`).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often idle sessions are looked for at most (a pass over every session); more often
+/// for short idle timeouts, see [`Sessions::sweep_every`].
+pub const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// Sessions S keeps at most; introductions beyond it are made without relaying.
 pub const MAX_SESSIONS: usize = 100_000;
 /// Sessions one agent's introductions may keep open; a newer one closes that agent's least
@@ -91,7 +95,7 @@ pub enum CloseCause {
     Budget,
     /// One of its agents' control connections ended.
     AgentLeft,
-    /// No packet crossed it for [`IDLE_TIMEOUT`].
+    /// No packet crossed it for the idle timeout ([`RelayBudgets::idle_timeout`]).
     Idle,
     /// Its forwarder made too many newer sessions.
     Evicted,
@@ -201,6 +205,7 @@ impl<T> Session<T> {
 #[derive(Debug)]
 pub struct Sessions<T> {
     budget: u64,
+    idle_timeout: Duration,
     session_rate: Rate,
     source_rate: Rate,
     sessions: HashMap<u64, Session<T>>,
@@ -216,6 +221,7 @@ impl<T> Sessions<T> {
     pub fn new(budgets: RelayBudgets) -> Self {
         Sessions {
             budget: budgets.session_bytes,
+            idle_timeout: budgets.idle_timeout,
             session_rate: Rate::new(budgets.session_rate),
             source_rate: Rate::new(budgets.rate_per_ip),
             sessions: HashMap::new(),
@@ -228,6 +234,13 @@ impl<T> Sessions<T> {
     /// Whether S relays at all.
     pub fn enabled(&self) -> bool {
         self.budget > 0
+    }
+
+    /// How often [`Sessions::sweep`] should run: [`SWEEP_EVERY`], or a quarter of a shorter
+    /// idle timeout (so a session is closed at most a quarter late), but not more often than
+    /// ten times a second.
+    pub fn sweep_every(&self) -> Duration {
+        (self.idle_timeout / 4).clamp(Duration::from_millis(100), SWEEP_EVERY)
     }
 
     /// Sessions held.
@@ -365,13 +378,13 @@ impl<T> Sessions<T> {
             .collect()
     }
 
-    /// Closes the sessions idle for [`IDLE_TIMEOUT`] and forgets sources whose buckets are
+    /// Closes the sessions idle for the idle timeout and forgets sources whose buckets are
     /// full again (forgetting them changes nothing: a new bucket starts full).
     pub fn sweep(&mut self, now: Instant) -> Vec<Closed<T>> {
         let idle: Vec<u64> = self
             .sessions
             .iter()
-            .filter(|(_, s)| now.saturating_duration_since(s.last_packet) >= IDLE_TIMEOUT)
+            .filter(|(_, s)| now.saturating_duration_since(s.last_packet) >= self.idle_timeout)
             .map(|(id, _)| *id)
             .collect();
         let rate = self.source_rate;
@@ -379,14 +392,9 @@ impl<T> Sessions<T> {
             b.refill(rate.per_sec, rate.burst, now);
             b.tokens < rate.burst
         });
+        let reason = format!("no packet for {}", human_duration(self.idle_timeout));
         idle.into_iter()
-            .filter_map(|id| {
-                self.close(
-                    id,
-                    CloseCause::Idle,
-                    format!("no packet for {} minutes", IDLE_TIMEOUT.as_secs() / 60),
-                )
-            })
+            .filter_map(|id| self.close(id, CloseCause::Idle, reason.clone()))
             .collect()
     }
 
@@ -402,6 +410,19 @@ impl<T> Sessions<T> {
         }
         unindex(&mut self.by_forwarder, s.parties[0].id, id);
         Some(s.closed(id, cause, reason))
+    }
+}
+
+/// "10 minutes", "90 seconds", "1 second": whole minutes when it is some, else seconds.
+fn human_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        1 => "1 second".to_owned(),
+        s if s >= 60 && s % 60 == 0 => match s / 60 {
+            1 => "1 minute".to_owned(),
+            m => format!("{m} minutes"),
+        },
+        s => format!("{s} seconds"),
     }
 }
 
@@ -423,6 +444,7 @@ mod tests {
             session_bytes,
             session_rate,
             rate_per_ip,
+            idle_timeout: IDLE_TIMEOUT,
         }
     }
 
@@ -589,10 +611,41 @@ mod tests {
         let closed = s.sweep(t0 + IDLE_TIMEOUT);
         assert_eq!(closed.len(), 1);
         assert_eq!((closed[0].session, closed[0].cause), (7, CloseCause::Idle));
+        assert_eq!(closed[0].reason, "no packet for 10 minutes");
         assert_eq!(s.len(), 1);
         // Session 8's source bucket had refilled: forgotten.
         assert!(s.sources.is_empty());
         assert_eq!(s.sweep(later + IDLE_TIMEOUT)[0].session, 8);
+    }
+
+    #[test]
+    fn a_short_idle_timeout_closes_sooner_and_is_swept_more_often() {
+        let mut s = Sessions::new(RelayBudgets {
+            idle_timeout: Duration::from_secs(3),
+            ..budgets(BIG, BIG, BIG)
+        });
+        assert_eq!(s.sweep_every(), Duration::from_millis(750));
+        let t0 = Instant::now();
+        s.open(7, party(1, "192.0.2.1"), party(2, "192.0.2.2"), t0)
+            .unwrap();
+        assert!(s.sweep(t0 + Duration::from_millis(2900)).is_empty());
+        let closed = s.sweep(t0 + Duration::from_secs(3));
+        assert_eq!((closed[0].session, closed[0].cause), (7, CloseCause::Idle));
+        assert_eq!(closed[0].reason, "no packet for 3 seconds");
+        assert!(s.is_empty());
+        // The default sweeps every 30 s; a tiny timeout not more than ten times a second.
+        assert_eq!(
+            Sessions::<&str>::new(budgets(1, 1, 1)).sweep_every(),
+            SWEEP_EVERY
+        );
+        let tiny = Sessions::<&str>::new(RelayBudgets {
+            idle_timeout: Duration::from_secs(1),
+            ..budgets(1, 1, 1)
+        });
+        assert_eq!(tiny.sweep_every(), Duration::from_millis(250));
+        assert_eq!(human_duration(Duration::from_secs(60)), "1 minute");
+        assert_eq!(human_duration(Duration::from_secs(90)), "90 seconds");
+        assert_eq!(human_duration(Duration::from_secs(1)), "1 second");
     }
 
     #[test]

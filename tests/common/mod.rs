@@ -222,6 +222,7 @@ impl Lab {
             server: relay.server(),
             token: relay.opts.tokens.first().cloned(),
             server_fingerprint: relay.fingerprint.clone(),
+            bind: AGENT_BIND.to_owned(),
         }
     }
 
@@ -234,6 +235,7 @@ impl Lab {
             server: server.to_owned(),
             token: None,
             server_fingerprint: None,
+            bind: AGENT_BIND.to_owned(),
         }
     }
 
@@ -389,6 +391,19 @@ impl Proc {
         }
     }
 
+    /// The lines of the log that contain one of `needles` (case-insensitive).
+    pub fn lines_with(&self, needles: &[&str]) -> Vec<String> {
+        let needles: Vec<String> = needles.iter().map(|n| n.to_lowercase()).collect();
+        self.log()
+            .lines()
+            .filter(|l| {
+                let lower = l.to_lowercase();
+                needles.iter().any(|n| lower.contains(n))
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// The last `lines` lines of the log.
     pub fn tail(&self, lines: usize) -> String {
         let log = self.log();
@@ -513,6 +528,41 @@ impl Proc {
         }
     }
 
+    /// Fails with the log's last lines if the process has ended (for code that reports
+    /// errors rather than panicking, such as the benchmark).
+    pub fn ensure_running(&self) -> anyhow::Result<()> {
+        match self.exit_status() {
+            None => Ok(()),
+            Some(st) => bail!(
+                "{} exited ({st}); last lines of {}:\n{}",
+                self.label,
+                self.log_path.display(),
+                self.tail(15)
+            ),
+        }
+    }
+
+    /// Its resident memory (VmRSS) in KiB, while it runs.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let text = fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// The CPU time it has used (user + system) in seconds, while it runs.
+    pub fn cpu_secs(&self) -> Option<f64> {
+        cpu_secs_of(self.pid()?)
+    }
+
+    /// How many file descriptors it holds, while it runs.
+    pub fn fds(&self) -> Option<usize> {
+        fs::read_dir(format!("/proc/{}/fd", self.pid()?))
+            .ok()
+            .map(|d| d.count())
+    }
+
     /// Kills the process (SIGKILL) and reaps it.
     pub fn kill(&self) {
         if let Some(mut child) = self.child.lock().expect("lock").take() {
@@ -539,6 +589,20 @@ impl Drop for Proc {
             self.kill();
         }
     }
+}
+
+/// The CPU time process `pid` has used (user + system) in seconds, from /proc/PID/stat.
+pub fn cpu_secs_of(pid: u32) -> Option<f64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after it are fixed.
+    let rest = &text[text.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After ")": state is field 3; utime 14 and stime 15 (1-based, whole line).
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some((utime + stime) as f64 / tck)
 }
 
 /// Whether a log line reports a problem: a tracing WARN/ERROR line or an `error...` line.
@@ -923,6 +987,50 @@ pub fn is_fingerprint(s: &str) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Agent status
+
+/// How long one agent's status socket may take to answer.
+pub const STATUS_WAIT: Duration = Duration::from_secs(3);
+
+/// The status of every agent running with `state_dir`, as `p2ptun status --json` prints it
+/// (one entry per agent), read from their status sockets (`agent-PID.sock`) the way the CLI
+/// reads them. Blocks, at most [`STATUS_WAIT`] per read; async code uses [`agent_status`].
+/// An error if a socket does not answer or answers no JSON; empty if no agent runs.
+pub fn agent_status_blocking(state_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    for entry in fs::read_dir(state_dir)?.flatten() {
+        let path = entry.path();
+        let is_sock = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("agent-") && n.ends_with(".sock"));
+        if !is_sock {
+            continue;
+        }
+        let mut body = Vec::new();
+        let mut sock = std::os::unix::net::UnixStream::connect(&path)
+            .with_context(|| format!("connecting to {}", path.display()))?;
+        sock.set_read_timeout(Some(STATUS_WAIT))?;
+        sock.read_to_end(&mut body)
+            .with_context(|| format!("{}: no answer", path.display()))?;
+        out.push(
+            serde_json::from_slice(&body)
+                .with_context(|| format!("{}: status JSON", path.display()))?,
+        );
+    }
+    Ok(out)
+}
+
+/// [`agent_status_blocking`] on tokio's blocking threads.
+pub async fn agent_status(state_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    let dir = state_dir.to_owned();
+    tokio::task::spawn_blocking(move || agent_status_blocking(&dir))
+        .await
+        .context("status task")?
+}
+
+// ---------------------------------------------------------------------------------------------
 // Agents
 
 /// The agents' UDP socket address (`--bind`). Loopback, so that agents offer no host
@@ -942,6 +1050,9 @@ pub struct Agent {
     pub token: Option<String>,
     /// `--server-fingerprint`, if known (else S's key is pinned on first use).
     pub server_fingerprint: Option<String>,
+    /// `--bind` (and `bind` in an `up` config): [`AGENT_BIND`] unless changed (an agent in
+    /// a NAT lab namespace binds every interface there).
+    pub bind: String,
     logs: PathBuf,
 }
 
@@ -984,8 +1095,7 @@ impl Agent {
         self
     }
 
-    /// `p2ptun --server S --state-dir D --bind 127.0.0.1:0 [--token T]
-    /// [--server-fingerprint F] ARGS`.
+    /// `p2ptun --server S --state-dir D --bind B [--token T] [--server-fingerprint F] ARGS`.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(agent_bin());
         cmd.arg("--server")
@@ -993,7 +1103,7 @@ impl Agent {
             .arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--bind")
-            .arg(AGENT_BIND);
+            .arg(&self.bind);
         if let Some(t) = &self.token {
             cmd.arg("--token").arg(t);
         }
@@ -1047,7 +1157,7 @@ impl Agent {
         }
         let dir = self.state_dir.to_str().expect("utf-8 temp path");
         let _ = writeln!(t, "state_dir = {}", toml_str(dir));
-        let _ = writeln!(t, "bind = {}", toml_str(AGENT_BIND));
+        let _ = writeln!(t, "bind = {}", toml_str(&self.bind));
         for e in exposes {
             let allow: Vec<String> = e.allow.iter().map(|a| toml_str(a)).collect();
             let _ = write!(

@@ -14,13 +14,16 @@
 //! their sending by a [`Pace`] shared through the test (keyed by seed), so a transfer can
 //! be made to last across events (a block, an unblock) and unpaced afterwards.
 
+// Shared by several test binaries (lab_paths, link, portmap), each using a part.
+#![allow(dead_code)]
+
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context};
@@ -31,22 +34,20 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use crate::common::{self, DataGen, Proc};
-use crate::natlab::{self, Host, Lab};
+use crate::natlab::{self, Host, Lab, Nat, Shaping};
 
-/// S's QUIC/STUN address (and TCP port) in the lab.
-pub const S_LISTEN: &str = "203.0.113.1:7000";
-/// S's second STUN address, on its other IP.
-pub const S_ALT: &str = "203.0.113.2:7001";
+pub use crate::natlab::{S_ALT, S_LISTEN};
 /// The forwarder's local port (inside the forwarder's namespace, so it is always free).
 pub const FORWARD_PORT: u16 = 4000;
-/// The name the exposer registers.
+/// The name the exposer registers (its first service's, when it has several).
 pub const NAME: &str = "svc";
+/// The agents' UDP socket in the lab: every interface of their namespace, as by default
+/// (the harness's loopback default would reach nothing there).
+pub const LAB_BIND: &str = "0.0.0.0:0";
 /// How long S may take to say "listening".
 const RELAY_START: Duration = Duration::from_secs(20);
 /// How long an agent may take to register with S.
 const REGISTER: Duration = Duration::from_secs(20);
-/// How long one status query may take.
-const STATUS_WAIT: Duration = Duration::from_secs(3);
 
 /// Header magic of the service's protocol.
 const MAGIC: [u8; 4] = *b"LABP";
@@ -54,6 +55,49 @@ const MAGIC: [u8; 4] = *b"LABP";
 /// The seed of the service's data in the round whose client seed is `seed`.
 pub fn down_seed(seed: u64) -> u64 {
     seed ^ 0xD0E5_11C3_5EED_0001
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running a lab test
+
+/// The transfer tests of one test binary run one at a time (they measure times on a machine
+/// with few CPUs; cargo runs the binaries themselves one after the other).
+static HEAVY: Mutex<()> = Mutex::new(());
+
+/// Holds the CPU for one transfer test until dropped (see [`HEAVY`]); a test that failed
+/// while holding it does not stop the others.
+pub fn heavy() -> MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The runtime a lab test runs in: the service and the clients live in it, so it gets more
+/// threads than the machine has cores (a client's reads must not wait behind the service's
+/// writes).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Runs one transfer test of the NAT lab: skips it without root and nftables (see
+/// [`natlab::require_root`]; fails instead under CI=true), holds [`heavy`] and runs `test`
+/// in a fresh [`runtime`].
+pub fn run_heavy(test: impl std::future::Future<Output = ()>) {
+    if !natlab::require_root() {
+        return;
+    }
+    let _heavy = heavy();
+    runtime().block_on(test);
+}
+
+/// An easy × easy lab: A (the exposer's host) and B (the forwarder's host), each behind its
+/// own `easy` NAT.
+pub fn easy_pair(lab: &Lab) -> (Host, Host) {
+    let a = lab.add_host(Nat::Easy, Shaping::none()).expect("host A");
+    let b = lab.add_host(Nat::Easy, Shaping::none()).expect("host B");
+    (a, b)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -487,6 +531,21 @@ impl Conn {
         })
     }
 
+    /// Runs [`Conn::round`] in a task of its own and hands the connection back with the
+    /// result, so that a test can watch paths while the round runs and then go on using the
+    /// same connection (a stream that must outlive path changes).
+    pub fn spawn_round(
+        mut self,
+        seed: u64,
+        len: u64,
+        pace: Arc<Pace>,
+    ) -> tokio::task::JoinHandle<(Conn, anyhow::Result<Round>)> {
+        tokio::spawn(async move {
+            let r = self.round(seed, len, &pace).await;
+            (self, r)
+        })
+    }
+
     /// Ends the connection: shuts the write side and expects the service's EOF.
     pub async fn close(mut self) -> anyhow::Result<()> {
         self.w.shutdown().await?;
@@ -509,9 +568,15 @@ fn child_env(cmd: &mut Command, default_log: &str) {
 
 /// Starts S in the lab's S namespace and waits until it listens.
 pub async fn start_relay(lab: &Lab, files: &common::Lab) -> Proc {
+    start_relay_with(lab, files, &[]).await
+}
+
+/// As [`start_relay`], with more flags for S (e.g. `--relay-idle-timeout 3`).
+pub async fn start_relay_with(lab: &Lab, files: &common::Lab, flags: &[&str]) -> Proc {
     let mut cmd = lab.s().command(common::relay_bin()).expect("relay command");
     cmd.args(["--listen", S_LISTEN, "--stun-alt", S_ALT, "--state-dir"])
-        .arg(files.state_dir("relay"));
+        .arg(files.state_dir("relay"))
+        .args(flags);
     child_env(&mut cmd, "info");
     let relay = Proc::spawn("relay", cmd, &files.logs());
     if relay
@@ -543,6 +608,38 @@ pub fn start_agent(
     Proc::spawn(label, cmd, &files.logs())
 }
 
+/// `p2ptun up -c FILE` in `host`'s namespace, FILE holding S, the state dir, [`LAB_BIND`]
+/// and these services (written by [`common::Agent::up_config`]).
+pub fn start_up(
+    host: &Host,
+    files: &common::Lab,
+    label: &str,
+    exposes: &[common::UpExpose],
+    forwards: &[common::UpForward],
+) -> Proc {
+    let mut agent = files.agent_at(label, S_LISTEN);
+    agent.bind = LAB_BIND.to_owned();
+    let config = files.write(
+        &format!("{label}.toml"),
+        &agent.up_config(exposes, forwards),
+    );
+    let config = config.to_str().expect("utf-8 temp path");
+    start_agent(host, files, label, &agent.state_dir, &["up", "-c", config])
+}
+
+/// The name of service `i` of a [`Tunnel`]: [`NAME`], then `svc-2`, `svc-3`, ….
+pub fn service_name(i: usize) -> String {
+    match i {
+        0 => NAME.to_owned(),
+        i => format!("{NAME}-{}", i + 1),
+    }
+}
+
+/// The forwarder's local port for service `i` of a [`Tunnel`].
+pub fn forward_port(i: usize) -> u16 {
+    FORWARD_PORT + u16::try_from(i).expect("a few services")
+}
+
 /// S, the service and both agents: exposer on `a`, forwarder on `b`.
 pub struct Tunnel {
     /// `p2ptun forward svc 127.0.0.1:4000` in `b`.
@@ -551,8 +648,11 @@ pub struct Tunnel {
     pub exposer: Proc,
     /// S.
     pub relay: Proc,
-    /// The service in `a`.
+    /// The service in `a` (named [`NAME`], forwarded on [`FORWARD_PORT`]).
     pub service: Service,
+    /// Services 1, 2, … of [`Tunnel::start_daemons`] (see [`service_name`],
+    /// [`forward_port`]); empty otherwise.
+    pub more_services: Vec<Service>,
     /// The forwarder's host.
     pub b: Host,
     /// State dirs.
@@ -597,9 +697,58 @@ impl Tunnel {
             exposer,
             relay,
             service,
+            more_services: Vec::new(),
             b: b.clone(),
             a_state,
             b_state,
+            files,
+        };
+        t.wait_registered().await;
+        t
+    }
+
+    /// As [`Tunnel::start`], but both agents run `p2ptun up -c FILE` (the daemon) with
+    /// `services` services: the exposer has an `[[expose]]` for each (a service of its own
+    /// in `a`), the forwarder a `[[forward]]` for each (see [`service_name`],
+    /// [`forward_port`]).
+    pub async fn start_daemons(
+        lab: &Lab,
+        a: &Host,
+        b: &Host,
+        test: &str,
+        services: usize,
+    ) -> Tunnel {
+        assert!(services >= 1, "a tunnel has at least one service");
+        let files = common::Lab::new(test);
+        let relay = start_relay(lab, &files).await;
+        let mut all: Vec<Service> = (0..services).map(|_| Service::start(a)).collect();
+        let exposes: Vec<common::UpExpose> = all
+            .iter()
+            .enumerate()
+            .map(|(i, svc)| common::UpExpose {
+                name: service_name(i),
+                local: format!("127.0.0.1:{}", svc.port()),
+                allow: Vec::new(),
+            })
+            .collect();
+        let forwards: Vec<common::UpForward> = (0..services)
+            .map(|i| common::UpForward {
+                name: service_name(i),
+                local: format!("127.0.0.1:{}", forward_port(i)),
+            })
+            .collect();
+        let exposer = start_up(a, &files, "exposer", &exposes, &[]);
+        let forwarder = start_up(b, &files, "forwarder", &[], &forwards);
+        let more_services = all.split_off(1);
+        let t = Tunnel {
+            forwarder,
+            exposer,
+            relay,
+            service: all.pop().expect("the first service"),
+            more_services,
+            b: b.clone(),
+            a_state: files.state_dir("exposer"),
+            b_state: files.state_dir("forwarder"),
             files,
         };
         t.wait_registered().await;
@@ -649,9 +798,28 @@ impl Tunnel {
         Conn::open(&self.b, FORWARD_PORT).unwrap_or_else(|e| panic!("{e:#}\n{}", self.reports()))
     }
 
+    /// A client connection to service `i` (see [`forward_port`]), from inside `b`.
+    pub fn connect_service(&self, i: usize) -> Conn {
+        Conn::open(&self.b, forward_port(i)).unwrap_or_else(|e| panic!("{e:#}\n{}", self.reports()))
+    }
+
+    /// The service behind name `i` (see [`service_name`]).
+    pub fn service_at(&self, i: usize) -> &Service {
+        match i {
+            0 => &self.service,
+            i => &self.more_services[i - 1],
+        }
+    }
+
     /// Waits until a small round through a new connection works (the peer connection is then
     /// made), failing with the logs after `timeout`.
     pub async fn wait_ready(&self, timeout: Duration) {
+        self.wait_ready_on(0, timeout).await;
+    }
+
+    /// [`Tunnel::wait_ready`] for service `i`.
+    pub async fn wait_ready_on(&self, i: usize, timeout: Duration) {
+        let port = forward_port(i);
         let start = Instant::now();
         let mut attempt = 0u64;
         loop {
@@ -659,7 +827,7 @@ impl Tunnel {
             attempt += 1;
             let seed = 0x5EAD_0000 + attempt;
             let tried = tokio::time::timeout(Duration::from_secs(10), async {
-                let mut c = Conn::open(&self.b, FORWARD_PORT)?;
+                let mut c = Conn::open(&self.b, port)?;
                 c.round(seed, 4096, &Pace::default()).await?;
                 c.close().await
             })
@@ -668,18 +836,51 @@ impl Tunnel {
             match tried {
                 Ok(()) => {
                     println!(
-                        "tunnel ready after {:.2} s ({attempt} attempt(s))",
+                        "tunnel to {} ready after {:.2} s ({attempt} attempt(s))",
+                        service_name(i),
                         start.elapsed().as_secs_f64()
                     );
                     return;
                 }
                 Err(e) if start.elapsed() >= timeout => panic!(
-                    "no round trip through the tunnel within {timeout:?}; last error: {e:#}\n{}",
+                    "no round trip through the tunnel to {} within {timeout:?}; last error: \
+                     {e:#}\n{}",
+                    service_name(i),
                     self.reports()
                 ),
                 Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
             }
         }
+    }
+
+    /// Every peer the forwarder's status lists (over all agents of its state dir).
+    pub async fn forwarder_peers(&self) -> Vec<Value> {
+        all_peers(&self.b_state).await
+    }
+
+    /// Every peer the exposer's status lists.
+    pub async fn exposer_peers(&self) -> Vec<Value> {
+        all_peers(&self.a_state).await
+    }
+
+    /// Both agents' log lines about their paths (found, lost, switched), for a failure
+    /// message that must show why a path changed.
+    pub fn path_log(&self) -> String {
+        let mut out = String::new();
+        for agent in [&self.forwarder, &self.exposer] {
+            let lines = agent.lines_with(PATH_LOG_WORDS);
+            let _ = writeln!(out, "{}'s path log lines ({}):", agent.label, lines.len());
+            // The first and the last ones: how it began and how it ended.
+            let skip = lines.len().saturating_sub(40);
+            for (i, l) in lines.iter().enumerate() {
+                if i < 10 || i >= skip.max(10) {
+                    let _ = writeln!(out, "  {l}");
+                } else if i == 10 {
+                    let _ = writeln!(out, "  … {} more …", skip - 10);
+                }
+            }
+        }
+        out
     }
 
     /// The forwarder's view of its peer (the exposer).
@@ -740,36 +941,48 @@ impl Tunnel {
             )
         })
     }
+
+    /// Both agents' whole status as JSON, for failure messages.
+    pub async fn status_dump(&self) -> String {
+        format!(
+            "forwarder status: {}\nexposer status: {}",
+            serde_json::to_string(&status(&self.b_state).await.unwrap_or_default())
+                .unwrap_or_default(),
+            serde_json::to_string(&status(&self.a_state).await.unwrap_or_default())
+                .unwrap_or_default()
+        )
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Status
 
-/// Reads the status of every agent of `state_dir` from its status socket (what
-/// `p2ptun status --json` prints, one entry per agent).
-pub async fn status(state_dir: &Path) -> anyhow::Result<Vec<Value>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(state_dir)?.flatten() {
-        let path = entry.path();
-        let is_sock = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("agent-") && n.ends_with(".sock"));
-        if !is_sock {
-            continue;
-        }
-        let read = async {
-            let mut s = tokio::net::UnixStream::connect(&path).await?;
-            let mut body = Vec::new();
-            s.read_to_end(&mut body).await?;
-            anyhow::Ok(body)
-        };
-        let body = tokio::time::timeout(STATUS_WAIT, read)
-            .await
-            .map_err(|_| anyhow!("{}: no answer", path.display()))??;
-        out.push(serde_json::from_slice(&body).context("status JSON")?);
-    }
-    Ok(out)
+/// Reads the status of every agent of `state_dir` (see [`common::agent_status`]).
+pub use crate::common::agent_status as status;
+
+/// Words of the agents' log lines about paths (see [`Tunnel::path_log`]); "stopped
+/// answering" is how the agent reports a path's death.
+pub const PATH_LOG_WORDS: &[&str] = &[
+    "stopped answering",
+    "went silent",
+    "now using",
+    "found direct",
+    "no direct",
+    "birthday punch:",
+    "connected to peer",
+    "S stopped relaying",
+    "relay session",
+    "lost the connection",
+];
+
+/// Every peer in the status of the agents of `state_dir` (empty if none answers).
+pub async fn all_peers(state_dir: &Path) -> Vec<Value> {
+    status(state_dir)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|s| s["peers"].as_array().cloned().unwrap_or_default())
+        .collect()
 }
 
 /// The first peer in the status of the agent of `state_dir`.
@@ -826,6 +1039,73 @@ impl std::fmt::Display for PathView {
             self.age_secs,
             if self.live { "" } else { ", dead" }
         )
+    }
+}
+
+/// A path for messages, or "no path".
+pub fn describe_path(p: &Option<PathView>) -> String {
+    p.as_ref()
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| "no path".into())
+}
+
+/// One sample of both agents' selected paths: (forwarder's, exposer's).
+pub async fn sample_paths(t: &Tunnel) -> (Option<PathView>, Option<PathView>) {
+    let f = t.forwarder_path().await;
+    let e = t.exposer_peer().await.as_ref().and_then(PathView::of);
+    (f, e)
+}
+
+/// Records in a [`Timeline`] each change of either agent's selected path.
+pub struct PathWatch {
+    forwarder: Option<String>,
+    exposer: Option<String>,
+}
+
+impl PathWatch {
+    /// Nothing seen yet: the first sample is a change.
+    pub fn new() -> PathWatch {
+        PathWatch {
+            forwarder: None,
+            exposer: None,
+        }
+    }
+
+    /// Samples every `every` until the forwarder's path is of `kind`, at most `within`;
+    /// returns when it was seen.
+    pub async fn wait_kind(
+        &mut self,
+        t: &Tunnel,
+        tl: &Timeline,
+        kind: &str,
+        within: Duration,
+        every: Duration,
+    ) -> Option<Instant> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let p = self.sample(t, tl).await;
+            if p.as_ref().is_some_and(|p| p.kind == kind) {
+                return Some(Instant::now());
+            }
+            tokio::time::sleep(every).await;
+        }
+        None
+    }
+
+    /// Samples both agents; logs changes; returns the forwarder's path.
+    pub async fn sample(&mut self, t: &Tunnel, tl: &Timeline) -> Option<PathView> {
+        let (f, e) = sample_paths(t).await;
+        let fk = f.as_ref().map(|p| format!("{} {}", p.kind, p.remote));
+        let ek = e.as_ref().map(|p| format!("{} {}", p.kind, p.remote));
+        if fk != self.forwarder {
+            tl.event(format!("forwarder path -> {}", describe_path(&f)));
+            self.forwarder = fk;
+        }
+        if ek != self.exposer {
+            tl.event(format!("exposer path -> {}", describe_path(&e)));
+            self.exposer = ek;
+        }
+        f
     }
 }
 
@@ -903,6 +1183,84 @@ pub fn peer_block_rules(lab: &Lab, host: &Host) -> String {
     match out {
         Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
         Err(e) => format!("(nft list failed: {e})"),
+    }
+}
+
+/// Empties the connection tracking table of `host`'s (innermost) NAT router, as a router
+/// reboot does: every NAT mapping through it is gone, and the next packet of each flow gets
+/// a new one (a new random port behind `hard`), while the peer's packets to the old one are
+/// dropped. Returns when `conntrack -F` has done it.
+pub fn flush_conntrack(lab: &Lab, host: &Host) {
+    let router = lab
+        .router_of(host)
+        .expect("flush_conntrack needs a host behind a NAT router");
+    let out = natlab::netns::command(router.ns(), "conntrack")
+        .and_then(|mut c| c.arg("-F").output())
+        .unwrap_or_else(|e| panic!("running conntrack -F in {}: {e}", router.ns()));
+    assert!(
+        out.status.success(),
+        "conntrack -F in {} failed ({}): {}",
+        router.ns(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Busy CPUs
+
+/// Threads that spin to keep CPUs busy, until [`CpuHog::stop`], a drop, or `limit` after
+/// the start, whichever comes first (so a failing test never leaves them running).
+pub struct CpuHog {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+}
+
+impl CpuHog {
+    /// Starts `threads` spinning threads.
+    pub fn start(threads: usize, limit: Duration) -> CpuHog {
+        let stop = Arc::new(AtomicBool::new(false));
+        let end = Instant::now() + limit;
+        let threads = (0..threads)
+            .map(|i| {
+                let stop = stop.clone();
+                std::thread::Builder::new()
+                    .name(format!("cpu-hog-{i}"))
+                    .spawn(move || {
+                        let mut rounds = 0u64;
+                        let mut x = 0u64;
+                        while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                            // Some arithmetic the optimiser cannot drop, between clock reads.
+                            for _ in 0..100_000 {
+                                x = std::hint::black_box(x.wrapping_mul(6364136223846793005) + 1);
+                            }
+                            rounds += 1;
+                        }
+                        rounds
+                    })
+                    .expect("spawn a CPU hog thread")
+            })
+            .collect();
+        CpuHog { stop, threads }
+    }
+
+    /// Stops the threads; returns how many rounds of work each did (to show they ran).
+    pub fn stop(mut self) -> Vec<u64> {
+        self.halt()
+    }
+
+    fn halt(&mut self) -> Vec<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .drain(..)
+            .map(|t| t.join().unwrap_or(0))
+            .collect()
+    }
+}
+
+impl Drop for CpuHog {
+    fn drop(&mut self) {
+        self.halt();
     }
 }
 

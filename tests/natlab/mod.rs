@@ -126,6 +126,12 @@ use rules::RouterRules;
 
 /// S's two addresses (RFC 5780 needs two).
 pub const S_ADDRS: [Ipv4Addr; 2] = [Ipv4Addr::new(203, 0, 113, 1), Ipv4Addr::new(203, 0, 113, 2)];
+/// Where the lab's S (`p2ptun-relay`) listens for QUIC, STUN and TCP: on [`S_ADDRS`]`[0]`,
+/// the relay's default port. Every lab test and the benchmark start it there.
+pub const S_LISTEN: &str = "203.0.113.1:7000";
+/// S's second STUN address (`--stun-alt`), on its other IP ([`S_ADDRS`]`[1]`), so that
+/// agents can tell how their NAT maps and filters.
+pub const S_ALT: &str = "203.0.113.2:7001";
 /// How long a new link may take to come up.
 const UP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The first address given to a public host or router WAN.
