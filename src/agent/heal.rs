@@ -53,7 +53,11 @@ impl Heal {
     /// The link's selected path changed: direct UDP or not.
     pub fn on_path(&mut self, direct: bool, now: Instant) {
         if direct {
+            // Whatever was in flight reached its goal, however the path was found (the
+            // ordinary checks, or a birthday punch beside them).
             self.direct = true;
+            self.in_flight = None;
+            self.again = false;
             self.next = None;
             self.step = 0;
         } else if self.direct {
@@ -101,6 +105,13 @@ impl Heal {
             self.next = Some(now + Self::delay(self.step));
             self.step = self.step.saturating_add(1);
         }
+    }
+
+    /// Passes on an attempt that was due but cannot be made (nothing to ask S with, or no S
+    /// now): the next is scheduled as after a fruitless one, without counting this one.
+    pub fn skip(&mut self, now: Instant) {
+        self.next = Some(now + Self::delay(self.step));
+        self.step = self.step.saturating_add(1);
     }
 
     /// Whether to start an attempt now. Ends an attempt in flight for too long.
@@ -208,6 +219,17 @@ mod tests {
     }
 
     #[test]
+    fn reaching_direct_ends_the_attempt_so_a_loss_right_after_retries_at_once() {
+        let t0 = Instant::now();
+        let mut h = Heal::new(t0);
+        // The path was found by other means than the attempt's checks, which go on.
+        h.on_path(true, t0 + secs(1));
+        assert!(!h.in_flight());
+        h.on_path(false, t0 + secs(5));
+        assert!(h.poll(t0 + secs(5)));
+    }
+
+    #[test]
     fn changes_are_ignored_while_direct() {
         let t0 = Instant::now();
         let mut h = Heal::new(t0);
@@ -216,6 +238,18 @@ mod tests {
         h.on_change(t0 + secs(1));
         assert!(!h.poll(t0 + secs(2)));
         assert_eq!(h.next_attempt(), None);
+    }
+
+    #[test]
+    fn a_skipped_attempt_backs_off_and_is_not_counted() {
+        let t0 = Instant::now();
+        let mut h = Heal::new(t0);
+        h.on_attempt_done(t0);
+        assert!(h.poll(t0 + FIRST));
+        h.skip(t0 + FIRST);
+        assert!(!h.poll(t0 + FIRST));
+        assert_eq!(h.attempts(), 0);
+        assert_eq!(h.next_attempt(), Some(t0 + FIRST + Heal::delay(1)));
     }
 
     #[test]

@@ -384,6 +384,7 @@ impl Driver {
             next_repunch_in: self
                 .heal
                 .next_attempt()
+                .filter(|_| !self.names.is_empty())
                 .map(|t| t.saturating_duration_since(now).as_secs()),
             checking: self
                 .punches
@@ -399,14 +400,14 @@ impl Driver {
 
     /// Asks S for a fresh introduction through one of the names this link forwards to.
     fn repunch(&mut self, now: std::time::Instant) {
-        self.heal.on_attempt_started(now);
         let reg = self.ctx.registration.borrow().clone();
         let (Some(name), Some(reg)) = (self.names.iter().next().cloned(), reg) else {
             // Nothing to ask with (an exposing-only link: the forwarder asks), or no S now
             // (a new registration is a change that brings the next attempt).
-            self.heal.on_attempt_done(now);
+            self.heal.skip(now);
             return;
         };
+        self.heal.on_attempt_started(now);
         tracing::info!(peer = %self.peer, %name, attempt = self.heal.attempts(), "not on a direct UDP path: asking S for a fresh introduction");
         let ctx = self.ctx.clone();
         let commands = self.commands.clone();

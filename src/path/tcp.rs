@@ -83,14 +83,7 @@ where
                         }
                     }
                     Some(()) = pong_rx.recv() => write_frame(&mut writer, &[0]).await?,
-                    _ = ticker.tick() => {
-                        write_frame(&mut writer, &[]).await?;
-                        let silent = last_rx.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
-                        live_tx.send_if_modified(|live| {
-                            let now = silent < DEAD_AFTER;
-                            std::mem::replace(live, now) != now
-                        });
-                    }
+                    _ = ticker.tick() => write_frame(&mut writer, &[]).await?,
                 }
                 writer.flush().await?;
             }
@@ -121,9 +114,24 @@ where
                 }
             }
         };
+        // The verdict has a timer of its own: the writer can sit for a long time in a write
+        // to a connection whose packets are dropped (its send buffer full), and that is
+        // exactly when the path must be reported dead.
+        let judge = async {
+            let mut ticker = tokio::time::interval(PING_INTERVAL);
+            loop {
+                ticker.tick().await;
+                let silent = last_rx.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
+                live_tx.send_if_modified(|live| {
+                    let now = silent < DEAD_AFTER;
+                    std::mem::replace(live, now) != now
+                });
+            }
+        };
         let result: std::io::Result<()> = tokio::select! {
             r = write => r,
             r = read => r,
+            never = judge => never,
         };
         let _ = done_tx.send(result);
     });

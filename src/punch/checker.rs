@@ -27,19 +27,19 @@ use super::checks::{send_offset, DEADLINE, MAX_CANDIDATES, PACING, SETTLE};
 /// Time between two keepalive checks of the nominated path.
 pub const INTERVAL: Duration = Duration::from_millis(500);
 
-/// How long the nominated path may go without an answer before it is dead. Several rounds
-/// of checks (each with retransmits) must all go unanswered, so that a path carrying a
-/// saturating transfer — whose checks may wait behind bulk data in queues on the way — is
-/// not declared dead for a late answer.
-pub const DEAD_AFTER: Duration = Duration::from_secs(3);
+/// How long the nominated path may go without an answer before it is dead: about four
+/// rounds of checks (each with retransmits) must all go unanswered, so that a path carrying
+/// a saturating transfer — whose checks may wait behind bulk data in queues on the way — is
+/// not declared dead for a late answer, while a path that really died (a NAT that lost its
+/// state) hands over in time for a re-punch to bring it back within seconds.
+pub const DEAD_AFTER: Duration = Duration::from_secs(2);
 
 /// How long a dead path is still checked (it may come back: a link that was cut, a Wi-Fi
 /// that roamed back) before the checker gives up.
 pub const GIVE_UP: Duration = Duration::from_secs(60);
 
-/// Sends of one keepalive round, [`ROUND_SPACING`] apart while unanswered: at 30% loss each
-/// way a round is lost one time in fifteen, and six rounds in a row (the path declared dead)
-/// about once in ten million.
+/// Sends of one keepalive round, [`ROUND_SPACING`] apart while unanswered: at 10% loss each
+/// way a round is lost about once in a thousand, at 30% once in fifteen.
 const ROUND_SENDS: u32 = 4;
 
 /// Time between the sends of a keepalive round.
