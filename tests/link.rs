@@ -955,13 +955,19 @@ async fn saturate() {
     });
     let mut samples = 0u32;
     let mut off_direct = Vec::new();
+    let mut exposer_off = 0u32;
     let mut unanswered = 0u32;
     let mut k = 0u32;
     while start.elapsed() < SATURATE && !task.is_finished() {
         k += 1;
         tokio::time::sleep_until((start + SATURATE_SAMPLE * k).into()).await;
         samples += 1;
-        let f = watch.sample(&t, &tl).await;
+        let (f, e) = watch.sample_both(&t, &tl).await;
+        // The exposer's side is checked through its log (below); counted here for the
+        // summary.
+        if e.is_some() && !is_direct_udp(&e) {
+            exposer_off += 1;
+        }
         if f.is_none() {
             // The status socket did not answer in time, or listed no path: not a verdict on
             // the path, but counted.
@@ -1009,7 +1015,8 @@ async fn saturate() {
         longest.as_secs_f64()
     );
     println!(
-        "  {samples} path samples: {} off direct UDP, {unanswered} unanswered",
+        "  {samples} path samples: the forwarder {} off direct UDP, {unanswered} unanswered; \
+         the exposer {exposer_off} off direct UDP",
         off_direct.len()
     );
     println!("  path-death log lines: {}", deaths.len());

@@ -1094,6 +1094,15 @@ impl PathWatch {
 
     /// Samples both agents; logs changes; returns the forwarder's path.
     pub async fn sample(&mut self, t: &Tunnel, tl: &Timeline) -> Option<PathView> {
+        self.sample_both(t, tl).await.0
+    }
+
+    /// Samples both agents; logs changes; returns (the forwarder's, the exposer's) paths.
+    pub async fn sample_both(
+        &mut self,
+        t: &Tunnel,
+        tl: &Timeline,
+    ) -> (Option<PathView>, Option<PathView>) {
         let (f, e) = sample_paths(t).await;
         let fk = f.as_ref().map(|p| format!("{} {}", p.kind, p.remote));
         let ek = e.as_ref().map(|p| format!("{} {}", p.kind, p.remote));
@@ -1105,7 +1114,7 @@ impl PathWatch {
             tl.event(format!("exposer path -> {}", describe_path(&e)));
             self.exposer = ek;
         }
-        f
+        (f, e)
     }
 }
 
