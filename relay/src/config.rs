@@ -98,7 +98,7 @@ impl Default for RelayBudgets {
             session_bytes: 4 << 30,
             session_rate: 100_000_000,
             rate_per_ip: 200_000_000,
-            idle_timeout: crate::relay::IDLE_TIMEOUT,
+            idle_timeout: Duration::from_secs(600),
         }
     }
 }

@@ -22,9 +22,6 @@ use tokio::sync::Semaphore;
 use crate::config::RelayBudgets;
 use crate::ratelimit::source_key;
 
-/// A session no packet has crossed for this long is closed, unless configured otherwise
-/// ([`RelayBudgets::idle_timeout`], `relay_idle_timeout`).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often idle sessions are looked for at most (a pass over every session); more often
 /// for short idle timeouts, see [`Sessions::sweep_every`].
 pub const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -444,7 +441,7 @@ mod tests {
             session_bytes,
             session_rate,
             rate_per_ip,
-            idle_timeout: IDLE_TIMEOUT,
+            idle_timeout: RelayBudgets::default().idle_timeout,
         }
     }
 
@@ -608,14 +605,14 @@ mod tests {
         let later = t0 + Duration::from_secs(300);
         forwarded_to(s.packet(8, 3, 1000, later));
         assert!(s.sweep(later).is_empty());
-        let closed = s.sweep(t0 + IDLE_TIMEOUT);
+        let closed = s.sweep(t0 + RelayBudgets::default().idle_timeout);
         assert_eq!(closed.len(), 1);
         assert_eq!((closed[0].session, closed[0].cause), (7, CloseCause::Idle));
         assert_eq!(closed[0].reason, "no packet for 10 minutes");
         assert_eq!(s.len(), 1);
         // Session 8's source bucket had refilled: forgotten.
         assert!(s.sources.is_empty());
-        assert_eq!(s.sweep(later + IDLE_TIMEOUT)[0].session, 8);
+        assert_eq!(s.sweep(later + RelayBudgets::default().idle_timeout)[0].session, 8);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::activity::Role;
 use super::peers::Peers;
-use super::ForwardSpec;
+use super::ctx::ForwardSpec;
 use crate::tunnel::{copy, header};
 
 /// Accepts local connections for `spec` until the listener fails.
