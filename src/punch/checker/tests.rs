@@ -583,3 +583,17 @@ fn a_probe_found_path_competes_for_nomination() {
         })
     );
 }
+
+#[test]
+fn a_punch_costs_a_handful_of_checks() {
+    // What one (re-)punch sends between two easy NATs, each side with an address the other
+    // cannot reach (a LAN address) beside the one that works, until both have nominated.
+    let mut sim = Sim::new(Behaviour::Easy, Behaviour::Easy, 14);
+    sim.run_until(Duration::from_secs(1));
+    assert!(sim.found(0).is_some() && sim.found(1).is_some());
+    let (a, b) = (sim.sides[0].sent, sim.sides[1].sent);
+    // A: two pairs, the unreachable one retransmitted until nomination; B: one pair, its
+    // first check dropped by A's NAT until A has sent. Each check is about 80 bytes.
+    println!("one punch: A sent {a} checks, B {b}");
+    assert!(a <= 8 && b <= 4, "checks sent: A {a}, B {b}");
+}
