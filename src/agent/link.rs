@@ -340,10 +340,15 @@ impl Driver {
                         return;
                     }
                     let observed = registration.borrow_and_update().as_ref().map(|r| r.observed);
-                    if observed.is_some() && observed != self.observed {
+                    // A new mapping is a new network; a new registration after the old
+                    // one's relay session went with it is the first chance of a new one.
+                    let moved = observed.is_some() && observed != self.observed;
+                    if moved || (observed.is_some() && self.relay.is_none()) {
                         tracing::debug!(peer = %self.peer, ?observed, "registered with S again");
-                        self.observed = observed;
                         self.heal.on_change(Instant::now().into_std());
+                    }
+                    if observed.is_some() {
+                        self.observed = observed;
                     }
                 }
                 _ = network.tick() => {
