@@ -612,7 +612,10 @@ mod tests {
         assert_eq!(s.len(), 1);
         // Session 8's source bucket had refilled: forgotten.
         assert!(s.sources.is_empty());
-        assert_eq!(s.sweep(later + RelayBudgets::default().idle_timeout)[0].session, 8);
+        assert_eq!(
+            s.sweep(later + RelayBudgets::default().idle_timeout)[0].session,
+            8
+        );
     }
 
     #[test]

@@ -3,8 +3,8 @@
 use tokio::net::{TcpListener, TcpStream};
 
 use super::activity::Role;
-use super::peers::Peers;
 use super::ctx::ForwardSpec;
+use super::peers::Peers;
 use crate::tunnel::{copy, header};
 
 /// Accepts local connections for `spec` until the listener fails.
