@@ -61,8 +61,6 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-#[path = "../tests/natlab/mod.rs"]
-mod natlab;
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -80,7 +78,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tokio::task::JoinSet;
 
-use common::Proc;
+use common::{natlab, Proc};
 
 const MIB: f64 = 1024.0 * 1024.0;
 const GIB: f64 = 1024.0 * MIB;

@@ -96,17 +96,17 @@ async fn a_wrong_or_missing_token_is_refused_and_the_right_one_works() {
     let mut cmd = fwd_agent.command(&["forward", "home", &port.to_string()]);
     cmd.env("P2PTUN_TOKEN", "right-token");
     let forwarder = Proc::spawn("forwarder", cmd, &lab.logs());
-    wait_tunnel(port, &[&relay.proc, &exposer, &forwarder], TUNNEL_READY).await;
-    relay.proc.assert_no_panic();
+    wait_tunnel(port, &[relay.proc(), &exposer, &forwarder], TUNNEL_READY).await;
+    relay.proc().assert_no_panic();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_held_by_another_key_is_refused() {
     let lab = Lab::new("name-taken");
-    let pair = Pair::start(&lab, "home").await;
+    let pair = Kit::new(&lab, "home").ready(Ready::Echo).serve().await;
     let other = Service::start().await;
     let thief = lab
-        .agent("thief", &pair.relay)
+        .agent("thief", pair.relay())
         .expose(&other.target(), "home", &[]);
     let st = thief.wait_exit(GIVE_UP).await.unwrap_or_else(|| {
         panic!(
@@ -125,7 +125,7 @@ async fn a_name_held_by_another_key_is_refused() {
         thief.brief()
     );
     // The owner's tunnel is undisturbed and still reaches the owner's service.
-    transfer_via(pair.port, Mode::Duplex, (1, 1 << 20), (2, 1 << 20))
+    transfer_via(pair.port(), Mode::Duplex, (1, 1 << 20), (2, 1 << 20))
         .await
         .expect("the owner's tunnel after the refused claim");
     assert_eq!(other.accepted(), 0, "the thief's service was reached");
@@ -164,18 +164,18 @@ async fn an_unknown_name_closes_the_connection_and_the_forward_keeps_running() {
     let exposer = lab
         .agent("exposer", &relay)
         .expose(&service.target(), "nosuch", &[]);
-    wait_tunnel(port, &[&relay.proc, &exposer, &forwarder], TUNNEL_READY).await;
+    wait_tunnel(port, &[relay.proc(), &exposer, &forwarder], TUNNEL_READY).await;
     forwarder.assert_no_panic();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_pinned_key_is_refused() {
     let lab = Lab::new("changed-pin");
-    let pair = Pair::start(&lab, "home").await;
+    let pair = Kit::new(&lab, "home").ready(Ready::Echo).serve().await;
     let exposer_fp = pair.expose_agent.id().await;
 
     // The forwarder pinned the exposer's key in its known_peers.
-    pair.forwarder.kill();
+    pair.forwarder.proc().kill();
     let known = find_file(&pair.forward_agent.state_dir, "known_peers").unwrap_or_else(|| {
         panic!(
             "no known_peers file in the forwarder's state dir {} after a connection",
@@ -196,7 +196,7 @@ async fn a_changed_pinned_key_is_refused() {
     std::fs::write(&known, text.replace(&exposer_fp, &other_fp)).expect("write known_peers");
 
     let port = free_tcp_port();
-    let reached_before = pair.service.accepted();
+    let reached_before = pair.service().accepted();
     let forwarder = pair.forward_agent.forward("home", port);
     let how = expect_closed(port, Duration::from_secs(20)).await;
     // Either the forward exits (a fatal error) or it refuses the connection; both must say
@@ -215,7 +215,7 @@ async fn a_changed_pinned_key_is_refused() {
         how.expect("a connection to a changed key must be closed");
     }
     assert_eq!(
-        pair.service.accepted(),
+        pair.service().accepted(),
         reached_before,
         "the service was reached through a changed key"
     );
@@ -227,7 +227,7 @@ async fn a_changed_pinned_key_is_refused() {
     let fwd2 = fresh.forward("home", port2);
     wait_tunnel(
         port2,
-        &[&pair.relay.proc, &pair.exposer, &fwd2],
+        &[pair.relay().proc(), pair.exposer.proc(), &fwd2],
         TUNNEL_READY,
     )
     .await;
@@ -262,7 +262,7 @@ async fn allow_lets_in_only_the_listed_keys() {
     assert!(
         matches!(last, Some(Ok(_))),
         "a stranger's connection must be closed: {last:?}\n{}",
-        reports(&[&relay.proc, &exposer, &sfwd])
+        reports(&[relay.proc(), &exposer, &sfwd])
     );
     assert!(
         sfwd.problems()
@@ -276,8 +276,8 @@ async fn allow_lets_in_only_the_listed_keys() {
 
     let fport = free_tcp_port();
     let ffwd = friend.forward("home", fport);
-    wait_tunnel(fport, &[&relay.proc, &exposer, &ffwd], TUNNEL_READY).await;
-    for p in [&relay.proc, &exposer, &sfwd, &ffwd] {
+    wait_tunnel(fport, &[relay.proc(), &exposer, &ffwd], TUNNEL_READY).await;
+    for p in [relay.proc(), &exposer, &sfwd, &ffwd] {
         p.assert_no_panic();
     }
 }
@@ -285,17 +285,17 @@ async fn allow_lets_in_only_the_listed_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_at_the_relay_does_not_disturb_a_transfer() {
     let lab = Lab::new("garbage");
-    let pair = Pair::start(&lab, "home").await;
-    let targets = [pair.relay.addr(), pair.relay.alt_addr()];
+    let pair = Kit::new(&lab, "home").ready(Ready::Echo).serve().await;
+    let targets = [pair.relay().addr(), pair.relay().alt_addr()];
 
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let blaster = tokio::spawn(blast_udp(targets, stop.clone(), sent.clone()));
-    let tcp_junk = tokio::spawn(tcp_junk(pair.relay.port, stop.clone()));
+    let tcp_junk = tokio::spawn(tcp_junk(pair.relay().port(), stop.clone()));
 
     let len = 64u64 << 20;
     let transfer = tokio::spawn(transfer_via(
-        pair.port,
+        pair.port(),
         Mode::Duplex,
         (0xBAD, len),
         (0xF00D, len),
@@ -305,7 +305,7 @@ async fn garbage_at_the_relay_does_not_disturb_a_transfer() {
     let outcomes = within(
         "the malformed control messages",
         Duration::from_secs(120),
-        malformed_control(pair.relay.addr()),
+        malformed_control(pair.relay().addr()),
     )
     .await;
     for (case, outcome) in &outcomes {
@@ -319,7 +319,7 @@ async fn garbage_at_the_relay_does_not_disturb_a_transfer() {
     )
     .await
     .expect("transfer task")
-    .unwrap_or_else(|e| panic!("transfer under garbage: {e:#}\n{}", reports(&pair.procs())));
+    .unwrap_or_else(|e| panic!("transfer under garbage: {e:#}\n{}", pair.reports()));
     stop.store(true, Ordering::SeqCst);
     blaster.await.expect("blaster");
     tcp_junk.await.expect("tcp junk");
@@ -339,11 +339,11 @@ async fn garbage_at_the_relay_does_not_disturb_a_transfer() {
         .forward("home", port);
     wait_tunnel(
         port,
-        &[&pair.relay.proc, &pair.exposer, &fwd2],
+        &[pair.relay().proc(), pair.exposer.proc(), &fwd2],
         TUNNEL_READY,
     )
     .await;
-    pair.relay.proc.assert_no_panic();
+    pair.relay().proc().assert_no_panic();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -401,7 +401,7 @@ async fn invalid_config_files_are_clear_errors() {
     let missing = lab.path().join("no-such-file.toml");
     let out = run_p2ptun(&lab, &["up", "-c", missing.to_str().expect("utf-8 path")]).await;
     out.assert_clean_failure(&["no-such-file.toml"]);
-    relay.proc.assert_running("after bad config files");
+    relay.proc().assert_running("after bad config files");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -466,7 +466,7 @@ async fn invalid_command_line_values_are_clear_errors() {
         let out = run_p2ptun(&lab, &args).await;
         out.assert_clean_failure(&[needle]);
     }
-    relay.proc.assert_running("after bad flags");
+    relay.proc().assert_running("after bad flags");
 }
 
 /// Sends junk datagrams of many kinds to `targets` until `stop` (at most 5 minutes).

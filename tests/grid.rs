@@ -33,7 +33,6 @@
 //! Needs root (network namespaces, nftables): skips otherwise, fails under `CI=true`.
 
 mod common;
-mod natlab;
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -44,6 +43,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context};
+use common::natlab;
 use common::{data_digest, echo_once, hex, transfer_via, Mode, Proc, Service};
 use natlab::{Host, Lab, Nat, Shaping, S_ALT, S_LISTEN};
 

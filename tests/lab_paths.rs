@@ -30,9 +30,6 @@
 //! Needs root and nftables; skips otherwise (fails under CI=true). The transfer tests take a
 //! lock so that they do not share the CPU with each other (timings are measured).
 
-#[path = "natlab/mod.rs"]
-mod natlab;
-
 mod common;
 
 #[path = "lab_paths/support.rs"]
@@ -40,6 +37,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use common::natlab;
 use natlab::{Host, Lab, Nat, Shaping};
 use support::{
     block_peer, describe_path, easy_pair, heavy, iface_bytes, mib, peer_block_rules, run_heavy,

@@ -27,9 +27,6 @@
 //! Needs root and nftables (and conntrack for the NAT flush); skips otherwise (fails under
 //! CI=true). The tests take the lock of `support::heavy`: they measure times.
 
-#[path = "natlab/mod.rs"]
-mod natlab;
-
 mod common;
 
 #[path = "lab_paths/support.rs"]
@@ -39,6 +36,7 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::natlab;
 use natlab::{Lab, Nat, Shaping};
 use support::{
     block_peer, describe_path, easy_pair, flush_conntrack, mib, run_heavy, sample_paths,

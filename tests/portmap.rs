@@ -19,9 +19,6 @@
 //!
 //! Needs root, nftables and miniupnpd-nftables; skips otherwise (fails under CI=true).
 
-#[path = "natlab/mod.rs"]
-mod natlab;
-
 mod common;
 
 #[path = "lab_paths/support.rs"]
@@ -30,6 +27,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::natlab;
 use natlab::upnpd::{Miniupnpd, Protocols};
 use natlab::{Host, Lab, Nat, Router, Shaping};
 use serde_json::Value;

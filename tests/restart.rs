@@ -19,21 +19,22 @@ const REREGISTER: Duration = Duration::from_secs(40);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_survive_a_relay_restart() {
     let lab = Lab::new("relay-restart");
-    let mut pair = Pair::start(&lab, "home").await;
+    let mut pair = Kit::new(&lab, "home").ready(Ready::Echo).serve().await;
 
     // The agents may start on the relay path and move to a direct one moments later; the
     // point here is a direct connection, so wait for the forwarder to report one.
     assert!(
         pair.forwarder
+            .proc()
             .wait_log_any(&["direct"], Duration::from_secs(15))
             .await
             .is_some(),
         "the forwarder never logged a direct path (a line with \"direct\")\n{}",
-        pair.forwarder.brief()
+        pair.forwarder.proc().brief()
     );
 
     // A connection opened before the crash, pinged every 100 ms in the background.
-    let mut conn = EchoConn::open(pair.port)
+    let mut conn = EchoConn::open(pair.port())
         .await
         .expect("open the long connection");
     conn.ping(512, Duration::from_secs(10))
@@ -57,7 +58,7 @@ async fn agents_survive_a_relay_restart() {
     };
 
     // Crash S; the open connection goes on.
-    pair.relay.kill();
+    pair.relay_mut().kill();
     let before = rounds.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let during = rounds.load(Ordering::SeqCst);
@@ -70,13 +71,13 @@ async fn agents_survive_a_relay_restart() {
         "the open connection stalled while S was down ({before} -> {during} round trips)"
     );
     assert_all_running(
-        &[&pair.exposer, &pair.forwarder],
+        &[pair.exposer.proc(), pair.forwarder.proc()],
         "S was down (agents must wait for it, not exit)",
     );
 
     // S comes back on the same port with the same state (so `home` still belongs to the
     // exposer's key).
-    pair.relay.restart().await;
+    pair.relay_mut().restart().await;
     let restarted = Instant::now();
 
     // A new forwarder, which has never met the exposer, reaches it through the new S: the
@@ -87,9 +88,9 @@ async fn agents_survive_a_relay_restart() {
     wait_tunnel(
         port2,
         &[
-            &pair.relay.proc,
-            &pair.exposer,
-            &pair.forwarder,
+            pair.relay().proc(),
+            pair.exposer.proc(),
+            pair.forwarder.proc(),
             &forwarder2,
         ],
         REREGISTER,
@@ -101,15 +102,19 @@ async fn agents_survive_a_relay_restart() {
     );
     // The old forwarder takes new connections too.
     wait_tunnel(
-        pair.port,
-        &[&pair.relay.proc, &pair.exposer, &pair.forwarder],
+        pair.port(),
+        &[
+            pair.relay().proc(),
+            pair.exposer.proc(),
+            pair.forwarder.proc(),
+        ],
         REREGISTER,
     )
     .await;
     within(
         "a transfer after the restart",
         Duration::from_secs(60),
-        transfer_via(pair.port, Mode::Duplex, (1, 4 << 20), (2, 4 << 20)),
+        transfer_via(pair.port(), Mode::Duplex, (1, 4 << 20), (2, 4 << 20)),
     )
     .await
     .unwrap_or_else(|e| panic!("transfer after the restart: {e:#}"));
@@ -122,7 +127,7 @@ async fn agents_survive_a_relay_restart() {
         .unwrap_or_else(|e| {
             panic!(
                 "the connection opened before S crashed broke: {e:#}\n{}",
-                reports(&pair.procs())
+                pair.reports()
             )
         });
     assert!(conn.rounds() > during, "no round trips after the restart");

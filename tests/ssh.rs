@@ -1,5 +1,6 @@
 //! A real OpenSSH session through the tunnel: sshd on 127.0.0.1 with a key made for the test,
-//! exposed and forwarded, then `ssh` runs a command that reads a few MiB from stdin.
+//! exposed and forwarded (S and the agents in the test process), then `ssh` runs a command
+//! that reads a few MiB from stdin.
 //!
 //! Needs root, `/usr/sbin/sshd` and `ssh`/`ssh-keygen` (Debian: openssh-server,
 //! openssh-client). Without them the test prints "SKIPPED: ..." and passes, except under CI
@@ -55,7 +56,7 @@ async fn keygen(lab: &Lab, path: &Path) {
 }
 
 /// Reads the SSH banner on `port`, retrying until `timeout`.
-async fn wait_banner(port: u16, procs: &[&Proc], timeout: Duration) {
+async fn wait_banner(port: u16, procs: &[&dyn Runs], timeout: Duration) {
     let start = Instant::now();
     let mut last = String::new();
     while start.elapsed() < timeout {
@@ -170,13 +171,14 @@ async fn an_openssh_session_through_the_tunnel() {
         sshd.brief()
     );
 
-    let relay = lab.relay("relay", RelayOpts::default()).await;
-    let exposer = lab
-        .agent("exposer", &relay)
-        .expose(&sshd_port.to_string(), "home", &[]);
-    let port = free_tcp_port();
-    let forwarder = lab.agent("forwarder", &relay).forward("home", port);
-    let procs = [&sshd, &relay.proc, &exposer, &forwarder];
+    // S and the agents in this process: the point is OpenSSH through the tunnel.
+    let tunnel = Kit::new(&lab, "home")
+        .in_process()
+        .start(vec![sshd_port.to_string()])
+        .await;
+    let port = tunnel.port();
+    let mut procs = tunnel.parts();
+    procs.insert(0, &sshd);
     wait_banner(port, &procs, TUNNEL_READY).await;
 
     let mut payload = Vec::new();

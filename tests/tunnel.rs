@@ -1,4 +1,6 @@
-//! End-to-end tunnel tests: real S and agents on 127.0.0.1, every byte checked by SHA-256.
+//! End-to-end tunnel tests: S and two agents on 127.0.0.1, every byte checked by SHA-256.
+//! They run inside the test process (the kit's `Kit::in_process`): what is tested here is
+//! the tunnel, not the command line, so no process is started.
 //!
 //! Run: `cargo test --release --test tunnel` (debug works too, only slower).
 
@@ -15,15 +17,19 @@ const MIB: u64 = 1 << 20;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_mib_each_way_through_one_connection() {
     let lab = Lab::new("big-transfer");
-    let pair = Pair::start(&lab, "home").await;
+    let pair = Kit::new(&lab, "home")
+        .in_process()
+        .ready(Ready::Echo)
+        .serve()
+        .await;
     let len = 64 * MIB;
     let t = within(
         "64 MiB each way through one connection",
         Duration::from_secs(300),
-        transfer_via(pair.port, Mode::Duplex, (0xA11CE, len), (0xB0B, len)),
+        transfer_via(pair.port(), Mode::Duplex, (0xA11CE, len), (0xB0B, len)),
     )
     .await
-    .unwrap_or_else(|e| panic!("64 MiB each way: {e:#}\n{}", reports(&pair.procs())));
+    .unwrap_or_else(|e| panic!("64 MiB each way: {e:#}\n{}", pair.reports()));
     println!(
         "64 MiB each way at once in {:.2} s ({:.1} MiB/s each way)",
         t.elapsed.as_secs_f64(),
@@ -42,14 +48,18 @@ async fn two_hundred_connections_and_one_stalled_reader() {
     const EACH: u64 = 256 * 1024;
 
     let lab = Lab::new("many-connections");
-    let pair = Pair::start(&lab, "many").await;
+    let pair = Kit::new(&lab, "many")
+        .in_process()
+        .ready(Ready::Echo)
+        .serve()
+        .await;
 
     // The stalled connection: it asks for 128 MiB and never reads. A small receive buffer
     // keeps the client's socket from swallowing much.
     let sock = tokio::net::TcpSocket::new_v4().expect("socket");
     sock.set_recv_buffer_size(64 * 1024).expect("SO_RCVBUF");
     let mut stalled = sock
-        .connect(([127, 0, 0, 1], pair.port).into())
+        .connect(([127, 0, 0, 1], pair.port()).into())
         .await
         .expect("connect the stalled connection");
     stalled
@@ -57,7 +67,7 @@ async fn two_hundred_connections_and_one_stalled_reader() {
         .await
         .expect("send the stalled connection's header");
     stalled.shutdown().await.expect("shutdown write");
-    let prog = pair.service.progress(STALL_SEED);
+    let prog = pair.service().progress(STALL_SEED);
     let plateau = within(
         "the stalled connection's writer to block",
         Duration::from_secs(60),
@@ -87,7 +97,7 @@ async fn two_hundred_connections_and_one_stalled_reader() {
     let started = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for i in 0..CONNS {
-        let port = pair.port;
+        let port = pair.port();
         set.spawn(async move {
             let r = transfer_via(port, Mode::Duplex, (1000 + i, EACH), (5000 + i, EACH)).await;
             (i, r)
@@ -114,7 +124,7 @@ async fn two_hundred_connections_and_one_stalled_reader() {
         "{} of {CONNS} connections failed, e.g.:\n{}\n{}",
         failures.len(),
         failures[..failures.len().min(5)].join("\n"),
-        reports(&pair.procs())
+        pair.reports()
     );
     assert_eq!(ok, CONNS);
     println!(
@@ -142,12 +152,7 @@ async fn two_hundred_connections_and_one_stalled_reader() {
         },
     )
     .await
-    .unwrap_or_else(|e| {
-        panic!(
-            "draining the stalled connection: {e:#}\n{}",
-            reports(&pair.procs())
-        )
-    });
+    .unwrap_or_else(|e| panic!("draining the stalled connection: {e:#}\n{}", pair.reports()));
     assert_eq!(
         hex(&got),
         hex(&trailer[..32]),
@@ -159,28 +164,32 @@ async fn two_hundred_connections_and_one_stalled_reader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_is_carried_both_ways() {
     let lab = Lab::new("half-close");
-    let pair = Pair::start(&lab, "half").await;
+    let pair = Kit::new(&lab, "half")
+        .in_process()
+        .ready(Ready::Echo)
+        .serve()
+        .await;
 
     // The client finishes its side first; the service reads to EOF and only then answers
     // with 1 MiB and its digest of what it read.
     within(
         "request, FIN, then the reply",
         Duration::from_secs(60),
-        transfer_via(pair.port, Mode::Reply, (11, MIB), (12, MIB)),
+        transfer_via(pair.port(), Mode::Reply, (11, MIB), (12, MIB)),
     )
     .await
-    .unwrap_or_else(|e| panic!("reply after FIN: {e:#}\n{}", reports(&pair.procs())));
+    .unwrap_or_else(|e| panic!("reply after FIN: {e:#}\n{}", pair.reports()));
     // The same with an empty request (as `sha256sum < /dev/null` would be).
     within(
         "empty request, FIN, then the reply",
         Duration::from_secs(60),
-        transfer_via(pair.port, Mode::Reply, (13, 0), (14, MIB)),
+        transfer_via(pair.port(), Mode::Reply, (13, 0), (14, MIB)),
     )
     .await
-    .unwrap_or_else(|e| panic!("reply after bare FIN: {e:#}\n{}", reports(&pair.procs())));
+    .unwrap_or_else(|e| panic!("reply after bare FIN: {e:#}\n{}", pair.reports()));
 
     // The service finishes its side first; the client still sends 1 MiB after seeing EOF.
-    let mut s = connect(pair.port).await.expect("connect");
+    let mut s = connect(pair.port()).await.expect("connect");
     s.write_all(&header(Mode::Sink, 15, 0))
         .await
         .expect("header");
@@ -202,7 +211,7 @@ async fn half_close_is_carried_both_ways() {
     .await
     .expect("send after the service's FIN");
     w.shutdown().await.expect("shutdown");
-    let prog = pair.service.progress(15);
+    let prog = pair.service().progress(15);
     within(
         "the service to receive everything after its FIN",
         Duration::from_secs(30),
@@ -233,44 +242,16 @@ async fn half_close_is_carried_both_ways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_local_service_ends_only_its_stream() {
     let lab = Lab::new("refused-service");
-    let relay = lab.relay("relay", RelayOpts::default()).await;
     let service = Service::start().await;
     let dead_port = free_tcp_port(); // nothing listens there
-    let expose_agent = lab.agent("exposer", &relay);
-    let exposer = expose_agent.up(
-        &[
-            UpExpose {
-                name: "dead".into(),
-                local: format!("127.0.0.1:{dead_port}"),
-                allow: vec![],
-            },
-            UpExpose {
-                name: "live".into(),
-                local: service.port().to_string(),
-                allow: vec![],
-            },
-        ],
-        &[],
-    );
-    // Without --server-fingerprint: S's key is pinned on first use.
-    let mut forward_agent = lab.agent("forwarder", &relay);
-    forward_agent.server_fingerprint = None;
-    let (dport, lport) = (free_tcp_port(), free_tcp_port());
-    let forwarder = forward_agent.up(
-        &[],
-        &[
-            UpForward {
-                name: "dead".into(),
-                local: dport.to_string(),
-            },
-            UpForward {
-                name: "live".into(),
-                local: format!("127.0.0.1:{lport}"),
-            },
-        ],
-    );
-    let procs = [&relay.proc, &exposer, &forwarder];
-    wait_tunnel(lport, &procs, TUNNEL_READY).await;
+                                     // Two names in each agent: "live" for the service, "live-2" for the dead port.
+    let t = Kit::new(&lab, "live")
+        .in_process()
+        .ready(Ready::Echo)
+        .start(vec![service.target(), format!("127.0.0.1:{dead_port}")])
+        .await;
+    let (lport, dport) = (t.ports[0], t.ports[1]);
+    let procs = t.parts();
 
     // A connection to the live service stays open throughout.
     let mut live = EchoConn::open(lport).await.expect("open a live connection");
@@ -309,8 +290,5 @@ async fn a_refused_local_service_ends_only_its_stream() {
         });
     }
     live.close().await.expect("close the live connection");
-    assert_all_running(&procs, "after refused streams");
-    for p in procs {
-        p.assert_no_panic();
-    }
+    t.assert_healthy("after refused streams");
 }

@@ -1,5 +1,7 @@
-//! The integration-test harness: real `p2ptun-relay` (S) and `p2ptun` agent processes on
-//! 127.0.0.1, in-process TCP services that check every byte by SHA-256, and bounded waits.
+//! The integration-test harness: S (`p2ptun-relay`) and `p2ptun` agents as processes or in
+//! the test process, on 127.0.0.1 or on NAT-lab hosts, put together by the one bundle of
+//! [`kit`] ([`Kit`] starts a [`Tunnel`]); in-process TCP services that check every byte by
+//! SHA-256; bounded waits.
 //!
 //! - Binaries: the agent is `env!("CARGO_BIN_EXE_p2ptun")`. The relay belongs to another
 //!   package of the workspace, so cargo does not build it for this package's tests; the
@@ -14,12 +16,19 @@
 //! - Services: [`Service`] speaks a tiny protocol chosen by a 24-byte header (echo, duplex
 //!   stream, reply-after-EOF, sink) and reports what it received, so a test can check SHA-256
 //!   digests of both directions.
-//! - Every wait has a deadline; every address is 127.0.0.1.
+//! - Every wait has a deadline; every address is 127.0.0.1 (or inside the NAT lab's
+//!   namespaces, for a [`Place`] there).
 //!
 //! Environment: `P2PTUN_TEST_LOG` sets the children's `RUST_LOG` (default `info`);
 //! `P2PTUN_TEST_KEEP=1` keeps every test's temp dir (a failed test's is always kept).
 
 #![allow(dead_code)]
+
+pub mod kit;
+#[path = "../natlab/mod.rs"]
+pub mod natlab;
+
+pub use kit::*;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -213,35 +222,13 @@ impl Lab {
         p
     }
 
-    /// An agent with its own state dir, talking to `relay`.
-    pub fn agent(&self, label: &str, relay: &Relay) -> Agent {
-        Agent {
-            label: label.to_owned(),
-            state_dir: self.state_dir(label),
-            logs: self.logs(),
-            server: relay.server(),
-            token: relay.opts.tokens.first().cloned(),
-            server_fingerprint: relay.fingerprint.clone(),
-            bind: AGENT_BIND.to_owned(),
+    /// Keeps the directory after the test (a failure the test reports without panicking);
+    /// returns where it is.
+    pub fn keep(mut self) -> PathBuf {
+        match self.dir.take() {
+            Some(dir) => dir.keep(),
+            None => self.path.clone(),
         }
-    }
-
-    /// An agent with its own state dir, for S at `server` (which need not run).
-    pub fn agent_at(&self, label: &str, server: &str) -> Agent {
-        Agent {
-            label: label.to_owned(),
-            state_dir: self.state_dir(label),
-            logs: self.logs(),
-            server: server.to_owned(),
-            token: None,
-            server_fingerprint: None,
-            bind: AGENT_BIND.to_owned(),
-        }
-    }
-
-    /// Starts S with `opts`.
-    pub async fn relay(&self, label: &str, opts: RelayOpts) -> Relay {
-        Relay::start(self, label, opts).await
     }
 }
 
@@ -298,9 +285,20 @@ pub struct Proc {
     log_path: PathBuf,
 }
 
+/// The `RUST_LOG` a test's children get: the test's own variable `log_var` if set, else
+/// `default_log`.
+pub fn log_level(log_var: &str, default_log: &str) -> String {
+    std::env::var(log_var).unwrap_or_else(|_| default_log.to_owned())
+}
+
 /// Sets the environment every child gets: no inherited p2ptun settings, plain log text, and
 /// `RUST_LOG` from `log_var` (a test's own variable) or else `default_log`.
 pub fn child_env(cmd: &mut Command, log_var: &str, default_log: &str) {
+    child_env_level(cmd, &log_level(log_var, default_log));
+}
+
+/// [`child_env`] with `RUST_LOG=level`.
+pub fn child_env_level(cmd: &mut Command, level: &str) {
     for var in [
         "P2PTUN_TOKEN",
         "P2PTUN_SERVER",
@@ -310,7 +308,6 @@ pub fn child_env(cmd: &mut Command, log_var: &str, default_log: &str) {
     ] {
         cmd.env_remove(var);
     }
-    let level = std::env::var(log_var).unwrap_or_else(|_| default_log.to_owned());
     cmd.env("RUST_LOG", level)
         .env("NO_COLOR", "1")
         .env("RUST_BACKTRACE", "1");
@@ -614,17 +611,17 @@ pub fn is_problem_line(line: &str) -> bool {
         || t.starts_with("WARN")
 }
 
-/// Fails with every process's log if one of `procs` has ended.
-pub fn assert_all_running(procs: &[&Proc], context: &str) {
+/// Fails with every part's log if one of `procs` has ended.
+pub fn assert_all_running<P: Runs + ?Sized>(procs: &[&P], context: &str) {
     for p in procs {
         if !p.is_running() {
-            panic!("{} ended while {context}\n{}", p.label, reports(procs));
+            panic!("{} ended while {context}\n{}", p.label(), reports(procs));
         }
     }
 }
 
-/// One line per process for failure messages (see [`Proc::brief`]).
-pub fn reports(procs: &[&Proc]) -> String {
+/// One line per part for failure messages (see [`Proc::brief`]).
+pub fn reports<P: Runs + ?Sized>(procs: &[&P]) -> String {
     procs
         .iter()
         .map(|p| p.brief())
@@ -768,175 +765,7 @@ pub async fn run_p2ptun(lab: &Lab, args: &[&str]) -> RunOutput {
 }
 
 // ---------------------------------------------------------------------------------------------
-// S
-
-/// How to start S.
-#[derive(Debug, Clone, Default)]
-pub struct RelayOpts {
-    /// `--token` values (agents made with [`Lab::agent`] use the first).
-    pub tokens: Vec<String>,
-    /// Further arguments.
-    pub extra_args: Vec<String>,
-}
-
-/// A running S on 127.0.0.1.
-pub struct Relay {
-    /// The process (replaced on [`Relay::restart`]).
-    pub proc: Proc,
-    /// The QUIC/STUN UDP port (and TLS TCP port).
-    pub port: u16,
-    /// The second STUN port.
-    pub alt_port: u16,
-    /// S's state dir.
-    pub state_dir: PathBuf,
-    /// How it was started.
-    pub opts: RelayOpts,
-    /// S's key fingerprint, if its log showed one at start.
-    pub fingerprint: Option<String>,
-    label: String,
-    logs: PathBuf,
-}
-
-impl Relay {
-    /// Starts S on fresh ports and waits until it answers STUN (or logs "listening").
-    pub async fn start(lab: &Lab, label: &str, opts: RelayOpts) -> Relay {
-        let state_dir = lab.state_dir(label);
-        let mut last = String::new();
-        for _attempt in 0..3 {
-            let port = free_udp_tcp_port();
-            let mut alt_port = free_udp_port();
-            while alt_port == port {
-                alt_port = free_udp_port();
-            }
-            let proc = spawn_relay(label, port, alt_port, &state_dir, &opts, &lab.logs());
-            match wait_relay_ready(&proc, port).await {
-                Ok(()) => {
-                    let fingerprint = find_fingerprint(&proc.log());
-                    return Relay {
-                        proc,
-                        port,
-                        alt_port,
-                        state_dir,
-                        opts,
-                        fingerprint,
-                        label: label.to_owned(),
-                        logs: lab.logs(),
-                    };
-                }
-                Err(e) => {
-                    let log = proc.log();
-                    last = format!("{e}\n{}", proc.report());
-                    drop(proc);
-                    if !log.to_lowercase().contains("in use") {
-                        break;
-                    }
-                    // Someone took the port between our check and S's bind: try others.
-                }
-            }
-        }
-        panic!("S did not start:\n{last}");
-    }
-
-    /// `127.0.0.1:PORT`.
-    pub fn server(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// S's main address.
-    pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
-    }
-
-    /// S's second STUN address.
-    pub fn alt_addr(&self) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, self.alt_port))
-    }
-
-    /// Kills S (SIGKILL: a crash, nothing said goodbye).
-    pub fn kill(&self) {
-        self.proc.kill();
-    }
-
-    /// Kills S if it runs, then starts it again on the same ports with the same state dir.
-    pub async fn restart(&mut self) {
-        self.proc.kill();
-        let deadline = Instant::now() + RELAY_START;
-        loop {
-            let proc = spawn_relay(
-                &self.label,
-                self.port,
-                self.alt_port,
-                &self.state_dir,
-                &self.opts,
-                &self.logs,
-            );
-            match wait_relay_ready(&proc, self.port).await {
-                Ok(()) => {
-                    self.proc = proc;
-                    return;
-                }
-                Err(e) if Instant::now() < deadline => {
-                    // The old socket may linger for a moment; try again.
-                    eprintln!("harness: S did not restart yet ({e}); retrying");
-                    drop(proc);
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => panic!(
-                    "S did not restart on port {}: {e}\n{}",
-                    self.port,
-                    proc.brief()
-                ),
-            }
-        }
-    }
-}
-
-fn spawn_relay(
-    label: &str,
-    port: u16,
-    alt_port: u16,
-    state_dir: &Path,
-    opts: &RelayOpts,
-    logs: &Path,
-) -> Proc {
-    let mut cmd = Command::new(relay_bin());
-    cmd.arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--stun-alt")
-        .arg(format!("127.0.0.1:{alt_port}"))
-        .arg("--state-dir")
-        .arg(state_dir);
-    for t in &opts.tokens {
-        cmd.arg("--token").arg(t);
-    }
-    cmd.args(&opts.extra_args);
-    clean_env(&mut cmd);
-    Proc::spawn(label, cmd, logs)
-}
-
-async fn wait_relay_ready(proc: &Proc, port: u16) -> anyhow::Result<()> {
-    let sock = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
-    let target = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let deadline = Instant::now() + RELAY_START;
-    loop {
-        if let Some(st) = proc.exit_status() {
-            bail!("S exited ({st}) before it was ready");
-        }
-        if proc.log().to_lowercase().contains("listening") {
-            return Ok(());
-        }
-        if stun_ping(&sock, target, Duration::from_millis(200)).await {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "S neither answered a STUN Binding request on UDP {port} nor logged \
-                 \"listening\" within {RELAY_START:?}"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+// STUN and fingerprints
 
 /// Sends one STUN Binding request (RFC 8489) and waits for the matching response.
 pub async fn stun_ping(sock: &tokio::net::UdpSocket, to: SocketAddr, wait: Duration) -> bool {
@@ -1028,193 +857,6 @@ pub async fn agent_status(state_dir: &Path) -> anyhow::Result<Vec<serde_json::Va
     tokio::task::spawn_blocking(move || agent_status_blocking(&dir))
         .await
         .context("status task")?
-}
-
-// ---------------------------------------------------------------------------------------------
-// Agents
-
-/// The agents' UDP socket address (`--bind`). Loopback, so that agents offer no host
-/// candidate on another interface and every test packet stays on 127.0.0.1.
-pub const AGENT_BIND: &str = "127.0.0.1:0";
-
-/// How to run `p2ptun` as one agent: its state dir and S.
-#[derive(Debug, Clone)]
-pub struct Agent {
-    /// A name for messages and log files.
-    pub label: String,
-    /// `--state-dir`.
-    pub state_dir: PathBuf,
-    /// `--server`.
-    pub server: String,
-    /// `--token`, if any.
-    pub token: Option<String>,
-    /// `--server-fingerprint`, if known (else S's key is pinned on first use).
-    pub server_fingerprint: Option<String>,
-    /// `--bind` (and `bind` in an `up` config): [`AGENT_BIND`] unless changed (an agent in
-    /// a NAT lab namespace binds every interface there).
-    pub bind: String,
-    logs: PathBuf,
-}
-
-/// One `[[expose]]` of an `up` config.
-#[derive(Debug, Clone)]
-pub struct UpExpose {
-    /// Name.
-    pub name: String,
-    /// `PORT` or `HOST:PORT`.
-    pub local: String,
-    /// Allowed fingerprints (empty: anyone).
-    pub allow: Vec<String>,
-}
-
-/// One `[[forward]]` of an `up` config.
-#[derive(Debug, Clone)]
-pub struct UpForward {
-    /// Name.
-    pub name: String,
-    /// `PORT` or `IP:PORT`.
-    pub local: String,
-}
-
-fn toml_str(s: &str) -> String {
-    // A JSON string is a valid TOML basic string.
-    serde_json::to_string(s).expect("a string serialises")
-}
-
-impl Agent {
-    /// The same agent with another token (`None`: no `--token` flag).
-    pub fn with_token(mut self, token: Option<&str>) -> Agent {
-        self.token = token.map(str::to_owned);
-        self
-    }
-
-    /// The same agent under another label, with its own state dir in `lab`.
-    pub fn renamed(mut self, lab: &Lab, label: &str) -> Agent {
-        self.label = label.to_owned();
-        self.state_dir = lab.state_dir(label);
-        self
-    }
-
-    /// `p2ptun --server S --state-dir D --bind B [--token T] [--server-fingerprint F] ARGS`.
-    pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(agent_bin());
-        cmd.arg("--server")
-            .arg(&self.server)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .arg("--bind")
-            .arg(&self.bind);
-        if let Some(t) = &self.token {
-            cmd.arg("--token").arg(t);
-        }
-        if let Some(fp) = &self.server_fingerprint {
-            cmd.arg("--server-fingerprint").arg(fp);
-        }
-        cmd.args(args);
-        clean_env(&mut cmd);
-        cmd
-    }
-
-    /// Starts `p2ptun [global flags] ARGS` in the background.
-    pub fn spawn(&self, args: &[&str]) -> Proc {
-        Proc::spawn(&self.label, self.command(args), &self.logs)
-    }
-
-    /// Starts `p2ptun ARGS [global flags]`: the global flags after the command.
-    pub fn spawn_flags_after(&self, args: &[&str]) -> Proc {
-        let mut all: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
-        all.extend(self.command(&[]).get_args().map(ToOwned::to_owned));
-        let mut cmd = Command::new(agent_bin());
-        cmd.args(all);
-        clean_env(&mut cmd);
-        Proc::spawn(&self.label, cmd, &self.logs)
-    }
-
-    /// `p2ptun expose TARGET --name NAME [--allow FP]...`.
-    pub fn expose(&self, target: &str, name: &str, allow: &[&str]) -> Proc {
-        let mut args = vec!["expose", target, "--name", name];
-        for fp in allow {
-            args.push("--allow");
-            args.push(fp);
-        }
-        self.spawn(&args)
-    }
-
-    /// `p2ptun forward NAME PORT`.
-    pub fn forward(&self, name: &str, port: u16) -> Proc {
-        self.spawn(&["forward", name, &port.to_string()])
-    }
-
-    /// The TOML of an `up` config with this agent's server, token and state dir.
-    pub fn up_config(&self, exposes: &[UpExpose], forwards: &[UpForward]) -> String {
-        let mut t = String::new();
-        let _ = writeln!(t, "server = {}", toml_str(&self.server));
-        if let Some(tok) = &self.token {
-            let _ = writeln!(t, "token = {}", toml_str(tok));
-        }
-        if let Some(fp) = &self.server_fingerprint {
-            let _ = writeln!(t, "server_fingerprint = {}", toml_str(fp));
-        }
-        let dir = self.state_dir.to_str().expect("utf-8 temp path");
-        let _ = writeln!(t, "state_dir = {}", toml_str(dir));
-        let _ = writeln!(t, "bind = {}", toml_str(&self.bind));
-        for e in exposes {
-            let allow: Vec<String> = e.allow.iter().map(|a| toml_str(a)).collect();
-            let _ = write!(
-                t,
-                "\n[[expose]]\nname = {}\nlocal = {}\nallow = [{}]\n",
-                toml_str(&e.name),
-                toml_str(&e.local),
-                allow.join(", ")
-            );
-        }
-        for f in forwards {
-            let _ = write!(
-                t,
-                "\n[[forward]]\nname = {}\nlocal = {}\n",
-                toml_str(&f.name),
-                toml_str(&f.local)
-            );
-        }
-        t
-    }
-
-    /// Writes `config` next to the logs and starts `p2ptun up -c FILE` (no other flags).
-    pub fn up_with(&self, config: &str) -> Proc {
-        let file = self
-            .logs
-            .parent()
-            .expect("logs dir has a parent")
-            .join(format!("{}.toml", self.label));
-        fs::write(&file, config).expect("write config");
-        let mut cmd = Command::new(agent_bin());
-        cmd.arg("up").arg("-c").arg(&file);
-        clean_env(&mut cmd);
-        Proc::spawn(&self.label, cmd, &self.logs)
-    }
-
-    /// `p2ptun up -c FILE` with the given exposes and forwards.
-    pub fn up(&self, exposes: &[UpExpose], forwards: &[UpForward]) -> Proc {
-        self.up_with(&self.up_config(exposes, forwards))
-    }
-
-    /// Runs `p2ptun [global flags] ARGS` to its end (at most [`ONE_SHOT`]).
-    pub async fn run(&self, args: &[&str]) -> RunOutput {
-        run_command(&self.label, self.command(args), None, ONE_SHOT, &self.logs).await
-    }
-
-    /// `p2ptun id`: this agent's fingerprint (checked to be one line of the right form).
-    pub async fn id(&self) -> String {
-        let out = self.run(&["id"]).await;
-        assert_eq!(out.code(), 0, "`p2ptun id` failed\n{}", out.describe());
-        let line = out.stdout.trim_end_matches('\n');
-        assert!(
-            is_fingerprint(line),
-            "`p2ptun id` should print one line `SHA256:` + 43 base64 characters, printed {:?}",
-            out.stdout
-        );
-        line.to_owned()
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1676,25 +1318,40 @@ pub async fn echo_once(port: u16, wait: Duration) -> anyhow::Result<()> {
 
 /// Waits until a fresh connection to 127.0.0.1:`port` does an echo round trip, failing with
 /// every log of `procs` if that does not happen within `timeout` or one of them exits.
-pub async fn wait_tunnel(port: u16, procs: &[&Proc], timeout: Duration) {
+pub async fn wait_tunnel<P: Runs + ?Sized>(port: u16, procs: &[&P], timeout: Duration) {
+    if let Err(e) = try_wait_tunnel(port, procs, timeout).await {
+        panic!("{e:#}\n{}", reports(procs));
+    }
+}
+
+/// [`wait_tunnel`] that returns how long it took, or an error saying what went wrong.
+pub async fn try_wait_tunnel<P: Runs + ?Sized>(
+    port: u16,
+    procs: &[&P],
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
     let start = Instant::now();
     loop {
-        assert_all_running(procs, &format!("waiting for the tunnel on port {port}"));
+        if let Some(gone) = procs.iter().find(|p| !p.is_running()) {
+            bail!(
+                "{} ended while waiting for the tunnel on port {port}",
+                gone.label()
+            );
+        }
         let last = match echo_once(port, Duration::from_secs(5)).await {
             Ok(()) => {
                 eprintln!(
                     "harness: tunnel on port {port} ready after {:.1} s",
                     start.elapsed().as_secs_f64()
                 );
-                return;
+                return Ok(start.elapsed());
             }
             Err(e) => format!("{e:#}"),
         };
         if start.elapsed() >= timeout {
-            panic!(
+            bail!(
                 "no echo round trip through 127.0.0.1:{port} within {timeout:?}; last error: \
-                 {last}\n{}",
-                reports(procs)
+                 {last}"
             );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -1746,64 +1403,6 @@ pub async fn within<T>(what: &str, limit: Duration, f: impl std::future::Future<
     match tokio::time::timeout(limit, f).await {
         Ok(v) => v,
         Err(_) => panic!("{what} took longer than {limit:?}"),
-    }
-}
-
-/// The usual setup: S, a service exposed as `name` by one agent, forwarded by another to a
-/// local port; returns once an echo round trip works.
-pub struct Pair {
-    /// S.
-    pub relay: Relay,
-    /// The service behind the exposer.
-    pub service: Service,
-    /// `p2ptun expose`.
-    pub exposer: Proc,
-    /// `p2ptun forward`.
-    pub forwarder: Proc,
-    /// The forwarder's local port.
-    pub port: u16,
-    /// The exposing agent.
-    pub expose_agent: Agent,
-    /// The forwarding agent.
-    pub forward_agent: Agent,
-}
-
-impl Pair {
-    /// Starts everything for service name `name` and waits for the tunnel.
-    pub async fn start(lab: &Lab, name: &str) -> Pair {
-        let relay = lab.relay("relay", RelayOpts::default()).await;
-        let service = Service::start().await;
-        // The exposer is told S's key; the forwarder pins it on first use (known_servers).
-        let expose_agent = lab.agent("exposer", &relay);
-        let mut forward_agent = lab.agent("forwarder", &relay);
-        forward_agent.server_fingerprint = None;
-        let exposer = expose_agent.expose(&service.target(), name, &[]);
-        let port = free_tcp_port();
-        let forwarder = forward_agent.forward(name, port);
-        wait_tunnel(port, &[&relay.proc, &exposer, &forwarder], TUNNEL_READY).await;
-        Pair {
-            relay,
-            service,
-            exposer,
-            forwarder,
-            port,
-            expose_agent,
-            forward_agent,
-        }
-    }
-
-    /// The three processes.
-    pub fn procs(&self) -> [&Proc; 3] {
-        [&self.relay.proc, &self.exposer, &self.forwarder]
-    }
-
-    /// Asserts that nobody exited or panicked.
-    pub fn assert_healthy(&self, context: &str) {
-        let procs = self.procs();
-        assert_all_running(&procs, context);
-        for p in procs {
-            p.assert_no_panic();
-        }
     }
 }
 
