@@ -231,9 +231,9 @@ async fn keepalive() {
         "the exposer's path after the idle time"
     );
     assert!(
-        t.service.errors().is_empty(),
+        t.service().errors().is_empty(),
         "service errors: {:?}",
-        t.service.errors()
+        t.service().errors()
     );
 }
 
@@ -327,7 +327,7 @@ async fn failover(cut: PeerTraffic) {
     let transfers_start = Instant::now();
     for (label, seed, len, rate) in &specs {
         let pace = Pace::new(*rate);
-        t.service.set_pace(*seed, pace.clone());
+        t.service().set_pace(*seed, pace.clone());
         let mut conn: Conn = t.connect();
         progress.push((label.clone(), conn.progress.clone()));
         let (seed, len) = (*seed, *len);
@@ -572,8 +572,8 @@ async fn failover(cut: PeerTraffic) {
     );
     println!(
         "  service: {} connections accepted, {} rounds served",
-        t.service.accepted(),
-        t.service.rounds()
+        t.service().accepted(),
+        t.service().rounds()
     );
     println!(
         "  transfers took {:.1} s; test took {:.1} s",
@@ -649,9 +649,9 @@ async fn failover(cut: PeerTraffic) {
         GAP_LIMIT.as_secs_f64()
     );
     assert!(
-        t.service.errors().is_empty(),
+        t.service().errors().is_empty(),
         "service errors: {:?}",
-        t.service.errors()
+        t.service().errors()
     );
 }
 
@@ -694,7 +694,7 @@ async fn relay_first() {
     let s_host = lab.s();
     let seed = 0xAB00;
     let pace = Pace::new(RELAY_FIRST_PACE);
-    t.service.set_pace(seed, pace.clone());
+    t.service().set_pace(seed, pace.clone());
     let s0 = iface_bytes(&s_host, "eth0");
     let mut conn = t.connect();
     let t_first = Instant::now();
@@ -804,13 +804,14 @@ async fn relay_first() {
             format!("{:.3} s without arriving bytes ended", len.as_secs_f64()),
         );
     }
-    let log = t.forwarder.log();
+    let log = t.forwarder.proc().log();
     let found_line = log
         .lines()
         .find(|l| l.contains("found direct UDP"))
         .map(str::to_owned);
     let exposer_found = t
         .exposer
+        .proc()
         .log()
         .lines()
         .find(|l| l.contains("found direct UDP"))
@@ -920,7 +921,7 @@ async fn relay_first() {
     assert!(
         found_line.is_some(),
         "the forwarder's log has no 'found direct UDP' line\n{}",
-        t.forwarder.report()
+        t.forwarder.proc().report()
     );
     assert!(
         moved_direct > 0 && s_direct < moved_direct / 10,
@@ -929,9 +930,9 @@ async fn relay_first() {
         mib(moved_direct)
     );
     assert!(
-        t.service.errors().is_empty(),
+        t.service().errors().is_empty(),
         "service errors: {:?}",
-        t.service.errors()
+        t.service().errors()
     );
 }
 
@@ -970,7 +971,7 @@ async fn small_mtu_relay() {
     t.wait_ready(Duration::from_secs(30)).await;
     let seed = 0x5A11;
     let pace = Pace::new(0);
-    t.service.set_pace(seed, pace.clone());
+    t.service().set_pace(seed, pace.clone());
     let mut conn = t.connect();
     let conn_progress = conn.progress.clone();
     let round = conn
@@ -996,7 +997,7 @@ async fn small_mtu_relay() {
         t.reports()
     );
     let pieces = "relayed packets are sent in pieces";
-    for agent in [&t.forwarder, &t.exposer] {
+    for agent in [t.forwarder.proc(), t.exposer.proc()] {
         assert!(
             agent.log().contains(pieces),
             "no \"{pieces}\" in a log: relayed packets went whole or on streams\n{}",
@@ -1005,9 +1006,9 @@ async fn small_mtu_relay() {
     }
     t.assert_healthy("after the transfer");
     assert!(
-        t.service.errors().is_empty(),
+        t.service().errors().is_empty(),
         "service errors: {:?}",
-        t.service.errors()
+        t.service().errors()
     );
 }
 
@@ -1062,7 +1063,7 @@ async fn netcheck() {
     let mut runs = tokio::task::JoinSet::new();
     for (i, h) in hosts.iter().enumerate() {
         let mut cmd = h.command(common::agent_bin()).expect("command");
-        cmd.args(["netcheck", "--json", "--server", support::S_LISTEN])
+        cmd.args(["netcheck", "--json", "--server", natlab::S_LISTEN])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1");
         let logs = files.logs();
@@ -1137,12 +1138,12 @@ async fn netcheck() {
         "netcheck test took {:.1} s",
         test_start.elapsed().as_secs_f64()
     );
-    relay.assert_running("after the netchecks");
+    relay.proc().assert_running("after the netchecks");
     assert!(
         failures.is_empty(),
         "{table}\n{}\n{}",
         failures.join("\n\n"),
-        relay.report()
+        relay.proc().report()
     );
 }
 
@@ -1206,9 +1207,9 @@ async fn symmetric_direct(exposer: Nat, forwarder: Nat) -> f64 {
     println!("{pair}: direct UDP to {} after {took:.2} s", path.remote);
     // The hard side's log says which technique won.
     let hard_log = if exposer == Nat::Hard {
-        t.exposer.log()
+        t.exposer.proc().log()
     } else {
-        t.forwarder.log()
+        t.forwarder.proc().log()
     };
     let by_birthday = hard_log.contains("birthday punch: the peer reached one of our sockets");
     println!("{pair}: birthday punch won: {by_birthday}");
@@ -1233,9 +1234,9 @@ async fn symmetric_direct(exposer: Nat, forwarder: Nat) -> f64 {
     // The sockets that lost are closed: the hard agent holds few descriptors once the punch
     // is over (it held about 256 more during it).
     let hard = if exposer == Nat::Hard {
-        &t.exposer
+        t.exposer.proc()
     } else {
-        &t.forwarder
+        t.forwarder.proc()
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
     let fds = hard.fds().unwrap_or(0);
@@ -1269,8 +1270,8 @@ async fn symmetric_impossible() {
         t.reports()
     );
     for (label, log) in [
-        ("exposer", t.exposer.log()),
-        ("forwarder", t.forwarder.log()),
+        ("exposer", t.exposer.proc().log()),
+        ("forwarder", t.forwarder.proc().log()),
     ] {
         assert!(
             log.contains("no direct UDP path can be punched"),

@@ -209,7 +209,7 @@ async fn two_services() {
     // Traffic on the first service for HOLD; the second one stays idle.
     let seed = 0x2600;
     let pace = Pace::new(HOLD_PACE);
-    t.service.set_pace(seed, pace.clone());
+    t.service().set_pace(seed, pace.clone());
     let conn = t.connect_service(0);
     let progress = conn.progress.clone();
     let len = HOLD_PACE * (HOLD.as_secs() + 5);
@@ -279,7 +279,7 @@ async fn two_services() {
     let path = watch.sample(&t, &tl).await;
     let peers = t.forwarder_peers().await;
     let exposer_peers = t.exposer_peers().await;
-    let s_intros = t.relay.lines_with(&["introduced"]);
+    let s_intros = t.relay().proc().lines_with(&["introduced"]);
     println!("{}", tl.render());
     println!("two services, one daemon each:");
     println!("  direct UDP before the hold: {direct}");
@@ -408,7 +408,7 @@ async fn nat_flush() {
 
     let seed = 0xF1A5;
     let pace = Pace::new(FLUSH_PACE);
-    t.service.set_pace(seed, pace.clone());
+    t.service().set_pace(seed, pace.clone());
     let conn = t.connect();
     let progress = conn.progress.clone();
     let task = conn.spawn_round(seed, FLUSH_LEN, pace.clone());
@@ -543,9 +543,9 @@ async fn nat_flush() {
         evidence(&t, &tl).await
     );
     assert!(
-        t.service.errors().is_empty(),
+        t.service().errors().is_empty(),
         "service errors: {:?}",
-        t.service.errors()
+        t.service().errors()
     );
 }
 
@@ -585,7 +585,7 @@ async fn udp_block() {
 
     let seed = 0xB10C;
     let pace = Pace::new(BLOCK_PACE);
-    t.service.set_pace(seed, pace.clone());
+    t.service().set_pace(seed, pace.clone());
     let conn = t.connect();
     let progress = conn.progress.clone();
     let len = BLOCK_PACE * (UDP_BLOCK + BACK_WATCH).as_secs() + 8 * MIB;
@@ -728,9 +728,9 @@ async fn udp_block() {
         serde_json::to_string(&peers).unwrap_or_default()
     );
     assert!(
-        t.service.errors().is_empty(),
+        t.service().errors().is_empty(),
         "service errors: {:?}",
-        t.service.errors()
+        t.service().errors()
     );
 }
 
@@ -775,7 +775,7 @@ async fn relay_replaced() {
 
     let seed = 0x5E55;
     let pace = Pace::new(RELAY_PACE);
-    t.service.set_pace(seed, pace.clone());
+    t.service().set_pace(seed, pace.clone());
     let conn = t.connect();
     let progress = conn.progress.clone();
     let task = conn.spawn_round(seed, RELAY_LEN, pace.clone());
@@ -787,16 +787,19 @@ async fn relay_replaced() {
 
     // S closes the idle relay session and tells both agents.
     let closed_at_s = t
-        .relay
+        .relay()
+        .proc()
         .wait_log_any(&["relay session closed"], CLOSE_WAIT)
         .await;
     let told = t
         .forwarder
+        .proc()
         .wait_log_any(&["S stopped relaying a session"], Duration::from_secs(5))
         .await;
     tl.event(format!(
         "S: {}; forwarder told: {}",
-        t.relay
+        t.relay()
+            .proc()
             .lines_with(&["relay session closed"])
             .first()
             .map(String::as_str)
@@ -820,7 +823,7 @@ async fn relay_replaced() {
         describe_path(&p),
         evidence(&t, &tl).await
     );
-    let intros_before = t.relay.lines_with(&["introduced"]).len();
+    let intros_before = t.relay().proc().lines_with(&["introduced"]).len();
 
     block_peer(&lab, &a, b.public_ip(), PeerTraffic::UdpAndTcp);
     let t_cut = Instant::now();
@@ -851,7 +854,7 @@ async fn relay_replaced() {
     pace.set(0);
     let (conn, result) = join_round(&t, &tl, task, Duration::from_secs(120), "the stream").await;
     let longest = note_gaps(&tl, &progress, "stream");
-    let intros = t.relay.lines_with(&["introduced"]);
+    let intros = t.relay().proc().lines_with(&["introduced"]);
 
     println!("{}", tl.render());
     println!("relay session closed by S, then the direct path cut:");
@@ -896,9 +899,9 @@ async fn relay_replaced() {
         mib(rx_relay)
     );
     assert!(
-        t.service.errors().is_empty(),
+        t.service().errors().is_empty(),
         "service errors: {:?}",
-        t.service.errors()
+        t.service().errors()
     );
 }
 
@@ -993,7 +996,7 @@ async fn saturate() {
     let elapsed = start.elapsed();
     let longest = note_gaps(&tl, &progress, "transfer");
     let after = watch.sample(&t, &tl).await;
-    let deaths: Vec<String> = [&t.forwarder, &t.exposer]
+    let deaths: Vec<String> = [t.forwarder.proc(), t.exposer.proc()]
         .iter()
         .flat_map(|p| {
             p.lines_with(PATH_DEATH)
@@ -1054,8 +1057,8 @@ async fn saturate() {
         "{unanswered} of {samples} status samples went unanswered under load"
     );
     assert!(
-        t.service.errors().is_empty(),
+        t.service().errors().is_empty(),
         "service errors: {:?}",
-        t.service.errors()
+        t.service().errors()
     );
 }

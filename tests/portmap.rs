@@ -78,7 +78,7 @@ fn in_parallel(jobs: Vec<(String, Box<dyn FnOnce() -> String + Send>)>) {
 
 /// S's address, where miniupnpd's STUN test goes.
 fn stun() -> SocketAddr {
-    support::S_LISTEN.parse().expect("S address")
+    natlab::S_LISTEN.parse().expect("S address")
 }
 
 /// Starts miniupnpd on `r` (blocking for the few seconds of its STUN test).
@@ -90,7 +90,7 @@ fn start_daemon(lab: &Lab, r: &Router, which: Protocols) -> Miniupnpd {
 /// `p2ptun netcheck --json --portmap MODE` in `host`: the report and how long it took.
 async fn netcheck(host: &Host, files: &common::Lab, mode: &str) -> (Value, Duration) {
     let mut cmd = host.command(common::agent_bin()).expect("command");
-    cmd.args(["netcheck", "--json", "--server", support::S_LISTEN])
+    cmd.args(["netcheck", "--json", "--server", natlab::S_LISTEN])
         .args(["--portmap", mode])
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1");
@@ -173,7 +173,7 @@ async fn mapped_cell(
     .await;
     let started = Instant::now();
     let mapped = loop {
-        if let Some(m) = udp_mapping(&tunnel.a_state).await {
+        if let Some(m) = udp_mapping(&tunnel.expose_agent.state_dir).await {
             break m;
         }
         assert!(
@@ -191,7 +191,9 @@ async fn mapped_cell(
         "mapped to an address not the router's"
     );
     // The TCP punching port is mapped with the same protocol, right after the UDP port.
-    let st = support::status(&tunnel.a_state).await.unwrap_or_default();
+    let st = support::status(&tunnel.expose_agent.state_dir)
+        .await
+        .unwrap_or_default();
     let kinds: Vec<String> = st
         .iter()
         .flat_map(|s| s["portmap"].as_array().cloned().unwrap_or_default())
@@ -252,8 +254,12 @@ async fn mapped_cell(
     assert_eq!(after.as_deref(), Some("direct_udp"), "left the direct path");
 
     // A clean exit deletes the mapping.
-    tunnel.exposer.interrupt();
-    let status = tunnel.exposer.wait_exit(Duration::from_secs(5)).await;
+    tunnel.exposer.proc().interrupt();
+    let status = tunnel
+        .exposer
+        .proc()
+        .wait_exit(Duration::from_secs(5))
+        .await;
     assert!(
         status.is_some_and(|s| s.success()),
         "the exposer did not exit cleanly on SIGINT: {status:?}\n{}",
@@ -339,6 +345,7 @@ fn without_a_daemon_nothing_waits() {
         assert!(
             tunnel
                 .exposer
+                .proc()
                 .wait_log_any(&["no port mapping"], Duration::from_secs(10))
                 .await
                 .is_some(),

@@ -38,7 +38,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::natlab::{netns, Host};
+use super::natlab::{self, netns, Host};
 use super::{
     agent_bin, agent_status, child_env_level, find_fingerprint, free_tcp_port, free_udp_port,
     free_udp_tcp_port, is_fingerprint, log_level, relay_bin, run_command, stun_ping,
@@ -207,6 +207,20 @@ pub struct RelayOpts {
     pub in_process: bool,
     /// `RUST_LOG` of the process (default `P2PTUN_TEST_LOG`, else `info`).
     pub log: Option<String>,
+}
+
+impl RelayOpts {
+    /// S in the NAT lab: in its namespace, on [`natlab::S_LISTEN`] and [`natlab::S_ALT`].
+    pub fn lab(lab: &natlab::Lab) -> RelayOpts {
+        RelayOpts {
+            place: Place::netns(lab.s_ns()),
+            addrs: Some((
+                natlab::S_LISTEN.parse().expect("S's lab address"),
+                natlab::S_ALT.parse().expect("S's second lab address"),
+            )),
+            ..RelayOpts::default()
+        }
+    }
 }
 
 /// S running in this process: `Relay::bind` with the configuration its command line would
@@ -518,6 +532,10 @@ async fn wait_relay_ready(proc: &Proc, addr: SocketAddr, ping: bool) -> anyhow::
 /// The agents' UDP socket address (`--bind`). Loopback, so that agents offer no host
 /// candidate on another interface and every test packet stays on 127.0.0.1.
 pub const AGENT_BIND: &str = "127.0.0.1:0";
+
+/// The agents' UDP socket on a NAT-lab host: every interface of its namespace, as by
+/// default (loopback would reach nothing there).
+pub const LAB_BIND: &str = "0.0.0.0:0";
 
 /// How to run `p2ptun` as one agent: its state dir and S.
 #[derive(Debug, Clone)]
@@ -1135,6 +1153,14 @@ impl<'a> Kit<'a> {
     pub fn labels(mut self, exposer: &str, forwarder: &str) -> Self {
         self.labels = [exposer.to_owned(), forwarder.to_owned()];
         self
+    }
+
+    /// The exposer on lab host `a`, the forwarder on `b`, both on [`LAB_BIND`] (S is not
+    /// chosen by this: see [`RelayOpts::lab`]).
+    pub fn on_hosts(self, a: &Host, b: &Host) -> Self {
+        self.exposer_in(Place::from(a))
+            .forwarder_in(Place::from(b))
+            .bind(LAB_BIND)
     }
 
     /// Where the exposer runs (and reaches its services from).

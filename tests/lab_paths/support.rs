@@ -1,7 +1,8 @@
-//! What `tests/lab_paths.rs` needs around the NAT lab: S, an exposer and a forwarder in
-//! their namespaces, a checked TCP service inside the exposer's namespace, paced transfers
-//! from inside the forwarder's namespace that measure gaps in arriving bytes, the agents'
-//! status (read from their status sockets), drop rules between two peers, and a timeline.
+//! What `tests/lab_paths.rs` needs around the NAT lab: the kit's tunnel there (S, an exposer
+//! and a forwarder in their namespaces, as processes), a checked TCP service inside the
+//! exposer's namespace, paced transfers from inside the forwarder's namespace that measure
+//! gaps in arriving bytes, the agents' status (read from their status sockets), drop rules
+//! between two peers, and a timeline.
 //!
 //! # The service's protocol
 //!
@@ -20,7 +21,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,21 +34,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-use crate::common::{self, DataGen, Proc};
+use crate::common::{self, DataGen, Kit, Place, Ready, Relay, RelayOpts};
 use crate::natlab::{self, Host, Lab, Nat, Shaping};
 
-pub use crate::natlab::{S_ALT, S_LISTEN};
 /// The forwarder's local port (inside the forwarder's namespace, so it is always free).
 pub const FORWARD_PORT: u16 = 4000;
 /// The name the exposer registers (its first service's, when it has several).
 pub const NAME: &str = "svc";
-/// The agents' UDP socket in the lab: every interface of their namespace, as by default
-/// (the harness's loopback default would reach nothing there).
-pub const LAB_BIND: &str = "0.0.0.0:0";
-/// How long S may take to say "listening".
-const RELAY_START: Duration = Duration::from_secs(20);
-/// How long an agent may take to register with S.
-const REGISTER: Duration = Duration::from_secs(20);
 
 /// Header magic of the service's protocol.
 const MAGIC: [u8; 4] = *b"LABP";
@@ -400,6 +393,12 @@ impl Drop for Service {
     }
 }
 
+impl common::Target for Service {
+    fn target(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
 async fn serve(stream: TcpStream, st: &ServiceState) -> anyhow::Result<()> {
     let _ = stream.set_nodelay(true);
     let (mut r, mut w) = stream.into_split();
@@ -465,14 +464,12 @@ impl Round {
 }
 
 impl Conn {
-    /// Connects to 127.0.0.1:`port` inside `host`'s namespace.
-    pub fn open(host: &Host, port: u16) -> anyhow::Result<Conn> {
-        let std = host
-            .tcp_connect(
-                SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-                Duration::from_secs(5),
-            )
-            .with_context(|| format!("connecting to 127.0.0.1:{port} in {}", host.ns()))?;
+    /// Connects to 127.0.0.1:`port` in `place` (the forwarder's host).
+    pub fn open(place: &Place, port: u16) -> anyhow::Result<Conn> {
+        let to = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let std = place
+            .run_in(|| std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)))
+            .with_context(|| format!("connecting to {to} in {place}"))?;
         std.set_nonblocking(true)?;
         let stream = TcpStream::from_std(std)?;
         let _ = stream.set_nodelay(true);
@@ -559,116 +556,52 @@ impl Conn {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Processes
+// S and the agents
 
-/// The environment every child gets (see [`common::child_env`]).
-fn child_env(cmd: &mut Command, default_log: &str) {
-    common::child_env(cmd, "P2PTUN_TEST_LOG", default_log);
-}
+/// The kit's bundle with this file's service: S, the exposer in `a` and the forwarder in `b`.
+pub type Tunnel = common::Tunnel<Service>;
 
 /// Starts S in the lab's S namespace and waits until it listens.
-pub async fn start_relay(lab: &Lab, files: &common::Lab) -> Proc {
+pub async fn start_relay(lab: &Lab, files: &common::Lab) -> Relay {
     start_relay_with(lab, files, &[]).await
 }
 
 /// As [`start_relay`], with more flags for S (e.g. `--relay-idle-timeout 3`).
-pub async fn start_relay_with(lab: &Lab, files: &common::Lab, flags: &[&str]) -> Proc {
-    let mut cmd = lab.s().command(common::relay_bin()).expect("relay command");
-    cmd.args(["--listen", S_LISTEN, "--stun-alt", S_ALT, "--state-dir"])
-        .arg(files.state_dir("relay"))
-        .args(flags);
-    child_env(&mut cmd, "info");
-    let relay = Proc::spawn("relay", cmd, &files.logs());
-    if relay
-        .wait_log_any(&["listening"], RELAY_START)
-        .await
-        .is_none()
-    {
-        panic!(
-            "S did not log \"listening\" within {RELAY_START:?}\n{}",
-            relay.report()
-        );
-    }
-    relay
+pub async fn start_relay_with(lab: &Lab, files: &common::Lab, flags: &[&str]) -> Relay {
+    let opts = RelayOpts {
+        extra_args: flags.iter().map(|f| (*f).to_owned()).collect(),
+        ..RelayOpts::lab(lab)
+    };
+    Relay::start(files, "relay", opts).await
 }
 
-/// `p2ptun --server S --state-dir STATE ARGS` in `host`'s namespace.
-pub fn start_agent(
-    host: &Host,
-    files: &common::Lab,
-    label: &str,
-    state: &Path,
-    args: &[&str],
-) -> Proc {
-    let mut cmd = host.command(common::agent_bin()).expect("agent command");
-    cmd.args(["--server", S_LISTEN, "--state-dir"])
-        .arg(state)
-        .args(args);
-    child_env(&mut cmd, "info,p2ptun=debug");
-    Proc::spawn(label, cmd, &files.logs())
-}
-
-/// `p2ptun up -c FILE` in `host`'s namespace, FILE holding S, the state dir, [`LAB_BIND`]
-/// and these services (written by [`common::Agent::up_config`]).
-pub fn start_up(
-    host: &Host,
-    files: &common::Lab,
-    label: &str,
-    exposes: &[common::UpExpose],
-    forwards: &[common::UpForward],
-) -> Proc {
-    let mut agent = files.agent_at(label, S_LISTEN);
-    agent.bind = LAB_BIND.to_owned();
-    let config = files.write(
-        &format!("{label}.toml"),
-        &agent.up_config(exposes, forwards),
-    );
-    let config = config.to_str().expect("utf-8 temp path");
-    start_agent(host, files, label, &agent.state_dir, &["up", "-c", config])
+/// The kit in the lab, S not chosen yet: the exposer in `a`, the forwarder in `b` (agents in
+/// a namespace are processes), the forwards on [`FORWARD_PORT`], …, agents logging
+/// `info,p2ptun=debug` (or `P2PTUN_TEST_LOG`), ready once both registered.
+pub fn kit<'a>(a: &Host, b: &Host, files: &'a common::Lab) -> Kit<'a> {
+    Kit::new(files, NAME)
+        .on_hosts(a, b)
+        .forward_ports(FORWARD_PORT)
+        .agent_log(&common::log_level("P2PTUN_TEST_LOG", "info,p2ptun=debug"))
+        .ready(Ready::Registered)
 }
 
 /// The name of service `i` of a [`Tunnel`]: [`NAME`], then `svc-2`, `svc-3`, ….
 pub fn service_name(i: usize) -> String {
-    match i {
-        0 => NAME.to_owned(),
-        i => format!("{NAME}-{}", i + 1),
-    }
-}
-
-/// The forwarder's local port for service `i` of a [`Tunnel`].
-pub fn forward_port(i: usize) -> u16 {
-    FORWARD_PORT + u16::try_from(i).expect("a few services")
-}
-
-/// S, the service and both agents: exposer on `a`, forwarder on `b`.
-pub struct Tunnel {
-    /// `p2ptun forward svc 127.0.0.1:4000` in `b`.
-    pub forwarder: Proc,
-    /// `p2ptun expose 127.0.0.1:PORT --name svc` in `a`.
-    pub exposer: Proc,
-    /// S.
-    pub relay: Proc,
-    /// The service in `a` (named [`NAME`], forwarded on [`FORWARD_PORT`]).
-    pub service: Service,
-    /// Services 1, 2, … of [`Tunnel::start_daemons`] (see [`service_name`],
-    /// [`forward_port`]); empty otherwise.
-    pub more_services: Vec<Service>,
-    /// The forwarder's host.
-    pub b: Host,
-    /// State dirs.
-    pub a_state: PathBuf,
-    pub b_state: PathBuf,
-    /// Logs and state (kept when the test fails). Last, so logs outlive the processes.
-    pub files: common::Lab,
+    common::service_name(NAME, i)
 }
 
 impl Tunnel {
     /// Starts S, the service in `a`, the exposer in `a` and the forwarder in `b`, and waits
-    /// until both agents are registered with S. Nothing has crossed the tunnel yet.
+    /// until both agents are registered with S. Nothing has crossed the tunnel yet. The
+    /// tunnel holds the test's files (named after `test`).
     pub async fn start(lab: &Lab, a: &Host, b: &Host, test: &str) -> Tunnel {
         let files = common::Lab::new(test);
-        let relay = start_relay(lab, &files).await;
-        Tunnel::start_with(a, b, files, relay, &[], &[]).await
+        kit(a, b, &files)
+            .relay_opts(RelayOpts::lab(lab))
+            .start(vec![Service::start(a)])
+            .await
+            .holding(files)
     }
 
     /// As [`Tunnel::start`], with S already running (and its files), and extra global flags
@@ -677,40 +610,23 @@ impl Tunnel {
         a: &Host,
         b: &Host,
         files: common::Lab,
-        relay: Proc,
+        relay: Relay,
         exposer_flags: &[&str],
         forwarder_flags: &[&str],
     ) -> Tunnel {
-        let service = Service::start(a);
-        let a_state = files.state_dir("exposer");
-        let b_state = files.state_dir("forwarder");
-        let target = format!("127.0.0.1:{}", service.port());
-        let mut args = vec!["expose", &target, "--name", NAME];
-        args.extend_from_slice(exposer_flags);
-        let exposer = start_agent(a, &files, "exposer", &a_state, &args);
-        let forward_to = format!("127.0.0.1:{FORWARD_PORT}");
-        let mut args = vec!["forward", NAME, &forward_to];
-        args.extend_from_slice(forwarder_flags);
-        let forwarder = start_agent(b, &files, "forwarder", &b_state, &args);
-        let t = Tunnel {
-            forwarder,
-            exposer,
-            relay,
-            service,
-            more_services: Vec::new(),
-            b: b.clone(),
-            a_state,
-            b_state,
-            files,
-        };
-        t.wait_registered().await;
-        t
+        kit(a, b, &files)
+            .relay(relay)
+            .exposer_flags(exposer_flags)
+            .forwarder_flags(forwarder_flags)
+            .start(vec![Service::start(a)])
+            .await
+            .holding(files)
     }
 
     /// As [`Tunnel::start`], but both agents run `p2ptun up -c FILE` (the daemon) with
     /// `services` services: the exposer has an `[[expose]]` for each (a service of its own
-    /// in `a`), the forwarder a `[[forward]]` for each (see [`service_name`],
-    /// [`forward_port`]).
+    /// in `a`), the forwarder a `[[forward]]` for each (see [`service_name`]; service `i` is
+    /// forwarded on [`FORWARD_PORT`] + `i`).
     pub async fn start_daemons(
         lab: &Lab,
         a: &Host,
@@ -718,97 +634,24 @@ impl Tunnel {
         test: &str,
         services: usize,
     ) -> Tunnel {
-        assert!(services >= 1, "a tunnel has at least one service");
         let files = common::Lab::new(test);
-        let relay = start_relay(lab, &files).await;
-        let mut all: Vec<Service> = (0..services).map(|_| Service::start(a)).collect();
-        let exposes: Vec<common::UpExpose> = all
-            .iter()
-            .enumerate()
-            .map(|(i, svc)| common::UpExpose {
-                name: service_name(i),
-                local: format!("127.0.0.1:{}", svc.port()),
-                allow: Vec::new(),
-            })
-            .collect();
-        let forwards: Vec<common::UpForward> = (0..services)
-            .map(|i| common::UpForward {
-                name: service_name(i),
-                local: format!("127.0.0.1:{}", forward_port(i)),
-            })
-            .collect();
-        let exposer = start_up(a, &files, "exposer", &exposes, &[]);
-        let forwarder = start_up(b, &files, "forwarder", &[], &forwards);
-        let more_services = all.split_off(1);
-        let t = Tunnel {
-            forwarder,
-            exposer,
-            relay,
-            service: all.pop().expect("the first service"),
-            more_services,
-            b: b.clone(),
-            a_state: files.state_dir("exposer"),
-            b_state: files.state_dir("forwarder"),
-            files,
-        };
-        t.wait_registered().await;
-        t
-    }
-
-    fn procs(&self) -> [&Proc; 3] {
-        [&self.relay, &self.exposer, &self.forwarder]
-    }
-
-    /// Every process's log tail.
-    pub fn reports(&self) -> String {
-        common::reports(&self.procs())
-    }
-
-    /// Panics with the logs if a process ended or panicked.
-    pub fn assert_healthy(&self, context: &str) {
-        common::assert_all_running(&self.procs(), context);
-        for p in self.procs() {
-            p.assert_no_panic();
-        }
-    }
-
-    async fn wait_registered(&self) {
-        let deadline = Instant::now() + REGISTER;
-        for (label, dir) in [("exposer", &self.a_state), ("forwarder", &self.b_state)] {
-            loop {
-                self.assert_healthy(&format!("waiting for the {label} to register"));
-                let st = status(dir).await.unwrap_or_default();
-                if st.iter().any(|s| s["registered"] == Value::Bool(true)) {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    panic!(
-                        "the {label} did not register with S within {REGISTER:?}; status: {}\n{}",
-                        serde_json::to_string(&st).unwrap_or_default(),
-                        self.reports()
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+        kit(a, b, &files)
+            .relay_opts(RelayOpts::lab(lab))
+            .daemons()
+            .start((0..services).map(|_| Service::start(a)).collect())
+            .await
+            .holding(files)
     }
 
     /// A client connection to the forwarder, from inside `b`.
     pub fn connect(&self) -> Conn {
-        Conn::open(&self.b, FORWARD_PORT).unwrap_or_else(|e| panic!("{e:#}\n{}", self.reports()))
+        self.connect_service(0)
     }
 
-    /// A client connection to service `i` (see [`forward_port`]), from inside `b`.
+    /// A client connection to service `i` (see [`service_name`]), from inside `b`.
     pub fn connect_service(&self, i: usize) -> Conn {
-        Conn::open(&self.b, forward_port(i)).unwrap_or_else(|e| panic!("{e:#}\n{}", self.reports()))
-    }
-
-    /// The service behind name `i` (see [`service_name`]).
-    pub fn service_at(&self, i: usize) -> &Service {
-        match i {
-            0 => &self.service,
-            i => &self.more_services[i - 1],
-        }
+        Conn::open(&self.forward_agent.place, self.ports[i])
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", self.reports()))
     }
 
     /// Waits until a small round through a new connection works (the peer connection is then
@@ -819,7 +662,6 @@ impl Tunnel {
 
     /// [`Tunnel::wait_ready`] for service `i`.
     pub async fn wait_ready_on(&self, i: usize, timeout: Duration) {
-        let port = forward_port(i);
         let start = Instant::now();
         let mut attempt = 0u64;
         loop {
@@ -827,7 +669,7 @@ impl Tunnel {
             attempt += 1;
             let seed = 0x5EAD_0000 + attempt;
             let tried = tokio::time::timeout(Duration::from_secs(10), async {
-                let mut c = Conn::open(&self.b, port)?;
+                let mut c = Conn::open(&self.forward_agent.place, self.ports[i])?;
                 c.round(seed, 4096, &Pace::default()).await?;
                 c.close().await
             })
@@ -837,7 +679,7 @@ impl Tunnel {
                 Ok(()) => {
                     println!(
                         "tunnel to {} ready after {:.2} s ({attempt} attempt(s))",
-                        service_name(i),
+                        self.names[i],
                         start.elapsed().as_secs_f64()
                     );
                     return;
@@ -845,7 +687,7 @@ impl Tunnel {
                 Err(e) if start.elapsed() >= timeout => panic!(
                     "no round trip through the tunnel to {} within {timeout:?}; last error: \
                      {e:#}\n{}",
-                    service_name(i),
+                    self.names[i],
                     self.reports()
                 ),
                 Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
@@ -855,19 +697,19 @@ impl Tunnel {
 
     /// Every peer the forwarder's status lists (over all agents of its state dir).
     pub async fn forwarder_peers(&self) -> Vec<Value> {
-        all_peers(&self.b_state).await
+        all_peers(&self.forward_agent.state_dir).await
     }
 
     /// Every peer the exposer's status lists.
     pub async fn exposer_peers(&self) -> Vec<Value> {
-        all_peers(&self.a_state).await
+        all_peers(&self.expose_agent.state_dir).await
     }
 
     /// Both agents' log lines about their paths (found, lost, switched), for a failure
     /// message that must show why a path changed.
     pub fn path_log(&self) -> String {
         let mut out = String::new();
-        for agent in [&self.forwarder, &self.exposer] {
+        for agent in [self.forwarder.proc(), self.exposer.proc()] {
             let lines = agent.lines_with(PATH_LOG_WORDS);
             let _ = writeln!(out, "{}'s path log lines ({}):", agent.label, lines.len());
             // The first and the last ones: how it began and how it ended.
@@ -885,12 +727,12 @@ impl Tunnel {
 
     /// The forwarder's view of its peer (the exposer).
     pub async fn forwarder_peer(&self) -> Option<Value> {
-        first_peer(&self.b_state).await
+        first_peer(&self.forward_agent.state_dir).await
     }
 
     /// The exposer's view of its peer (the forwarder).
     pub async fn exposer_peer(&self) -> Option<Value> {
-        first_peer(&self.a_state).await
+        first_peer(&self.expose_agent.state_dir).await
     }
 
     /// The forwarder's selected path.
@@ -920,14 +762,9 @@ impl Tunnel {
         }
     }
 
-    /// Runs `p2ptun status --json --state-dir DIR` (the CLI) for the forwarder.
+    /// Runs `p2ptun status --json` (the CLI) for the forwarder, in its namespace.
     pub async fn status_cli(&self) -> Vec<Value> {
-        let mut cmd = self.b.command(common::agent_bin()).expect("status command");
-        cmd.args(["status", "--json", "--state-dir"])
-            .arg(&self.b_state);
-        child_env(&mut cmd, "info");
-        let out =
-            common::run_command("status", cmd, None, common::ONE_SHOT, &self.files.logs()).await;
+        let out = self.forward_agent.run(&["status", "--json"]).await;
         assert_eq!(
             out.code(),
             0,
@@ -946,10 +783,18 @@ impl Tunnel {
     pub async fn status_dump(&self) -> String {
         format!(
             "forwarder status: {}\nexposer status: {}",
-            serde_json::to_string(&status(&self.b_state).await.unwrap_or_default())
-                .unwrap_or_default(),
-            serde_json::to_string(&status(&self.a_state).await.unwrap_or_default())
-                .unwrap_or_default()
+            serde_json::to_string(
+                &status(&self.forward_agent.state_dir)
+                    .await
+                    .unwrap_or_default()
+            )
+            .unwrap_or_default(),
+            serde_json::to_string(
+                &status(&self.expose_agent.state_dir)
+                    .await
+                    .unwrap_or_default()
+            )
+            .unwrap_or_default()
         )
     }
 }
