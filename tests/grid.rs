@@ -44,8 +44,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context};
 use common::natlab;
-use common::{data_digest, echo_once, hex, transfer_via, Mode, Proc, Service};
-use natlab::{Host, Lab, Nat, Shaping, S_ALT, S_LISTEN};
+use common::{
+    data_digest, echo_once, hex, transfer_via, Kit, Mode, Proc, Ready, RelayOpts, Service, Step,
+    Tunnel,
+};
+use natlab::{Host, Lab, Nat, Shaping};
 
 /// Bytes moved each way per pair.
 const LEN: u64 = 8 * 1024 * 1024;
@@ -59,10 +62,6 @@ const PAIR_DEADLINE: Duration = Duration::from_secs(90);
 /// QUIC over such links moved 8 MiB each way in about 230 s in trials (quinn's Cubic backs off
 /// on every random loss), direct TCP in about 8 s (the kernel's BBR).
 const SHAPED_DEADLINE: Duration = Duration::from_secs(480);
-/// How long S may take to log "listening".
-const S_START: Duration = Duration::from_secs(20);
-/// How long the exposer may take to register with S.
-const REGISTER: Duration = Duration::from_secs(20);
 /// How long the forward may take to carry a first echo round trip.
 const READY: Duration = Duration::from_secs(30);
 /// One echo probe's limit (the forwarder may hold a local connection through a whole punch).
@@ -245,15 +244,9 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-/// The agent binary.
-fn agent_bin() -> PathBuf {
-    common::agent_bin()
-}
-
-/// The environment every child gets (see [`common::child_env`]); `P2PTUN_GRID_LOG` sets the
-/// log level.
-fn child_env(cmd: &mut Command) {
-    common::child_env(cmd, "P2PTUN_GRID_LOG", "info");
+/// The children's `RUST_LOG`: `P2PTUN_GRID_LOG`, default `info`.
+fn log_level() -> String {
+    common::log_level("P2PTUN_GRID_LOG", "info")
 }
 
 /// Runs `cmd` to its end (killed after `limit`); returns its stdout, or an error saying how it
@@ -353,51 +346,12 @@ fn forward_path(state_dir: &Path) -> anyhow::Result<Option<PathSeen>> {
     Ok(None)
 }
 
-/// Polls `check` until it says yes, it fails, or `limit` (cut to `deadline`) passes.
-fn wait_until(
-    deadline: Instant,
-    limit: Duration,
-    what: &str,
-    mut check: impl FnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    let until = deadline.min(start + limit);
-    let mut last_err = None;
-    loop {
-        match check() {
-            Ok(true) => return Ok(start.elapsed()),
-            Ok(false) => {}
-            Err(e) => last_err = Some(format!("{e:#}")),
-        }
-        if Instant::now() >= until {
-            bail!(
-                "{what}: not within {:.1} s{}",
-                (until - start).as_secs_f64(),
-                last_err
-                    .map(|e| format!(" (last error: {e})"))
-                    .unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// Whether `e` is a refused TCP connect (nobody listening yet).
 fn is_refused(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
     })
-}
-
-/// Fails if any of `procs` has exited.
-fn all_running(procs: &[&Proc]) -> anyhow::Result<()> {
-    for p in procs {
-        if let Some(st) = p.exit_status() {
-            bail!("{} exited ({st})", p.label);
-        }
-    }
-    Ok(())
 }
 
 /// Log lines worth showing for a failed pair: problems, and what the agents said about
@@ -515,13 +469,11 @@ impl PairResult {
     }
 }
 
-/// Everything a pair started, dropped in this order: processes, service, runtime, lab.
+/// Everything a pair started, dropped in this order: the tunnel (processes, then the
+/// service), the runtime, the lab.
 #[derive(Default)]
 struct PairRun {
-    relay: Option<Proc>,
-    exposer: Option<Proc>,
-    forwarder: Option<Proc>,
-    service: Option<Service>,
+    tunnel: Option<Tunnel<Service>>,
     rt: Option<tokio::runtime::Runtime>,
     lab: Option<Lab>,
     /// What is being done, for a short failure reason.
@@ -530,30 +482,27 @@ struct PairRun {
 
 impl PairRun {
     fn procs(&self) -> Vec<&Proc> {
-        [&self.forwarder, &self.exposer, &self.relay]
-            .into_iter()
-            .flatten()
-            .collect()
+        match &self.tunnel {
+            Some(t) => vec![t.forwarder.proc(), t.exposer.proc(), t.relay().proc()],
+            None => Vec::new(),
+        }
     }
 }
 
 fn run_pair(spec: PairSpec) -> PairResult {
     let started = Instant::now();
     let expect = expected(spec.exposer, spec.forwarder);
-    let dir = tempfile::Builder::new()
-        .prefix(&format!(
-            "p2ptun-grid-{}-{}-",
-            spec.exposer.name(),
-            spec.forwarder.name()
-        ))
-        .tempdir()
-        .expect("create a temp dir");
+    let files = common::Lab::new(&format!(
+        "grid-{}-{}",
+        spec.exposer.name(),
+        spec.forwarder.name()
+    ));
     let mut run = PairRun {
         stage: "setup error",
         ..PairRun::default()
     };
     let body = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        pair_body(spec, dir.path(), &mut run)
+        pair_body(spec, &files, &mut run)
     }));
     let outcome = match body {
         Ok(Ok(o)) => Ok(o),
@@ -579,7 +528,7 @@ fn run_pair(spec: PairSpec) -> PairResult {
                 spec.exposer.name(),
                 spec.forwarder.name(),
                 lab.namespaces().join(" "),
-                dir.path().display()
+                files.path().display()
             ));
         }
         std::thread::sleep(Duration::from_secs(secs));
@@ -600,17 +549,14 @@ fn run_pair(spec: PairSpec) -> PairResult {
         }
         result.logs = logs;
     }
-    // Processes first (their drop kills them), then the service, the runtime, the lab.
-    drop(run.forwarder.take());
-    drop(run.exposer.take());
-    drop(run.relay.take());
-    drop(run.service.take());
+    // The tunnel first (processes, then the service), the runtime, the lab.
+    drop(run.tunnel.take());
     if let Some(rt) = run.rt.take() {
         rt.shutdown_timeout(Duration::from_secs(2));
     }
     drop(run.lab.take());
     if !result.passed() || std::env::var_os("P2PTUN_GRID_KEEP").is_some() {
-        result.kept = Some(dir.keep());
+        result.kept = Some(files.keep());
     }
     result
 }
@@ -663,10 +609,8 @@ fn judge(expect: Expect, outcome: &Result<Observed, (String, String)>) -> Vec<St
     problems
 }
 
-fn pair_body(spec: PairSpec, dir: &Path, run: &mut PairRun) -> anyhow::Result<Observed> {
+fn pair_body(spec: PairSpec, files: &common::Lab, run: &mut PairRun) -> anyhow::Result<Observed> {
     let deadline = Instant::now() + spec.deadline;
-    let logs = dir.join("logs");
-    std::fs::create_dir_all(&logs)?;
 
     // The lab and the two hosts.
     let lab = run.lab.insert(Lab::new().context("creating the lab")?);
@@ -691,18 +635,6 @@ fn pair_body(spec: PairSpec, dir: &Path, run: &mut PairRun) -> anyhow::Result<Ob
     };
     let s_ns = lab.s_ns().to_owned();
 
-    // S.
-    run.stage = "no S";
-    let mut cmd = lab.s().command(common::relay_bin())?;
-    cmd.args(["--listen", S_LISTEN, "--stun-alt", S_ALT, "--state-dir"])
-        .arg(dir.join("s"));
-    child_env(&mut cmd);
-    let relay = &*run.relay.insert(Proc::spawn("S", cmd, &logs));
-    wait_until(deadline, S_START, "S logging \"listening\"", || {
-        all_running(&[relay])?;
-        Ok(relay.log().contains("listening"))
-    })?;
-
     // The service in A's namespace, served by this pair's runtime.
     run.stage = "setup error";
     let rt = &*run.rt.insert(
@@ -711,41 +643,38 @@ fn pair_body(spec: PairSpec, dir: &Path, run: &mut PairRun) -> anyhow::Result<Ob
             .enable_all()
             .build()?,
     );
-    let service = &*run
-        .service
-        .insert(a.run_in(|| rt.block_on(Service::start())));
+    let service = a.run_in(|| rt.block_on(Service::start()));
 
-    // The exposer, registered.
-    run.stage = "no registration";
-    let exposer_dir = dir.join("exposer");
-    let mut cmd = a.command(agent_bin())?;
-    cmd.args(["--server", S_LISTEN, "--state-dir"])
-        .arg(&exposer_dir)
-        .args(["expose", &service.target(), "--name", "grid"]);
-    child_env(&mut cmd);
-    let exposer = &*run.exposer.insert(Proc::spawn("exposer", cmd, &logs));
-    wait_until(deadline, REGISTER, "the exposer registering with S", || {
-        all_running(&[relay, exposer])?;
-        let v = status(&exposer_dir)?;
-        Ok(v.get(0).and_then(|a| a.get("registered")) == Some(&serde_json::Value::Bool(true)))
-    })?;
+    // S, the exposer (registered), then the forwarder.
+    let kit = Kit::new(files, "grid")
+        .relay_opts(RelayOpts {
+            log: Some(log_level()),
+            ..RelayOpts::lab(lab)
+        })
+        .on_hosts(&a, &b)
+        .forward_ports(FWD_PORT)
+        .agent_log(&log_level())
+        .ready(Ready::Started);
+    let t = match rt.block_on(kit.try_start(vec![service])) {
+        Ok(t) => &*run.tunnel.insert(t),
+        Err(e) => {
+            run.stage = match e.downcast_ref::<Step>() {
+                Some(Step::Relay) => "no S",
+                Some(Step::Exposer) => "no registration",
+                _ => "setup error",
+            };
+            return Err(e);
+        }
+    };
 
-    // The forwarder, and the first echo through it.
+    // The first echo through the forwarder.
     run.stage = "no tunnel";
-    let forwarder_dir = dir.join("forwarder");
-    let mut cmd = b.command(agent_bin())?;
-    cmd.args(["--server", S_LISTEN, "--state-dir"])
-        .arg(&forwarder_dir)
-        .args(["forward", "grid", &format!("127.0.0.1:{FWD_PORT}")]);
-    child_env(&mut cmd);
-    let t0 = Instant::now();
-    let forwarder = &*run.forwarder.insert(Proc::spawn("forwarder", cmd, &logs));
-    let procs = [relay, exposer, forwarder];
+    let t0 = t.forwarder_started;
     let ready = b.run_in(|| {
         rt.block_on(async {
             let until = deadline.min(Instant::now() + READY);
             for attempt in 1u32.. {
-                all_running(&procs)?;
+                t.ensure_running()?;
                 let left = until.saturating_duration_since(Instant::now());
                 let wait = PROBE.min(left).max(Duration::from_millis(500));
                 let (last, refused) = match echo_once(FWD_PORT, wait).await {
@@ -773,10 +702,11 @@ fn pair_body(spec: PairSpec, dir: &Path, run: &mut PairRun) -> anyhow::Result<Ob
     run.stage = "no path in status";
     let settle_start = Instant::now();
     let settle_until = deadline.min(settle_start + SETTLE_MAX);
+    let forwarder_dir = &t.forward_agent.state_dir;
     let before = loop {
-        all_running(&procs)?;
-        let seen = forward_path(&forwarder_dir)?;
-        let log = forwarder.log();
+        t.ensure_running()?;
+        let seen = forward_path(forwarder_dir)?;
+        let log = t.forwarder.proc().log();
         let outcomes = log.matches("forward 'grid': ").count();
         let no_tcp = log.contains("no TCP punching port");
         let done = match &seen {
@@ -794,7 +724,7 @@ fn pair_body(spec: PairSpec, dir: &Path, run: &mut PairRun) -> anyhow::Result<Ob
     run.stage = "transfer error";
     let (seed_up, seed_down) = (spec.seed * 2 + 1, spec.seed * 2 + 2);
     let rx0 = rx_bytes(&s_ns, "eth0")?;
-    let t = Instant::now();
+    let moving = Instant::now();
     let moved = b.run_in(|| {
         rt.block_on(async {
             tokio::time::timeout(
@@ -804,7 +734,7 @@ fn pair_body(spec: PairSpec, dir: &Path, run: &mut PairRun) -> anyhow::Result<Ob
             .await
         })
     });
-    let transfer = t.elapsed();
+    let transfer = moving.elapsed();
     let rx1 = rx_bytes(&s_ns, "eth0")?;
     match moved {
         Err(_) => bail!(
@@ -818,7 +748,8 @@ fn pair_body(spec: PairSpec, dir: &Path, run: &mut PairRun) -> anyhow::Result<Ob
         Ok(Ok(_)) => {}
     }
     // The service's own record of what it received, against the client's seeded stream.
-    let received = *service
+    let received = *t
+        .service()
         .progress(seed_down)
         .received_digest
         .lock()
@@ -834,8 +765,8 @@ fn pair_body(spec: PairSpec, dir: &Path, run: &mut PairRun) -> anyhow::Result<Ob
     );
 
     run.stage = "no path in status";
-    all_running(&procs)?;
-    let after = forward_path(&forwarder_dir)?
+    t.ensure_running()?;
+    let after = forward_path(forwarder_dir)?
         .ok_or_else(|| anyhow!("after the transfer, the forwarder's status lists no peer"))?;
     Ok(Observed {
         before,
