@@ -78,7 +78,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tokio::task::JoinSet;
 
-use common::{natlab, Proc};
+use common::{natlab, Kit, Place, Proc, Ready, Relay, RelayOpts};
 
 const MIB: f64 = 1024.0 * 1024.0;
 const GIB: f64 = 1024.0 * MIB;
@@ -297,17 +297,18 @@ fn install_signal_cleanup() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Processes
 
-/// Starts `cmd` as a [`common::Proc`] (its output in a log file, killed when dropped) with
-/// the children's environment (`RUST_LOG` as the bench's, else `info`), and registers it for
-/// the signal cleanup.
-fn spawn(label: &str, mut cmd: Command, logs: &Path) -> Proc {
-    common::child_env(&mut cmd, "RUST_LOG", "info");
-    let proc = Proc::spawn(label, cmd, logs);
+/// The children's `RUST_LOG`: the bench's own, else `info`.
+fn log_level() -> String {
+    common::log_level("RUST_LOG", "info")
+}
+
+/// Records a child (every [`Proc`] the bench or the kit starts, through
+/// [`common::on_spawn`]) for the signal cleanup.
+fn register(pid: u32) {
     let mut reg = registry();
     // Processes dropped since are reaped; forget them.
     reg.pids.retain(|&pid| is_our_child(pid));
-    reg.pids.extend(proc.pid());
-    proc
+    reg.pids.push(pid);
 }
 
 /// Whether `pid` is a child of this process not yet reaped: a PID recorded earlier and
@@ -325,38 +326,6 @@ fn is_our_child(pid: u32) -> bool {
 
 // ---------------------------------------------------------------------------------------------
 // Where things run
-
-/// A network namespace, or the current one (loopback mode).
-#[derive(Debug, Clone)]
-struct Side {
-    ns: Option<String>,
-}
-
-impl Side {
-    fn command(&self, program: &Path) -> Result<Command> {
-        Ok(match &self.ns {
-            Some(ns) => natlab::netns::command(ns, program)?,
-            None => Command::new(program),
-        })
-    }
-
-    /// A tokio runtime with one worker whose threads all live in this namespace, so every
-    /// socket its tasks open is there. Run work with [`on`], never in `block_on` directly.
-    fn runtime(&self, name: &str) -> Result<Runtime> {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(1).thread_name(name).enable_all();
-        if let Some(ns) = &self.ns {
-            let file = Arc::new(natlab::netns::open(ns)?);
-            let ns = ns.clone();
-            b.on_thread_start(move || {
-                if let Err(e) = natlab::netns::enter(&file) {
-                    panic!("cannot enter namespace {ns}: {e}");
-                }
-            });
-        }
-        Ok(b.build()?)
-    }
-}
 
 /// Runs `fut` on a worker of `rt` (inside its namespace) and waits for it.
 fn on<T: Send + 'static>(rt: &Runtime, fut: impl Future<Output = T> + Send + 'static) -> T {
@@ -376,13 +345,13 @@ fn wait_task<T: Send + 'static>(rt: &Runtime, handle: tokio::task::JoinHandle<T>
 struct Net {
     /// The lab (lab mode); dropping it removes every namespace.
     lab: Option<natlab::Lab>,
-    s: Side,
+    s: Place,
     /// The exposer and the service.
-    a: Side,
+    a: Place,
     /// The forwarder and the clients.
-    b: Side,
-    s_listen: SocketAddr,
-    s_alt: SocketAddr,
+    b: Place,
+    /// S's two addresses (lab mode; on loopback it takes free ports).
+    s_addrs: Option<(SocketAddr, SocketAddr)>,
     /// Where the service listens (inside `a`).
     service_bind: SocketAddr,
     /// The exposer's router: namespace and public address; the forwarder's router's public
@@ -448,17 +417,10 @@ impl Net {
             LAB_SERVICE_PORT
         );
         Ok(Net {
-            s: Side {
-                ns: Some(lab.s_ns().to_owned()),
-            },
-            a: Side {
-                ns: Some(a.ns().to_owned()),
-            },
-            b: Side {
-                ns: Some(b.ns().to_owned()),
-            },
-            s_listen: natlab::S_LISTEN.parse()?,
-            s_alt: natlab::S_ALT.parse()?,
+            s: Place::netns(lab.s_ns()),
+            a: Place::from(&a),
+            b: Place::from(&b),
+            s_addrs: Some((natlab::S_LISTEN.parse()?, natlab::S_ALT.parse()?)),
             service_bind: SocketAddr::from((Ipv4Addr::UNSPECIFIED, LAB_SERVICE_PORT)),
             router_a: Some((ra.ns().to_owned(), ra.public_ip())),
             router_b_public: Some(rb.public_ip()),
@@ -468,14 +430,12 @@ impl Net {
     }
 
     fn loopback(reason: &str) -> Result<Net> {
-        let port = free_udp_tcp_port()?;
         Ok(Net {
             lab: None,
-            s: Side { ns: None },
-            a: Side { ns: None },
-            b: Side { ns: None },
-            s_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-            s_alt: SocketAddr::from((Ipv4Addr::LOCALHOST, free_udp_port()?)),
+            s: Place::here(),
+            a: Place::here(),
+            b: Place::here(),
+            s_addrs: None,
             service_bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             router_a: None,
             router_b_public: None,
@@ -504,29 +464,6 @@ impl Net {
         )?;
         Ok(())
     }
-}
-
-fn free_udp_port() -> Result<u16> {
-    Ok(std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
-}
-
-fn free_tcp_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
-}
-
-fn free_udp_tcp_port() -> Result<u16> {
-    for _ in 0..100 {
-        let udp = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
-        let port = udp.local_addr()?.port();
-        if std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    bail!("no port free for both UDP and TCP on 127.0.0.1")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -986,33 +923,31 @@ fn open_streams(status: &Value) -> u64 {
         .unwrap_or(0)
 }
 
-struct Agent {
-    proc: Proc,
-    state: PathBuf,
-}
-
-impl Agent {
-    fn status(&self) -> Result<Value> {
-        agent_status(&self.state, &self.proc)
-    }
-
-    fn path_kind(&self) -> Option<String> {
-        self.status().ok().as_ref().and_then(path_kind)
-    }
-}
-
-/// An exposer and a forwarder of one name.
-struct Pair {
-    exposer: Agent,
-    forwarder: Agent,
-    forward_addr: SocketAddr,
-    name: String,
-}
+/// An exposer and a forwarder of one name: the kit's bundle, on the bench's S (which it
+/// does not hold), exposing the bench's service.
+type Pair = common::Tunnel<SocketAddr>;
 
 impl Pair {
-    fn ensure_running(&mut self) -> Result<()> {
-        self.exposer.proc.ensure_running()?;
-        self.forwarder.proc.ensure_running()
+    fn name(&self) -> &str {
+        &self.names[0]
+    }
+
+    /// Where the clients connect (127.0.0.1 in the forwarder's namespace).
+    fn forward_addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port()))
+    }
+
+    fn forwarder_status(&self) -> Result<Value> {
+        agent_status(&self.forward_agent.state_dir, self.forwarder.proc())
+    }
+
+    fn exposer_status(&self) -> Result<Value> {
+        agent_status(&self.expose_agent.state_dir, self.exposer.proc())
+    }
+
+    /// The forwarder's path kind.
+    fn path_kind(&self) -> Option<String> {
+        self.forwarder_status().ok().as_ref().and_then(path_kind)
     }
 }
 
@@ -1156,18 +1091,15 @@ impl ScaleResult {
 struct Bench {
     // Dropped in this order: processes, runtimes, then the namespaces, then the files.
     pairs: Vec<Pair>,
-    old_relays: Vec<Proc>,
-    /// The S agents are started against, and its address.
-    relay: Proc,
-    server: SocketAddr,
+    old_relays: Vec<Relay>,
+    /// The S agents are started against.
+    relay: Relay,
     service: Proc,
     rt_b: Runtime,
     service_addr: SocketAddr,
     raw_addr: SocketAddr,
     net: Net,
-    agent_bin: PathBuf,
-    logs: PathBuf,
-    files: Option<tempfile::TempDir>,
+    files: Option<common::Lab>,
     sizes: Sizes,
     seq: usize,
     problems: Vec<String>,
@@ -1182,48 +1114,8 @@ impl Bench {
         );
     }
 
-    fn state_root(&self) -> PathBuf {
-        self.files
-            .as_ref()
-            .map(|f| f.path().join("state"))
-            .expect("files")
-    }
-
-    fn spawn_agent(&self, side: &Side, label: &str, args: &[String]) -> Result<Agent> {
-        let state = self.state_root().join(label);
-        let mut cmd = side.command(&self.agent_bin)?;
-        // No port mapping: without root the agents run on this host, where asking would send
-        // NAT-PMP and SSDP to the machine's real gateway; in the lab no router has a daemon.
-        cmd.arg("--server")
-            .arg(self.server.to_string())
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--no-portmap")
-            .args(args);
-        Ok(Agent {
-            proc: spawn(label, cmd, &self.logs),
-            state,
-        })
-    }
-
-    fn wait_registered(&self, agent: &mut Agent) -> Result<()> {
-        let deadline = Instant::now() + START_WAIT;
-        loop {
-            agent.proc.ensure_running()?;
-            if let Ok(st) = agent.status() {
-                if st["registered"] == Value::Bool(true) {
-                    return Ok(());
-                }
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "{} did not register within {START_WAIT:?}:\n{}",
-                    agent.proc.label,
-                    agent.proc.tail(15)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    fn files(&self) -> &common::Lab {
+        self.files.as_ref().expect("files")
     }
 
     /// Starts an exposer (registered) and then a forwarder; measures the setup until the
@@ -1231,33 +1123,32 @@ impl Bench {
     fn start_pair(&mut self, want: &str) -> Result<(Pair, SetupSample)> {
         self.seq += 1;
         let k = self.seq;
-        let name = format!("svc{k}");
-        let target = format!("127.0.0.1:{}", self.service_addr.port());
-        let mut exposer = self.spawn_agent(
-            &self.net.a.clone(),
-            &format!("exposer{k}"),
-            &["expose".into(), target, "--name".into(), name.clone()],
-        )?;
-        self.wait_registered(&mut exposer)?;
-        let forward_addr = if self.net.is_lab() {
-            SocketAddr::from((Ipv4Addr::LOCALHOST, LAB_FIRST_FORWARD_PORT + k as u16))
-        } else {
-            SocketAddr::from((Ipv4Addr::LOCALHOST, free_tcp_port()?))
-        };
-        let t0 = Instant::now();
-        let forwarder = self.spawn_agent(
-            &self.net.b.clone(),
-            &format!("forwarder{k}"),
-            &["forward".into(), name.clone(), forward_addr.to_string()],
-        )?;
-        let echo = self.rt_b.spawn(first_echo(forward_addr, t0 + SETUP_WAIT));
+        // No port mapping: without root the agents run on this host, where asking would send
+        // NAT-PMP and SSDP to the machine's real gateway; in the lab no router has a daemon.
+        let mut kit = Kit::new(self.files(), &format!("svc{k}"))
+            .server(&self.relay)
+            .labels(&format!("exposer{k}"), &format!("forwarder{k}"))
+            .exposer_in(self.net.a.clone())
+            .forwarder_in(self.net.b.clone())
+            .flags(&["--no-portmap"])
+            .agent_log(&log_level())
+            .ready(Ready::Started);
+        if self.net.is_lab() {
+            kit = kit
+                .bind(common::LAB_BIND)
+                .forward_ports(LAB_FIRST_FORWARD_PORT + k as u16);
+        }
+        let pair = self.rt_b.block_on(kit.try_start(vec![self.service_addr]))?;
+        let t0 = pair.forwarder_started;
+        let echo = self
+            .rt_b
+            .spawn(first_echo(pair.forward_addr(), t0 + SETUP_WAIT));
         // Poll the status every 20 ms until the path is the one wanted.
         let mut path = None;
         let mut last_kind = None;
         while t0.elapsed() < SETUP_WAIT {
-            forwarder.proc.ensure_running()?;
-            exposer.proc.ensure_running()?;
-            if let Ok(st) = agent_status(&forwarder.state, &forwarder.proc) {
+            pair.ensure_running()?;
+            if let Ok(st) = pair.forwarder_status() {
                 last_kind = path_kind(&st);
                 if last_kind.as_deref() == Some(want) {
                     path = Some(t0.elapsed());
@@ -1266,25 +1157,18 @@ impl Bench {
             }
             std::thread::sleep(STATUS_POLL);
         }
-        let first = wait_task(&self.rt_b, echo);
-        let pair = Pair {
-            exposer,
-            forwarder,
-            forward_addr,
-            name,
-        };
-        let first = first.with_context(|| {
+        let first = wait_task(&self.rt_b, echo).with_context(|| {
             format!(
                 "pair {}: first byte\n{}\n{}",
-                pair.name,
-                pair.forwarder.proc.tail(15),
-                pair.exposer.proc.tail(15)
+                pair.name(),
+                pair.forwarder.proc().tail(15),
+                pair.exposer.proc().tail(15)
             )
         })?;
         if path.is_none() {
             self.problems.push(format!(
                 "pair {}: the forwarder's path was not {want} within {SETUP_WAIT:?} (last seen: {})",
-                pair.name,
+                pair.name(),
                 last_kind.as_deref().unwrap_or("none")
             ));
         }
@@ -1300,17 +1184,17 @@ impl Bench {
 
     fn mem(&self, pair: &Pair) -> Mem {
         Mem {
-            forwarder: pair.forwarder.proc.rss_kib(),
-            exposer: pair.exposer.proc.rss_kib(),
-            relay: self.relay.rss_kib(),
+            forwarder: pair.forwarder.proc().rss_kib(),
+            exposer: pair.exposer.proc().rss_kib(),
+            relay: self.relay.proc().rss_kib(),
         }
     }
 
     fn cpu(&self, pair: &Pair) -> [f64; 3] {
         [
-            pair.forwarder.proc.cpu_secs().unwrap_or(0.0),
-            pair.exposer.proc.cpu_secs().unwrap_or(0.0),
-            self.relay.cpu_secs().unwrap_or(0.0),
+            pair.forwarder.proc().cpu_secs().unwrap_or(0.0),
+            pair.exposer.proc().cpu_secs().unwrap_or(0.0),
+            self.relay.proc().cpu_secs().unwrap_or(0.0),
         ]
     }
 
@@ -1340,7 +1224,7 @@ impl Bench {
         if let (Some(p), Some(c0)) = (pair, cpu0) {
             let c1 = self.cpu(p);
             r.cpu = [c1[0] - c0[0], c1[1] - c0[1], c1[2] - c0[2]];
-            r.path_after = p.forwarder.path_kind();
+            r.path_after = p.path_kind();
         }
         Ok(r)
     }
@@ -1365,10 +1249,10 @@ impl Bench {
                 let of = format!("round {round} of {}", self.sizes.rounds);
                 self.say(&format!(
                     "throughput: {label} through p2ptun ({}), {of}",
-                    pair.name
+                    pair.name()
                 ));
                 if let Ok(total) = &mut tunnel {
-                    match self.bulk(Some(pair), pair.forward_addr, dir, conns) {
+                    match self.bulk(Some(pair), pair.forward_addr(), dir, conns) {
                         Ok(r) => total.add_round(&r),
                         Err(e) => tunnel = Err(format!("{of}: {e:#}")),
                     }
@@ -1384,7 +1268,7 @@ impl Bench {
             for r in [Some(&tunnel), raw.as_ref()].into_iter().flatten() {
                 if let Err(e) = r {
                     self.problems
-                        .push(format!("throughput {label} ({}): {e}", pair.name));
+                        .push(format!("throughput {label} ({}): {e}", pair.name()));
                 }
             }
             rows.push(ThroughputRow {
@@ -1403,7 +1287,7 @@ impl Bench {
             wanted: n,
             ..ScaleResult::default()
         };
-        let (mut pair, sample) = self.start_pair("direct_udp")?;
+        let (pair, sample) = self.start_pair("direct_udp")?;
         let result = (|| -> Result<ScaleResult> {
             // Every process holds one socket per connection (the service the other end).
             if (n as u64 + 1024) > nofile {
@@ -1417,11 +1301,11 @@ impl Bench {
             r.before = self.mem(&pair);
             self.say(&format!(
                 "scale: opening {n} idle connections through {}",
-                pair.name
+                pair.name()
             ));
             let (streams, errors, took) = on(
                 &self.rt_b,
-                open_idle(pair.forward_addr, n, Duration::from_secs(180)),
+                open_idle(pair.forward_addr(), n, Duration::from_secs(180)),
             );
             r.opened = streams.len();
             r.open_secs = took.as_secs_f64();
@@ -1430,11 +1314,10 @@ impl Bench {
             let deadline = Instant::now() + Duration::from_secs(15);
             loop {
                 let f = pair
-                    .forwarder
-                    .status()
+                    .forwarder_status()
                     .map(|s| open_streams(&s))
                     .unwrap_or(0);
-                let e = pair.exposer.status().map(|s| open_streams(&s)).unwrap_or(0);
+                let e = pair.exposer_status().map(|s| open_streams(&s)).unwrap_or(0);
                 r.streams_seen = (f, e);
                 if (f as usize >= r.opened && e as usize >= r.opened) || Instant::now() > deadline {
                     break;
@@ -1443,8 +1326,8 @@ impl Bench {
             }
             std::thread::sleep(Duration::from_secs(2));
             r.open = self.mem(&pair);
-            r.fds = (pair.forwarder.proc.fds(), pair.exposer.proc.fds());
-            r.path = pair.forwarder.path_kind();
+            r.fds = (pair.forwarder.proc().fds(), pair.exposer.proc().fds());
+            r.path = pair.path_kind();
             self.say(&format!(
                 "scale: re-checking the {} open connections",
                 r.opened
@@ -1455,13 +1338,11 @@ impl Bench {
             let deadline = Instant::now() + Duration::from_secs(15);
             loop {
                 let f = pair
-                    .forwarder
-                    .status()
+                    .forwarder_status()
                     .map(|s| open_streams(&s))
                     .unwrap_or(u64::MAX);
                 let e = pair
-                    .exposer
-                    .status()
+                    .exposer_status()
                     .map(|s| open_streams(&s))
                     .unwrap_or(u64::MAX);
                 r.streams_after_close = (f, e);
@@ -1477,7 +1358,7 @@ impl Bench {
             self.say(&format!("scale: second round of {n} on the same agents"));
             let (streams, _, _) = on(
                 &self.rt_b,
-                open_idle(pair.forward_addr, n, Duration::from_secs(180)),
+                open_idle(pair.forward_addr(), n, Duration::from_secs(180)),
             );
             r.reopened = streams.len();
             std::thread::sleep(Duration::from_secs(2));
@@ -1486,13 +1367,11 @@ impl Bench {
             let deadline = Instant::now() + Duration::from_secs(15);
             while Instant::now() < deadline {
                 let f = pair
-                    .forwarder
-                    .status()
+                    .forwarder_status()
                     .map(|s| open_streams(&s))
                     .unwrap_or(u64::MAX);
                 let e = pair
-                    .exposer
-                    .status()
+                    .exposer_status()
                     .map(|s| open_streams(&s))
                     .unwrap_or(u64::MAX);
                 if f == 0 && e == 0 {
@@ -1596,44 +1475,24 @@ fn raise_nofile(want: u64) -> u64 {
     soft
 }
 
-/// The relay binary: `P2PTUN_BENCH_RELAY_BIN`, or the test harness's (built next to the
-/// agent, a no-op when it is up to date).
-fn relay_bin() -> PathBuf {
-    std::env::var_os("P2PTUN_BENCH_RELAY_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(common::relay_bin)
-}
-
-/// Starts S (`p2ptun-relay`) in `side` and waits until it listens.
+/// Starts S (`p2ptun-relay`) in `place`, on `addrs` (`None`: 127.0.0.1, free ports), with
+/// `extra` flags, and waits until it listens.
 fn start_relay(
-    side: &Side,
-    bin: &Path,
+    rt: &Runtime,
+    files: &common::Lab,
     label: &str,
-    (listen, alt): (SocketAddr, SocketAddr),
-    state: &Path,
-    logs: &Path,
+    place: &Place,
+    addrs: Option<(SocketAddr, SocketAddr)>,
     extra: &[&str],
-) -> Result<Proc> {
-    let mut cmd = side.command(bin)?;
-    cmd.arg("--listen")
-        .arg(listen.to_string())
-        .arg("--stun-alt")
-        .arg(alt.to_string())
-        .arg("--state-dir")
-        .arg(state)
-        .args(extra);
-    let relay = spawn(label, cmd, logs);
-    let deadline = Instant::now() + START_WAIT;
-    while !relay.log().contains("listening") {
-        relay.ensure_running()?;
-        ensure!(
-            Instant::now() < deadline,
-            "{label} did not start listening:\n{}",
-            relay.tail(20)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(relay)
+) -> Result<Relay> {
+    let opts = RelayOpts {
+        place: place.clone(),
+        addrs,
+        extra_args: extra.iter().map(|a| (*a).to_owned()).collect(),
+        log: Some(log_level()),
+        ..RelayOpts::default()
+    };
+    rt.block_on(Relay::try_start(files, label, opts))
 }
 
 /// Problem lines (WARN, ERROR, panics, fatal errors) in every log, grouped by process.
@@ -2320,11 +2179,10 @@ fn main() {
 fn run(opts: Opts) -> Result<()> {
     let started = Instant::now();
     install_signal_cleanup()?;
+    common::on_spawn(register);
     let sizes = Sizes::new(opts.quick);
     let load_start = loadavg();
     let nofile = raise_nofile(WANT_NOFILE);
-    let agent_bin = PathBuf::from(env!("CARGO_BIN_EXE_p2ptun"));
-    let relay_bin = relay_bin();
 
     let lab_check = if opts.loopback {
         Err("--loopback given".to_owned())
@@ -2339,19 +2197,18 @@ fn run(opts: Opts) -> Result<()> {
         }
     };
     let mode = if net.is_lab() { "netns" } else { "loopback" }.to_owned();
-    let files = tempfile::Builder::new().prefix("p2ptun-bench-").tempdir()?;
+    let files = common::Lab::new("bench");
     registry().files = Some(files.path().to_owned());
-    let logs = files.path().join("logs");
-    std::fs::create_dir_all(&logs)?;
+    let logs = files.logs();
 
-    // S.
+    // S, and the clients' runtime.
+    let rt_b = net.b.runtime("bench-client", 1)?;
     let relay = start_relay(
-        &net.s,
-        &relay_bin,
+        &rt_b,
+        &files,
         "relay",
-        (net.s_listen, net.s_alt),
-        &files.path().join("state/relay"),
-        &logs,
+        &net.s,
+        net.s_addrs,
         // Its metrics tell what it did with relayed packets; only the lab measures the relay.
         if net.is_lab() {
             &["--metrics", LAB_S_METRICS][..]
@@ -2360,14 +2217,14 @@ fn run(opts: Opts) -> Result<()> {
         },
     )?;
 
-    // The service (its own process, in the exposer's namespace) and the clients' runtime.
-    let rt_b = net.b.runtime("bench-client")?;
+    // The service (its own process, in the exposer's namespace).
     let addr_file = files.path().join("service.addr");
-    let mut cmd = net.a.command(&std::env::current_exe()?)?;
+    let mut cmd = net.a.command(std::env::current_exe()?)?;
     cmd.arg("--service")
         .arg(net.service_bind.to_string())
         .arg(&addr_file);
-    let service = spawn("service", cmd, &logs);
+    common::child_env_level(&mut cmd, &log_level());
+    let service = Proc::spawn("service", cmd, &logs);
     let deadline = Instant::now() + START_WAIT;
     let service_addr: SocketAddr = loop {
         if let Ok(text) = std::fs::read_to_string(&addr_file) {
@@ -2399,23 +2256,20 @@ fn run(opts: Opts) -> Result<()> {
         pairs: Vec::new(),
         old_relays: Vec::new(),
         relay,
-        server: net.s_listen,
         service,
         rt_b,
         service_addr,
         raw_addr,
         net,
-        agent_bin,
-        logs: logs.clone(),
         files: Some(files),
         sizes,
         seq: 0,
         problems: Vec::new(),
         progress_start: started,
     };
-    b.say(&format!("mode {mode}; S listening on {}", b.net.s_listen));
+    b.say(&format!("mode {mode}; S listening on {}", b.relay.addr()));
 
-    let s_listen = b.net.s_listen;
+    let s_listen = b.relay.addr();
     let rtt_s = on(&b.rt_b, connect_rtt(s_listen, 7))
         .map_err(|e| b.problems.push(format!("RTT to S: {e:#}")))
         .ok();
@@ -2445,7 +2299,10 @@ fn run(opts: Opts) -> Result<()> {
             let (w, n) = (b.sizes.warmup_pings, b.sizes.pings);
             let lim = Duration::from_secs(60);
             latency = Some(
-                match on(&b.rt_b, pingpong(pair.forward_addr, b.raw_addr, w, n, lim)) {
+                match on(
+                    &b.rt_b,
+                    pingpong(pair.forward_addr(), b.raw_addr, w, n, lim),
+                ) {
                     Ok((t, r)) => (Ok(lat_of(t)), Ok(lat_of(r))),
                     Err(e) => (Err(format!("{e:#}")), Err(format!("{e:#}"))),
                 },
@@ -2453,7 +2310,7 @@ fn run(opts: Opts) -> Result<()> {
 
             b.say("warm-up transfer");
             let warm = 64 << 20;
-            let addr = pair.forward_addr;
+            let addr = pair.forward_addr();
             if let Err(e) = on(
                 &b.rt_b,
                 bulk(addr, Dir::Up, 1, warm, Duration::from_secs(2)),
@@ -2514,7 +2371,7 @@ fn run(opts: Opts) -> Result<()> {
     } else if b.net.is_lab() {
         b.say("relay path: dropping UDP and TCP between the routers");
         let mut failures = Vec::new();
-        let rt_s = b.net.s.runtime("bench-s")?;
+        let rt_s = b.net.s.runtime("bench-s", 1)?;
         let mut metrics: SocketAddr = LAB_S_METRICS.parse()?;
         if let Err(e) = b.net.block_direct() {
             failures.push(format!("blocking the direct paths: {e:#}"));
@@ -2530,14 +2387,12 @@ fn run(opts: Opts) -> Result<()> {
                     LAB_S2_LISTEN.parse::<SocketAddr>()?,
                     LAB_S2_ALT.parse::<SocketAddr>()?,
                 );
-                let state = b.state_root().join("relay2");
                 match start_relay(
-                    &b.net.s,
-                    &relay_bin,
+                    &b.rt_b,
+                    b.files(),
                     "relay2",
-                    (listen, alt),
-                    &state,
-                    &b.logs,
+                    &b.net.s,
+                    Some((listen, alt)),
                     &[
                         "--relay-session-rate",
                         "100000000000",
@@ -2553,7 +2408,6 @@ fn run(opts: Opts) -> Result<()> {
                         // The first S keeps running (its agents stay registered there).
                         let s1 = std::mem::replace(&mut b.relay, s2);
                         b.old_relays.push(s1);
-                        b.server = listen;
                         metrics = LAB_S2_METRICS.parse()?;
                     }
                     Err(e) => {
@@ -2575,7 +2429,7 @@ fn run(opts: Opts) -> Result<()> {
                         (Err(e), _) | (_, Err(e)) => Err(format!("{e:#}")),
                     };
                     relay_counters.push((prefix.trim_end_matches(": ").to_owned(), counted));
-                    if let Some(k) = pair.forwarder.path_kind().filter(|k| k != "relay") {
+                    if let Some(k) = pair.path_kind().filter(|k| k != "relay") {
                         b.problems.push(format!(
                             "relay pair ({prefix}): path is {k} at the end, expected relay"
                         ));
@@ -2606,10 +2460,10 @@ fn run(opts: Opts) -> Result<()> {
     if let Err(e) = b.service.ensure_running() {
         b.problems.push(format!("the service: {e:#}"));
     }
-    if let Err(e) = b.relay.ensure_running() {
+    if let Err(e) = b.relay.proc().ensure_running() {
         b.problems.push(format!("S: {e:#}"));
     }
-    let log_problems = scan_logs(&b.logs);
+    let log_problems = scan_logs(&b.files().logs());
     let keep = opts.keep || !b.problems.is_empty() || !log_problems.is_empty();
     let logs_kept = if keep {
         registry().files = None;

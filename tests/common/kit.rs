@@ -503,8 +503,13 @@ impl Runs for Relay {
     }
 }
 
+/// Waits until S logs "listening" or, if `ping` (S is in this namespace), answers STUN.
 async fn wait_relay_ready(proc: &Proc, addr: SocketAddr, ping: bool) -> anyhow::Result<()> {
-    let sock = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let sock = if ping {
+        Some(tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?)
+    } else {
+        None
+    };
     let deadline = Instant::now() + RELAY_START;
     loop {
         if let Some(st) = proc.exit_status() {
@@ -513,8 +518,10 @@ async fn wait_relay_ready(proc: &Proc, addr: SocketAddr, ping: bool) -> anyhow::
         if proc.log().to_lowercase().contains("listening") {
             return Ok(());
         }
-        if ping && stun_ping(&sock, addr, Duration::from_millis(200)).await {
-            return Ok(());
+        if let Some(sock) = &sock {
+            if stun_ping(sock, addr, Duration::from_millis(200)).await {
+                return Ok(());
+            }
         }
         if Instant::now() >= deadline {
             bail!(

@@ -318,6 +318,15 @@ fn clean_env(cmd: &mut Command) {
     child_env(cmd, "P2PTUN_TEST_LOG", "info");
 }
 
+/// What [`on_spawn`] set.
+static ON_SPAWN: OnceLock<fn(u32)> = OnceLock::new();
+
+/// Calls `hook` with the PID of every child [`Proc::spawn`] starts from now on (the
+/// benchmark records them, to kill them on a signal). Once per process.
+pub fn on_spawn(hook: fn(u32)) {
+    let _ = ON_SPAWN.set(hook);
+}
+
 impl Proc {
     /// Starts `cmd` with stdout and stderr appended to a new log file in `logs`.
     pub fn spawn(label: &str, mut cmd: Command, logs: &Path) -> Proc {
@@ -329,6 +338,9 @@ impl Proc {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {label} ({cmd:?}): {e}"));
+        if let Some(hook) = ON_SPAWN.get() {
+            hook(child.id());
+        }
         Proc {
             label: label.to_owned(),
             child: Mutex::new(Some(child)),
