@@ -5,7 +5,7 @@
 //! - **Where** ([`Place`]): this network namespace, or a named one (a lab host, S's
 //!   namespace). A process is started inside it; an agent in a namespace is always a process.
 //! - **How** ([`How`]): `p2ptun expose` and `p2ptun forward` processes, `p2ptun up -c FILE`
-//!   daemons, or inside the test process: S by `Relay::bind` and `run_until`
+//!   daemons, or inside the test process: S by `Relay::bind` and `run`
 //!   ([`LocalRelay`]), the agents by `Agent::start` ([`LocalAgent`]). In-process parts run
 //!   on 127.0.0.1 only, each on a tokio runtime of its own with one worker (as the agent
 //!   binary runs by default), so that their timers and path checks never wait behind the
@@ -35,7 +35,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context};
 use tokio::runtime::Runtime;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::natlab::{self, netns, Host};
@@ -224,12 +223,11 @@ impl RelayOpts {
 }
 
 /// S running in this process: `Relay::bind` with the configuration its command line would
-/// give, then `run_until`, on a runtime of its own. Dropping it stops S at once, as a crash
+/// give, then `run`, on a runtime of its own. Dropping it stops S at once, as a crash
 /// would (nothing says goodbye).
 pub struct LocalRelay {
     rt: Option<Runtime>,
     task: Option<JoinHandle<()>>,
-    _stop: oneshot::Sender<()>,
 }
 
 impl LocalRelay {
@@ -257,14 +255,11 @@ impl LocalRelay {
             relay.stun_alt_addr(),
             relay.fingerprint().to_string(),
         );
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = rt.spawn(relay.run_until(async move {
-            let _ = stopped.await;
-        }));
+        // `run` is `run_until` a shutdown that never comes: S stops when its runtime goes.
+        let task = rt.spawn(relay.run());
         let local = LocalRelay {
             rt: Some(rt),
             task: Some(task),
-            _stop: stop,
         };
         Ok((local, addr, alt, fp))
     }
@@ -865,13 +860,12 @@ impl Agent {
 }
 
 /// An agent running in this process: `Agent::start`, then what `p2ptun::agent::run` does
-/// (run until it fails for good, or until stopped), on a runtime of its own. Its status
-/// socket is served as a process's is.
+/// (run until it fails for good; dropping it is the Ctrl-C), on a runtime of its own. Its
+/// status socket is served as a process's is.
 pub struct LocalAgent {
     label: String,
     rt: Option<Runtime>,
-    task: Option<JoinHandle<()>>,
-    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
     failure: Arc<Mutex<Option<String>>>,
 }
 
@@ -885,23 +879,17 @@ impl LocalAgent {
             .await
             .context("the agent's start task")?
             .with_context(|| format!("{label} did not start"))?;
-        let (stop, stopped) = oneshot::channel::<()>();
         let failure = Arc::new(Mutex::new(None));
         let failed = Arc::clone(&failure);
         let task = rt.spawn(async move {
-            tokio::select! {
-                fatal = agent.failed() => {
-                    *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{fatal:#}"));
-                }
-                _ = stopped => {}
-            }
+            let fatal = agent.failed().await;
+            *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{fatal:#}"));
             agent.shutdown().await;
         });
         Ok(LocalAgent {
             label: label.to_owned(),
             rt: Some(rt),
-            task: Some(task),
-            stop: Some(stop),
+            task,
             failure,
         })
     }
@@ -913,20 +901,12 @@ impl LocalAgent {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
-
-    /// Stops the agent as Ctrl-C stops the binary (`Agent::shutdown`), waiting for that at
-    /// most 5 s.
-    pub async fn stop(mut self) {
-        self.stop.take();
-        if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-        }
-    }
 }
 
 impl Drop for LocalAgent {
+    /// Stops the agent at once, as a killed process stops: its runtime goes, and every
+    /// socket and task with it.
     fn drop(&mut self) {
-        self.stop.take();
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
@@ -962,7 +942,7 @@ impl Runs for Running {
     fn is_running(&self) -> bool {
         match self {
             Running::Process(p) => p.is_running(),
-            Running::InProcess(a) => a.task.as_ref().is_some_and(|t| !t.is_finished()),
+            Running::InProcess(a) => !a.task.is_finished(),
         }
     }
     fn brief(&self) -> String {
