@@ -4,12 +4,13 @@
 //! SHA-256; bounded waits.
 //!
 //! - Binaries: the agent is `env!("CARGO_BIN_EXE_p2ptun")`. The relay belongs to another
-//!   package of the workspace, so cargo does not build it for this package's tests; the
-//!   harness runs `cargo build --workspace` (same profile, same target directory) once per
-//!   test binary, which is a no-op when `.ci/run` or the developer built the workspace first,
-//!   and keeps a developer's `cargo test` from using a stale relay.
-//!   `P2PTUN_TEST_AGENT_BIN` / `P2PTUN_TEST_RELAY_BIN` point the tests at other binaries (then
-//!   nothing is built).
+//!   package of the workspace, so cargo builds its library (a dev-dependency, for S in the
+//!   test process) but not its binary for this package's tests; a test that starts S as a
+//!   process has the harness run `cargo build --workspace` (same profile, same target
+//!   directory) once per test binary, which is a no-op when `.ci/run` or the developer built
+//!   the workspace first, and keeps a developer's `cargo test` from using a stale relay.
+//!   `P2PTUN_TEST_AGENT_BIN` / `P2PTUN_TEST_RELAY_BIN` point the tests (and the benchmark)
+//!   at other binaries (then nothing is built).
 //! - Processes: each child's stdout and stderr go to a log file in the test's temp dir; the
 //!   child is killed when its handle drops, also on panic, and then the last lines of its log
 //!   are printed. A failed test keeps its temp dir and prints where it is.
@@ -19,7 +20,8 @@
 //! - Every wait has a deadline; every address is 127.0.0.1 (or inside the NAT lab's
 //!   namespaces, for a [`Place`] there).
 //!
-//! Environment: `P2PTUN_TEST_LOG` sets the children's `RUST_LOG` (default `info`);
+//! Environment: `P2PTUN_TEST_LOG` sets the children's `RUST_LOG` and the in-process parts'
+//! log filter (default `info`);
 //! `P2PTUN_TEST_KEEP=1` keeps every test's temp dir (a failed test's is always kept).
 
 #![allow(dead_code)]
