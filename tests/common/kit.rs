@@ -10,9 +10,11 @@
 //!   on 127.0.0.1 only, each on a tokio runtime of its own with one worker (as the agent
 //!   binary runs by default), so that their timers and path checks never wait behind the
 //!   test's clients and services, and so that dropping one stops all of its tasks. They log
-//!   to the test's captured output (`P2PTUN_TEST_LOG`, default `info`). They are for tests
-//!   where the process boundary is not the point; tests of the command line, exit codes,
-//!   signals, logs, or S restarting as a process keep processes.
+//!   to the test's captured output (`P2PTUN_TEST_LOG`, default `info`), and a panic on one
+//!   of their threads fails the tunnel's health check as a "panicked" line in a process's
+//!   log does. They are for tests where the process boundary is not the point; tests of
+//!   the command line, exit codes, signals, logs, or S restarting as a process keep
+//!   processes.
 //! - **S**: started with the tunnel ([`Kit::relay_opts`]; [`RelayOpts`] says where, on
 //!   which addresses, with which flags), handed to it ([`Kit::relay`]), or someone else's
 //!   that the agents only talk to ([`Kit::server`], as the benchmark's many pairs do).
@@ -30,6 +32,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
@@ -144,8 +147,8 @@ pub trait Runs {
     fn report(&self) -> String {
         self.brief()
     }
-    /// Panics if its log shows a Rust panic (an in-process part's panic is the test's).
-    fn assert_no_panic(&self) {}
+    /// Panics if it panicked (a process: its log shows a Rust panic).
+    fn assert_no_panic(&self);
 }
 
 impl Runs for Proc {
@@ -166,17 +169,26 @@ impl Runs for Proc {
     }
 }
 
-/// A multi-thread runtime with one worker named `label`, for one in-process part.
-fn own_runtime(label: &str) -> io::Result<Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// Panics on the threads of in-process parts: (thread name, message).
+static PANICS: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+/// A multi-thread runtime with one worker, for one in-process part, and the name of its
+/// threads (`kit-LABEL-N`, unique in this process).
+fn own_runtime(label: &str) -> io::Result<(Runtime, String)> {
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    let name = format!("kit-{label}-{}", SEQ.fetch_add(1, Ordering::Relaxed));
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
-        .thread_name(format!("kit-{label}"))
+        .thread_name(&name)
         .enable_all()
-        .build()
+        .build()?;
+    Ok((rt, name))
 }
 
-/// Sends the logs of in-process parts to the test's captured output, once per test binary.
-fn init_tracing() {
+/// Once per test binary: sends the logs of in-process parts to the test's captured output,
+/// and records panics on their threads (a task's panic ends only that task, as a process's
+/// would leave a "panicked" line in its log).
+fn init_in_process() {
     static INIT: Once = Once::new();
     INIT.call_once(|| {
         let filter = tracing_subscriber::EnvFilter::new(log_level("P2PTUN_TEST_LOG", "info"));
@@ -185,7 +197,34 @@ fn init_tracing() {
             .with_ansi(false)
             .with_test_writer()
             .try_init();
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Some(name) = std::thread::current().name() {
+                if name.starts_with("kit-") {
+                    PANICS
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((name.to_owned(), info.to_string()));
+                }
+            }
+            previous(info);
+        }));
     });
+}
+
+/// Panics with the message of every panic on the threads named `thread` (see
+/// [`own_runtime`]), if there was one.
+fn assert_no_panic_on(label: &str, thread: &str) {
+    let panics: Vec<String> = PANICS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|(name, _)| name == thread)
+        .map(|(_, msg)| msg.clone())
+        .collect();
+    if !panics.is_empty() {
+        panic!("{label} (in this process) panicked:\n{}", panics.join("\n"));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -228,6 +267,7 @@ impl RelayOpts {
 pub struct LocalRelay {
     rt: Option<Runtime>,
     task: Option<JoinHandle<()>>,
+    thread: String,
 }
 
 impl LocalRelay {
@@ -238,13 +278,13 @@ impl LocalRelay {
         args: &[String],
     ) -> anyhow::Result<(LocalRelay, SocketAddr, SocketAddr, String)> {
         use clap::Parser as _;
-        init_tracing();
+        init_in_process();
         let argv = std::iter::once("p2ptun-relay").chain(args.iter().map(String::as_str));
         let config = p2ptun_relay::cli::Cli::try_parse_from(argv)
             .context("S's arguments")?
             .into_config()
             .context("S's configuration")?;
-        let rt = own_runtime(label)?;
+        let (rt, thread) = own_runtime(label)?;
         let relay = rt
             .spawn(p2ptun_relay::Relay::bind(config))
             .await
@@ -260,6 +300,7 @@ impl LocalRelay {
         let local = LocalRelay {
             rt: Some(rt),
             task: Some(task),
+            thread,
         };
         Ok((local, addr, alt, fp))
     }
@@ -492,8 +533,9 @@ impl Runs for Relay {
         }
     }
     fn assert_no_panic(&self) {
-        if let RelayRun::Process(p) = self.run() {
-            p.assert_no_panic();
+        match self.run() {
+            RelayRun::Process(p) => p.assert_no_panic(),
+            RelayRun::InProcess(r) => assert_no_panic_on(&self.label, &r.thread),
         }
     }
 }
@@ -864,6 +906,7 @@ impl Agent {
 /// status socket is served as a process's is.
 pub struct LocalAgent {
     label: String,
+    thread: String,
     rt: Option<Runtime>,
     task: JoinHandle<()>,
     failure: Arc<Mutex<Option<String>>>,
@@ -872,8 +915,8 @@ pub struct LocalAgent {
 impl LocalAgent {
     /// Starts an agent with `opts`; fails as `Agent::start` does.
     pub async fn start(label: &str, opts: p2ptun::agent::AgentOptions) -> anyhow::Result<Self> {
-        init_tracing();
-        let rt = own_runtime(label)?;
+        init_in_process();
+        let (rt, thread) = own_runtime(label)?;
         let mut agent = rt
             .spawn(p2ptun::agent::Agent::start(opts))
             .await
@@ -888,6 +931,7 @@ impl LocalAgent {
         });
         Ok(LocalAgent {
             label: label.to_owned(),
+            thread,
             rt: Some(rt),
             task,
             failure,
@@ -966,8 +1010,9 @@ impl Runs for Running {
         }
     }
     fn assert_no_panic(&self) {
-        if let Running::Process(p) = self {
-            p.assert_no_panic();
+        match self {
+            Running::Process(p) => p.assert_no_panic(),
+            Running::InProcess(a) => assert_no_panic_on(&a.label, &a.thread),
         }
     }
 }
