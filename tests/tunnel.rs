@@ -292,3 +292,54 @@ async fn a_refused_local_service_ends_only_its_stream() {
     live.close().await.expect("close the live connection");
     t.assert_healthy("after refused streams");
 }
+
+/// Two agents that each expose a service and forward to the other's (the link module doc
+/// says what they share: one link, one connection per direction). Both directions carry
+/// bytes, and each agent lists the other as one peer. Processes, since `up -c` is the
+/// deployment this is for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_that_expose_and_forward_to_each_other() {
+    let lab = Lab::new("mutual");
+    let relay = lab.relay("relay", RelayOpts::default()).await;
+    let (on_a, on_b) = (Service::start().await, Service::start().await);
+    let (to_a, to_b) = (free_tcp_port(), free_tcp_port());
+    let (a, b) = (lab.agent("a", &relay), lab.agent("b", &relay));
+    let expose = |name: &str, svc: &Service| UpExpose {
+        name: name.into(),
+        local: format!("127.0.0.1:{}", svc.port()),
+        allow: Vec::new(),
+    };
+    let forward = |name: &str, port: u16| UpForward {
+        name: name.into(),
+        local: format!("127.0.0.1:{port}"),
+    };
+    let a_proc = a.up(&[expose("on-a", &on_a)], &[forward("on-b", to_b)]);
+    let b_proc = b.up(&[expose("on-b", &on_b)], &[forward("on-a", to_a)]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for port in [to_a, to_b] {
+        loop {
+            match echo_once(port, Duration::from_secs(5)).await {
+                Ok(()) => break,
+                Err(e) if Instant::now() >= deadline => panic!(
+                    "no echo through port {port}: {e:#}\n{}",
+                    reports(&[relay.proc(), &a_proc, &b_proc])
+                ),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+    for (agent, label) in [(&a, "a"), (&b, "b")] {
+        let status = agent_status(&agent.state_dir).await.expect("status");
+        let peers = status[0]["peers"].as_array().cloned().unwrap_or_default();
+        assert_eq!(
+            peers.len(),
+            1,
+            "{label} lists {} peers: {peers:?}",
+            peers.len()
+        );
+    }
+    for p in [&a_proc, &b_proc] {
+        p.assert_running("after both directions worked");
+        p.assert_no_panic();
+    }
+}
