@@ -10,8 +10,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use p2ptun::path::canonical;
@@ -25,14 +25,13 @@ use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::config::RelayBudgets;
-use crate::directory::Directory;
 use crate::forward;
 use crate::metrics::Metrics;
-use crate::names::{NameRegistry, NamesError};
-use crate::relay::{NotOpened, Party, Sessions};
+use crate::names::NamesError;
+use crate::relay::NotOpened;
 use crate::rendezvous::{introduce, Side};
-use crate::token::Tokens;
+pub use crate::shared::Carrier;
+use crate::shared::{Agent, Shared, UNREGISTERED};
 
 /// QUIC application close codes S uses; the reason phrase says more.
 pub mod close {
@@ -69,155 +68,6 @@ const REFUSAL_GRACE: Duration = Duration::from_secs(2);
 pub const REGISTER_DEADLINE: Duration = Duration::from_secs(15);
 /// Introductions queued for an exposer that is slow to take them.
 const PUSH_QUEUE: usize = 32;
-/// The relay party number of a connection that has not registered: registration numbers
-/// start at 1, so it is nobody's, and its packets are dropped as not a session's.
-const UNREGISTERED: u64 = 0;
-
-/// How an agent's control connection reaches S.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Carrier {
-    /// QUIC over UDP: the connection's own remote address is the agent's.
-    Udp,
-    /// QUIC framed on a TCP connection; the QUIC connection only sees a virtual address.
-    Tcp {
-        /// The TCP peer: the agent's address as S sees it.
-        peer: SocketAddr,
-        /// S's address the TCP connection reached.
-        local: SocketAddr,
-    },
-}
-
-impl Carrier {
-    /// Where the agent's packets come from, as S sees it: the agent's server-reflexive
-    /// address, and its source for limits. Read anew each time for UDP, where the
-    /// connection migrates when the agent's NAT mapping changes.
-    pub fn remote(self, conn: &Connection) -> SocketAddr {
-        match self {
-            Carrier::Udp => canonical(conn.remote_address()),
-            Carrier::Tcp { peer, .. } => peer,
-        }
-    }
-
-    /// S's address the agent's packets reach, when known.
-    pub fn local_ip(self, conn: &Connection) -> Option<IpAddr> {
-        match self {
-            Carrier::Udp => conn.local_ip(),
-            Carrier::Tcp { local, .. } => Some(local.ip()),
-        }
-    }
-}
-
-/// What S shares between all connections.
-#[derive(Debug)]
-pub struct Shared {
-    /// The tokens agents must show.
-    pub tokens: Tokens,
-    /// Who owns which name.
-    pub names: Mutex<NameRegistry>,
-    /// Who is online.
-    pub directory: Mutex<Directory<Agent>>,
-    /// Counters.
-    pub metrics: Arc<Metrics>,
-    /// Where the alternate STUN socket is bound.
-    pub stun_alt: SocketAddr,
-    /// The relay sessions.
-    pub relay: Mutex<Sessions<Agent>>,
-    next_registration: AtomicU64,
-    /// Counts the relayed packets S split (their fragments' packet numbers).
-    splits: AtomicU32,
-}
-
-impl Shared {
-    /// State for an S with these parts.
-    pub fn new(
-        tokens: Tokens,
-        names: NameRegistry,
-        metrics: Arc<Metrics>,
-        stun_alt: SocketAddr,
-        budgets: RelayBudgets,
-    ) -> Self {
-        Shared {
-            tokens,
-            names: Mutex::new(names),
-            directory: Mutex::new(Directory::default()),
-            metrics,
-            stun_alt,
-            relay: Mutex::new(Sessions::new(budgets)),
-            next_registration: AtomicU64::new(UNREGISTERED + 1),
-            splits: AtomicU32::new(0),
-        }
-    }
-
-    /// The packet number for the next relayed packet S splits.
-    pub fn next_split(&self) -> u32 {
-        wire::packet_number(self.splits.fetch_add(1, Ordering::Relaxed), true)
-    }
-
-    /// The relay sessions (the lock is never held across an await).
-    pub fn relay(&self) -> MutexGuard<'_, Sessions<Agent>> {
-        self.relay.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The online agents (the lock is never held across an await).
-    pub fn directory(&self) -> MutexGuard<'_, Directory<Agent>> {
-        self.directory.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn names(&self) -> MutexGuard<'_, NameRegistry> {
-        self.names.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// A registered agent, as the directory and the relay sessions keep it.
-#[derive(Debug)]
-pub struct Agent {
-    fingerprint: Fingerprint,
-    registration: u64,
-    /// What the agent registered with, or sent later (`UpdateCandidates`).
-    candidates: Mutex<Vec<Candidate>>,
-    nat: NatMapping,
-    conn: Connection,
-    carrier: Carrier,
-    push: mpsc::Sender<ServerMsg>,
-}
-
-/// How long a push may wait for room in a full queue before it is given up.
-const PUSH_WAIT: Duration = Duration::from_secs(10);
-
-impl Agent {
-    /// The agent's control connection.
-    pub fn conn(&self) -> &Connection {
-        &self.conn
-    }
-
-    /// The agent's address as S sees it.
-    pub fn remote(&self) -> SocketAddr {
-        self.carrier.remote(&self.conn)
-    }
-
-    /// Queues `msg` for the agent's registration stream. Never waits: when the queue is
-    /// full, a task waits for room a while (an agent that reads nothing for that long is
-    /// disconnected by its stream's write timeout anyway).
-    pub fn push(&self, msg: ServerMsg) {
-        match self.push.try_send(msg) {
-            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-            Err(mpsc::error::TrySendError::Full(msg)) => {
-                let push = self.push.clone();
-                tokio::spawn(async move {
-                    let _ = push.send_timeout(msg, PUSH_WAIT).await;
-                });
-            }
-        }
-    }
-
-    fn party(self: &Arc<Self>) -> Party<Agent> {
-        Party {
-            id: self.registration,
-            ip: self.remote().ip(),
-            agent: Arc::clone(self),
-        }
-    }
-}
 
 /// One connection's state, shared by its stream tasks.
 struct Session {
@@ -506,10 +356,7 @@ fn register(
         })?;
 
     let (push, push_rx) = mpsc::channel(PUSH_QUEUE);
-    let registration = session
-        .shared
-        .next_registration
-        .fetch_add(1, Ordering::Relaxed);
+    let registration = session.shared.next_registration();
     let agent = Arc::new(Agent {
         fingerprint,
         registration,

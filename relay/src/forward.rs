@@ -21,9 +21,9 @@ use quinn::{Connection, RecvStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::control::{Agent, Shared};
 use crate::metrics::{Metrics, RelayOutcome};
 use crate::relay::{Closed, Verdict};
+use crate::shared::{Agent, Shared};
 
 /// How long an agent may take to send one relayed packet on a stream.
 const STREAM_READ_TIMEOUT: Duration = Duration::from_secs(10);

@@ -40,6 +40,7 @@ pub mod ratelimit;
 pub mod relay;
 pub mod rendezvous;
 pub mod server;
+pub mod shared;
 pub mod stun;
 pub mod stun_server;
 pub mod tcp;

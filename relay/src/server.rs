@@ -17,13 +17,14 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinSet;
 
 use crate::config::{ConfigError, RelayConfig};
-use crate::control::{self, close, Carrier, Shared};
+use crate::control::{self, close, Carrier};
 use crate::forward;
 use crate::identity::{ServerIdentity, ServerIdentityError};
 use crate::limits::{Admission, ConnLimits, ConnSlot};
 use crate::links::{self, Claim, Links, TcpLink};
 use crate::metrics::{self, Gauges, Metrics};
 use crate::names::{NameRegistry, NamesError};
+use crate::shared::Shared;
 use crate::stun_server::StunServer;
 use crate::tcp::TcpFront;
 use crate::token::Tokens;
