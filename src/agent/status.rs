@@ -174,21 +174,26 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// The status sockets in `state_dir` (`agent-PID.sock`), of agents running or gone.
+pub fn sockets(state_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(state_dir)
+        .with_context(|| format!("cannot read the state directory {}", state_dir.display()))?;
+    Ok(entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("agent-") && n.ends_with(".sock"))
+        })
+        .collect())
+}
+
 /// Reads the status of every agent running with `state_dir`. Sockets of agents that are
 /// gone are removed.
 pub async fn query(state_dir: &Path) -> anyhow::Result<Vec<Status>> {
-    let entries = std::fs::read_dir(state_dir)
-        .with_context(|| format!("cannot read the state directory {}", state_dir.display()))?;
     let mut out = Vec::new();
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let is_sock = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("agent-") && n.ends_with(".sock"));
-        if !is_sock {
-            continue;
-        }
+    for path in sockets(state_dir)? {
         let read = async {
             let mut s = tokio::net::UnixStream::connect(&path).await?;
             let mut body = Vec::new();

@@ -842,15 +842,7 @@ pub const STATUS_WAIT: Duration = Duration::from_secs(3);
 pub fn agent_status_blocking(state_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
     use std::io::Read as _;
     let mut out = Vec::new();
-    for entry in fs::read_dir(state_dir)?.flatten() {
-        let path = entry.path();
-        let is_sock = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("agent-") && n.ends_with(".sock"));
-        if !is_sock {
-            continue;
-        }
+    for path in p2ptun::agent::status::sockets(state_dir)? {
         let mut body = Vec::new();
         let mut sock = std::os::unix::net::UnixStream::connect(&path)
             .with_context(|| format!("connecting to {}", path.display()))?;
