@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use quinn::Connection;
@@ -12,12 +13,22 @@ use tokio::sync::Mutex;
 use super::ctx::Ctx;
 use super::known::{PinFile, Pinned};
 use super::link::{Link, Links};
-use crate::proto::{Fingerprint, ALPN_PEER};
+use super::registration::Registered;
+use crate::proto::{ErrorCode, ErrorMsg, Fingerprint, Rendezvous, ALPN_PEER};
 use crate::punch::checks;
 use crate::tunnel::tls;
 
 /// How long a new local connection waits for a registration with S.
-const WAIT_FOR_S: std::time::Duration = std::time::Duration::from_secs(15);
+const WAIT_FOR_S: Duration = Duration::from_secs(15);
+
+/// How long a new local connection waits for its name to appear on S. An exposer started at
+/// the same moment as the forwarder (a daemon pair booting, a test) registers within a
+/// second or two; resetting the local connection at once would fail the first `ssh` for no
+/// reason the user can act on.
+const WAIT_FOR_NAME: Duration = Duration::from_secs(5);
+
+/// Between two requests for a name S does not know yet.
+const NAME_RETRY: Duration = Duration::from_millis(250);
 
 /// A live connection to a peer and the link under it. It lives as long as the connection:
 /// a task holds it until the connection closes, so a link never outlives its last user.
@@ -85,7 +96,8 @@ impl Peers {
             .filter(|l| l.conn.close_reason().is_none())
     }
 
-    async fn connect(&self, name: &str) -> anyhow::Result<Arc<Live>> {
+    /// The current registration with S, waiting up to [`WAIT_FOR_S`] for one.
+    async fn registration(&self) -> anyhow::Result<Arc<Registered>> {
         let ctx = &self.ctx;
         let mut registration = ctx.registration.clone();
         let reg = tokio::time::timeout(WAIT_FOR_S, registration.wait_for(|r| r.is_some()))
@@ -97,12 +109,44 @@ impl Peers {
                 )
             })?
             .map_err(|_| anyhow!("agent shutting down"))?
-            .clone()
-            .context("not registered with S")?;
-        let rv = reg
-            .connect(name, ctx.candidates(&reg))
-            .await
-            .with_context(|| format!("S cannot introduce '{name}'"))?;
+            .clone();
+        reg.context("not registered with S")
+    }
+
+    /// S's introduction to the exposer of `name`, asking again for up to [`WAIT_FOR_NAME`]
+    /// while S answers that nobody exposes it.
+    async fn introduction(&self, name: &str) -> anyhow::Result<(Rendezvous, Arc<Registered>)> {
+        let ctx = &self.ctx;
+        let give_up = tokio::time::Instant::now() + WAIT_FOR_NAME;
+        loop {
+            let reg = self.registration().await?;
+            match reg.connect(name, ctx.candidates(&reg)).await {
+                Ok(rv) => return Ok((rv, reg)),
+                Err(e) if unknown_name(&e) => {
+                    if tokio::time::Instant::now() + NAME_RETRY > give_up {
+                        tracing::warn!(
+                            %name,
+                            server = %ctx.opts.server,
+                            "'{name}' is not registered on S: no agent exposes it (waited {}s)",
+                            WAIT_FOR_NAME.as_secs()
+                        );
+                        bail!(
+                            "'{name}' is not registered on S at {}: no agent exposes it (is \
+                             the exposing agent running, with the same S?)",
+                            ctx.opts.server
+                        );
+                    }
+                    tracing::debug!(%name, "S does not know the name yet; asking again");
+                    tokio::time::sleep(NAME_RETRY).await;
+                }
+                Err(e) => return Err(e.context(format!("S cannot introduce '{name}'"))),
+            }
+        }
+    }
+
+    async fn connect(&self, name: &str) -> anyhow::Result<Arc<Live>> {
+        let ctx = &self.ctx;
+        let (rv, reg) = self.introduction(name).await?;
         let peer = rv.peer_fingerprint;
 
         // The pin is checked before anything is sent to the peer.
@@ -119,7 +163,7 @@ impl Peers {
         }
         if !relayed {
             // No relay: a direct path must exist before QUIC can start.
-            let wait = checks::DEADLINE + std::time::Duration::from_secs(3);
+            let wait = checks::DEADLINE + Duration::from_secs(3);
             if !link.wait_for_path(wait).await {
                 bail!(
                     "no path to the exposer of '{name}': S does not relay for this pair and no \
@@ -173,4 +217,10 @@ impl Peers {
         });
         Ok(live)
     }
+}
+
+/// Whether S answered that nobody exposes the name asked for.
+fn unknown_name(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<ErrorMsg>()
+        .is_some_and(|m| m.code == ErrorCode::UnknownName)
 }
