@@ -57,7 +57,8 @@ pub struct Global {
     #[arg(long, global = true, env = "P2PTUN_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 
-    /// Local address of the agent's UDP socket [default: 0.0.0.0:0].
+    /// Local address of the agent's UDP socket. The default, [::]:0, is one dual-stack
+    /// socket for IPv4 and IPv6 (IPv4 only on a host without IPv6) [default: [::]:0].
     #[arg(long, global = true, value_name = "IP:PORT")]
     pub bind: Option<SocketAddr>,
 

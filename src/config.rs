@@ -1,7 +1,7 @@
 //! The agent's configuration: the TOML file `p2ptun up` reads, the parsing of the address
 //! forms both the file and the command line accept, and the defaults.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -143,7 +143,7 @@ impl ConfigFile {
             bind: over
                 .bind
                 .or(self.bind)
-                .unwrap_or(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0)),
+                .unwrap_or(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0)),
             exposes,
             forwards,
             portmap: over.portmap.or(self.portmap).unwrap_or_default(),

@@ -86,7 +86,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             p2ptun::config::parse_server(&server).map_err(anyhow::Error::msg)?;
             let bind = over
                 .bind
-                .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+                .unwrap_or_else(|| std::net::SocketAddr::from(([0u16; 8], 0)));
             let report = agent::netcheck(&server, bind, over.portmap.unwrap_or_default()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

@@ -11,7 +11,7 @@ use super::activity::Activity;
 use super::registration::Registered;
 use super::relay::RelaySessions;
 use crate::proto::{Candidate, CandidateKind, Fingerprint};
-use crate::punch::candidates::host_candidates;
+use crate::punch::candidates::{host_candidates, Families};
 use crate::punch::StunRouter;
 use crate::tunnel::Identity;
 
@@ -104,12 +104,12 @@ impl Ctx {
         reg.with_reflexive(self.local_candidates())
     }
 
-    /// Whether the socket is IPv4.
-    pub fn ipv4(&self) -> bool {
+    /// The address families the agent's UDP socket reaches.
+    pub fn families(&self) -> Families {
         self.router
             .socket()
             .local()
-            .map(|a| a.is_ipv4())
-            .unwrap_or(true)
+            .map(Families::of)
+            .unwrap_or(Families::V4)
     }
 }

@@ -10,6 +10,7 @@
 pub mod activity;
 pub mod backoff;
 pub mod ctx;
+pub mod dial;
 pub mod expose;
 pub mod forward;
 pub mod heal;
@@ -35,6 +36,7 @@ pub use ctx::{AgentOptions, Ctx, ExposeSpec, ForwardSpec};
 
 use crate::path::{PathSocket, Policy};
 use crate::proto::ALPN_PEER;
+use crate::punch::candidates::Families;
 use crate::punch::StunRouter;
 use crate::tunnel::{endpoint, tls, Identity};
 use server::ServerEvent;
@@ -72,12 +74,21 @@ impl Agent {
                 .with_context(|| format!("cannot listen on {} for forward '{}'", f.bind, f.name))?;
             listeners.push((f.clone(), listener));
         }
-        let (socket, stun_rx) = PathSocket::bind(opts.bind, Policy::KnownOnly)
+        let udp = bind_udp(opts.bind)
             .with_context(|| format!("cannot bind the UDP socket at {}", opts.bind))?;
+        let (socket, stun_rx) = PathSocket::from_std(udp, Policy::KnownOnly)
+            .with_context(|| format!("cannot use the UDP socket at {}", opts.bind))?;
         let router = StunRouter::start(socket.clone(), stun_rx);
         // The TCP punching port takes the UDP port's number when it is free, which keeps
         // firewall rules simple; any port works.
-        let udp_local = socket.local()?;
+        // TCP punching is IPv4 only: a dual-stack agent's punching port listens on IPv4's
+        // wildcard (IPv6 needs no NAT traversal, and its UDP paths are checked directly).
+        let udp_local = match socket.local()? {
+            SocketAddr::V6(v6) if v6.ip().is_unspecified() => {
+                SocketAddr::from(([0, 0, 0, 0], v6.port()))
+            }
+            local => local,
+        };
         let tcp = crate::punch::tcp::TcpPunch::bind(udp_local)
             .or_else(|_| crate::punch::tcp::TcpPunch::bind(SocketAddr::new(udp_local.ip(), 0)))
             .map_err(|e| tracing::warn!("no TCP punching port ({e}); only UDP and relay paths"))
@@ -218,7 +229,29 @@ fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
     }
 }
 
-/// Runs `p2ptun netcheck`: probes the network's NAT behaviour against S's STUN addresses.
+/// Binds the agent's UDP socket at `addr`. The unspecified IPv6 address makes one
+/// dual-stack socket (IPv4 peers appear IPv4-mapped), so one socket still carries
+/// everything; on a host without IPv6 it falls back to IPv4's unspecified address.
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let dual = |addr: SocketAddr| -> std::io::Result<std::net::UdpSocket> {
+        let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_only_v6(false)?;
+        socket.bind(&addr.into())?;
+        Ok(socket.into())
+    };
+    match addr {
+        SocketAddr::V6(v6) if v6.ip().is_unspecified() => dual(addr).or_else(|e| {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], v6.port()));
+            tracing::info!("no IPv6 on this host ({e}); the agent uses IPv4 only, at {v4}");
+            std::net::UdpSocket::bind(v4)
+        }),
+        _ => std::net::UdpSocket::bind(addr),
+    }
+}
+
+/// Runs `p2ptun netcheck`: probes the network's NAT behaviour against S's STUN addresses,
+/// over IPv4 (mapping and filtering) and over IPv6 (reachability and whether there is NAT).
 ///
 /// The port-mapping probe (the protocols `portmap` allows) runs alongside the STUN probes.
 pub async fn netcheck(
@@ -228,25 +261,36 @@ pub async fn netcheck(
 ) -> anyhow::Result<crate::punch::netcheck::Report> {
     // A PathSocket is read by quinn's endpoint driver: without an endpoint nothing receives.
     let open = || -> anyhow::Result<(Arc<StunRouter>, quinn::Endpoint)> {
-        let (socket, rx) = PathSocket::bind(bind, Policy::KnownOnly)
-            .with_context(|| format!("cannot bind a UDP socket at {bind}"))?;
+        let std = bind_udp(bind).with_context(|| format!("cannot bind a UDP socket at {bind}"))?;
+        let (socket, rx) = PathSocket::from_std(std, Policy::KnownOnly)
+            .with_context(|| format!("cannot use the UDP socket at {bind}"))?;
         let endpoint = endpoint::make_endpoint(socket.clone(), None, None)?;
         Ok((StunRouter::start(socket, rx), endpoint))
     };
     let ((main, _main_endpoint), (fresh, _fresh_endpoint)) = (open()?, open()?);
-    let server_addr = server::resolve(server, bind.is_ipv4()).await?;
-    let locals: Vec<SocketAddr> = main
-        .socket()
-        .local()
-        .map(crate::punch::candidates::host_candidates)
-        .unwrap_or_default()
+    let local = main.socket().local()?;
+    let addrs = dial::resolve(server, Families::of(local)).await?;
+    let locals: Vec<SocketAddr> = crate::punch::candidates::host_candidates(local)
         .into_iter()
         .map(|c| c.addr)
         .collect();
-    let (mut report, mapped) = tokio::join!(
-        crate::punch::netcheck::run(&main, &fresh, server_addr, &locals),
-        crate::portmap::probe::probe(portmap, bind.ip()),
-    );
+    let v4 = async {
+        match addrs.iter().find(|a| a.is_ipv4()) {
+            Some(v4) => Some(crate::punch::netcheck::run(&main, &fresh, *v4, &locals).await),
+            None => None,
+        }
+    };
+    let v6 =
+        crate::punch::netcheck::ipv6(&main, addrs.iter().copied().find(|a| a.is_ipv6()), &locals);
+    let portmap_ip = if local.is_ipv4() {
+        local.ip()
+    } else {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    };
+    let (report, ipv6, mapped) =
+        tokio::join!(v4, v6, crate::portmap::probe::probe(portmap, portmap_ip),);
+    let mut report = report.unwrap_or_else(crate::punch::netcheck::Report::no_ipv4);
+    report.ipv6 = ipv6;
     report.portmap = mapped;
     Ok(report)
 }

@@ -122,6 +122,11 @@ async fn open_many(ctx: &Arc<Ctx>, rv: &Rendezvous, virt: SocketAddr, to: Socket
     tokio::time::sleep(start_delay(rv)).await;
     let started = tokio::time::Instant::now();
     let local = match ctx.router.socket().local() {
+        // The side sockets are of `to`'s family (IPv4: see symmetric::strategy) whatever
+        // the main socket's, so a dual-stack agent binds them to IPv4's wildcard.
+        Ok(local) if local.ip().is_unspecified() && to.is_ipv4() => {
+            std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+        }
         Ok(local) => local.ip(),
         Err(e) => return Outcome::Failed(e.to_string()),
     };

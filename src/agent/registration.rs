@@ -21,8 +21,14 @@ pub struct Registered {
     pub conn: Connection,
     /// S's address.
     pub server: SocketAddr,
-    /// Where S saw this agent come from: its server-reflexive address.
+    /// Whether the control connection runs over UDP (else framed on TCP).
+    pub over_udp: bool,
+    /// Where S saw this agent come from: its server-reflexive address, of the control
+    /// connection's family.
     pub observed: SocketAddr,
+    /// This agent's reflexive address in the other family, if S has an address there and
+    /// answered STUN on it.
+    pub observed_other: Option<SocketAddr>,
     /// Where S saw this agent's TCP punching port come from, if it could tell.
     pub tcp_observed: Option<SocketAddr>,
     /// How this agent's NAT picks public ports, found at registration.
@@ -83,6 +89,10 @@ impl Registered {
             kind: CandidateKind::ServerReflexive,
             addr: self.observed,
         });
+        out.extend(self.observed_other.map(|addr| Candidate {
+            kind: CandidateKind::ServerReflexive,
+            addr,
+        }));
         out.extend(self.tcp_observed.map(|addr| Candidate {
             kind: CandidateKind::TcpServerReflexive,
             addr,

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::backoff::Backoff;
 use super::ctx::Ctx;
+use super::dial::{self, Carrier, Dialed};
 use super::known::{PinFile, Pinned};
 use super::registration::{Registered, EXCHANGE_TIMEOUT};
 use crate::proto::{
@@ -44,12 +45,21 @@ pub enum ControlError {
 }
 
 /// What this agent registers with (and sends again when its port mappings change): its own
-/// candidates and its TCP port's reflexive address. S adds the UDP one it observes.
-fn registration_candidates(ctx: &Ctx, tcp_observed: Option<SocketAddr>) -> Vec<Candidate> {
+/// candidates, its TCP port's reflexive address, and its UDP reflexive address in the
+/// family the control connection does not use. S adds the UDP one it observes.
+fn registration_candidates(
+    ctx: &Ctx,
+    tcp_observed: Option<SocketAddr>,
+    observed_other: Option<SocketAddr>,
+) -> Vec<Candidate> {
     ctx.local_candidates()
         .into_iter()
         .chain(tcp_observed.map(|addr| Candidate {
             kind: CandidateKind::TcpServerReflexive,
+            addr,
+        }))
+        .chain(observed_other.map(|addr| Candidate {
+            kind: CandidateKind::ServerReflexive,
             addr,
         }))
         .collect()
@@ -60,7 +70,7 @@ fn registration_candidates(ctx: &Ctx, tcp_observed: Option<SocketAddr>) -> Vec<C
 async fn update_candidates(ctx: Arc<Ctx>, reg: Arc<Registered>, mut sent: Vec<Candidate>) {
     let mut mappings = ctx.portmap.clone();
     loop {
-        let now = registration_candidates(&ctx, reg.tcp_observed);
+        let now = registration_candidates(&ctx, reg.tcp_observed, reg.observed_other);
         if now != sent {
             match reg.update_candidates(now.clone()).await {
                 Ok(()) => {
@@ -86,8 +96,14 @@ pub async fn run(
     pushed: mpsc::Sender<ServerEvent>,
 ) -> anyhow::Error {
     let mut backoff = Backoff::default();
+    // A control connection made over UDP while registered over TCP, to register on next.
+    let mut next: Option<(Dialed, Vec<SocketAddr>)> = None;
     loop {
-        match register(&ctx).await {
+        let attempt = match next.take() {
+            Some((dialed, addrs)) => register_on(&ctx, dialed, &addrs).await,
+            None => register(&ctx).await,
+        };
+        match attempt {
             Ok((reg, mut events)) => {
                 backoff.reset();
                 let reg = Arc::new(reg);
@@ -102,29 +118,56 @@ pub async fn run(
                     reg.clone(),
                     reg.registered_with.clone(),
                 ));
+                let over_tcp = !reg.over_udp;
+                let addrs = if over_tcp {
+                    dial::resolve(&ctx.opts.server, ctx.families())
+                        .await
+                        .unwrap_or_else(|_| vec![reg.server])
+                } else {
+                    Vec::new()
+                };
+                let back_to_udp = udp_works_again(&ctx, &addrs);
+                tokio::pin!(back_to_udp);
                 let why = loop {
-                    match read_frame::<ServerMsg, _>(&mut events).await {
-                        Ok(Some(ServerMsg::Incoming(rv))) => {
-                            let event = ServerEvent::Introduced(Box::new(rv), reg.clone());
-                            if pushed.send(event).await.is_err() {
-                                break "agent shutting down".to_owned();
+                    tokio::select! {
+                        frame = read_frame::<ServerMsg, _>(&mut events) => match frame {
+                            Ok(Some(ServerMsg::Incoming(rv))) => {
+                                let event = ServerEvent::Introduced(Box::new(rv), reg.clone());
+                                if pushed.send(event).await.is_err() {
+                                    break "agent shutting down".to_owned();
+                                }
                             }
-                        }
-                        Ok(Some(ServerMsg::RelayClosed { session, reason })) => {
-                            tracing::warn!(session, "S stopped relaying a session: {reason}");
-                            let event = ServerEvent::RelayClosed { session };
-                            if pushed.send(event).await.is_err() {
-                                break "agent shutting down".to_owned();
+                            Ok(Some(ServerMsg::RelayClosed { session, reason })) => {
+                                tracing::warn!(session, "S stopped relaying a session: {reason}");
+                                let event = ServerEvent::RelayClosed { session };
+                                if pushed.send(event).await.is_err() {
+                                    break "agent shutting down".to_owned();
+                                }
                             }
+                            Ok(Some(other)) => tracing::warn!(?other, "unexpected message from S"),
+                            Ok(None) => break "S closed the connection".to_owned(),
+                            Err(e) => break e.to_string(),
+                        },
+                        dialed = &mut back_to_udp, if over_tcp => {
+                            tracing::info!(
+                                server = %dialed.server,
+                                "UDP to S works again: moving the control connection from TCP \
+                                 to UDP"
+                            );
+                            next = Some((dialed, addrs.clone()));
+                            break String::new();
                         }
-                        Ok(Some(other)) => tracing::warn!(?other, "unexpected message from S"),
-                        Ok(None) => break "S closed the connection".to_owned(),
-                        Err(e) => break e.to_string(),
                     }
                 };
-                current.send_replace(None);
                 pump.abort();
                 updates.abort();
+                if next.is_some() {
+                    // The registration over UDP replaces this one at S, which then ends it;
+                    // the old one stays published until the new one is, so requests made
+                    // meanwhile still have a connection.
+                    continue;
+                }
+                current.send_replace(None);
                 let why = reg
                     .conn
                     .close_reason()
@@ -134,6 +177,7 @@ pub async fn run(
             }
             Err(ControlError::Fatal(e)) => return e,
             Err(ControlError::Retry(e)) => {
+                current.send_replace(None);
                 let delay = backoff.next_delay();
                 tracing::warn!(
                     server = %ctx.opts.server,
@@ -146,51 +190,83 @@ pub async fn run(
     }
 }
 
-/// One attempt: connect, verify S, register. Returns the registration and the stream on which
-/// S pushes introductions.
+/// One attempt: reach S (racing its addresses over UDP and TCP), verify it, register.
+/// Returns the registration and the stream on which S pushes introductions.
 async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlError> {
     let retry = ControlError::Retry;
-    let server = resolve(&ctx.opts.server, ctx.ipv4()).await.map_err(retry)?;
-    ctx.router.socket().allow(server);
-    let host = host_part(&ctx.opts.server);
-    let config = tls::client_config(&ctx.identity, crate::proto::ALPN_CONTROL)
-        .map_err(|e| ControlError::Fatal(e.into()))?;
-    let mut over_udp = true;
-    let conn = match connect_udp(ctx, config.clone(), server, host).await {
-        Ok(conn) => conn,
-        Err(udp_err) => {
-            over_udp = false;
-            // UDP may be blocked on this network: the same QUIC connection also runs framed
-            // on TCP to S's port.
-            tracing::debug!(%server, "no QUIC over UDP ({udp_err:#}); trying TCP");
-            connect_tcp(ctx, config, server, host)
-                .await
-                .map_err(|tcp_err| {
-                    retry(anyhow!(
-                        "cannot reach S at {server}: over UDP: {udp_err:#}; over TCP: {tcp_err:#}"
-                    ))
-                })?
-        }
-    };
-    verify_server(ctx, &conn, host).map_err(ControlError::Fatal)?;
+    let addrs = dial::resolve(&ctx.opts.server, ctx.families())
+        .await
+        .map_err(retry)?;
+    let config = client_config(ctx)?;
+    let attempts = dial::schedule(&addrs, true);
+    let dialed = dial::dial(ctx, config, host_part(&ctx.opts.server), &attempts)
+        .await
+        .map_err(|e| {
+            retry(anyhow!(
+                "cannot reach S at {} (tried {addrs:?} over UDP and TCP): {e:#}",
+                ctx.opts.server
+            ))
+        })?;
+    register_on(ctx, dialed, &addrs).await
+}
+
+fn client_config(ctx: &Ctx) -> Result<quinn::ClientConfig, ControlError> {
+    tls::client_config(&ctx.identity, crate::proto::ALPN_CONTROL)
+        .map_err(|e| ControlError::Fatal(e.into()))
+}
+
+/// Registers on a control connection already made; `addrs` are all of S's addresses, for
+/// learning this agent's reflexive address in the family the connection does not use.
+async fn register_on(
+    ctx: &Ctx,
+    dialed: Dialed,
+    addrs: &[SocketAddr],
+) -> Result<(Registered, quinn::RecvStream), ControlError> {
+    let retry = ControlError::Retry;
+    let Dialed {
+        conn,
+        server,
+        carrier,
+    } = dialed;
+    if carrier == Carrier::Tcp {
+        tracing::info!(%server, "connected to S over TCP (UDP gets no answer on this network)");
+    }
+    verify_server(ctx, &conn, host_part(&ctx.opts.server)).map_err(ControlError::Fatal)?;
     let tcp_observed = async {
         match &ctx.tcp {
-            Some(tcp) => tcp.reflexive(server).await,
+            // The TCP punching port is IPv4 (see Agent::start).
+            Some(tcp) => match addrs.iter().find(|a| a.is_ipv4()) {
+                Some(v4) => tcp.reflexive(*v4).await,
+                None => None,
+            },
             None => None,
         }
     };
     // How the NAT maps decides how peers punch to us (see punch::symmetric); it takes two
-    // STUN round trips, done while the TCP mapping is learnt.
+    // STUN round trips to S over IPv4, done while the TCP mapping is learnt.
     let nat = async {
-        if !over_udp {
+        let Some(v4) = addrs.iter().find(|a| a.is_ipv4()) else {
+            return NatMapping::Unknown;
+        };
+        if carrier == Carrier::Tcp {
             return NatMapping::Unknown;
         }
         let locals: Vec<SocketAddr> = ctx.local_candidates().iter().map(|c| c.addr).collect();
-        crate::punch::netcheck::nat_mapping(&ctx.router, server, &locals).await
+        crate::punch::netcheck::nat_mapping(&ctx.router, *v4, &locals).await
     };
-    let (tcp_observed, nat) = tokio::join!(tcp_observed, nat);
+    // S sees the control connection's family; a STUN Binding to S's address of the other
+    // family (when S has one) finds this agent's reflexive address there too.
+    let other_family = async {
+        if carrier == Carrier::Tcp {
+            return None;
+        }
+        let other = addrs.iter().find(|a| a.is_ipv4() != server.is_ipv4())?;
+        let response = ctx.router.binding(*other, None, OTHER_FAMILY_PROBE).await?;
+        crate::proto::stun::mapped_address(&response.msg).map(crate::path::canonical)
+    };
+    let (tcp_observed, nat, observed_other) = tokio::join!(tcp_observed, nat, other_family);
 
-    let registered_with = registration_candidates(ctx, tcp_observed);
+    let registered_with = registration_candidates(ctx, tcp_observed, observed_other);
     let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await?;
         let msg = ClientMsg::Register {
@@ -213,7 +289,7 @@ async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlE
         Some(ServerMsg::Registered { observed, .. }) => {
             let observed = crate::path::canonical(observed);
             tracing::info!(
-                %server, %observed, ?nat, id = %ctx.identity.fingerprint(),
+                %server, %observed, ?observed_other, ?nat, over = ?carrier, id = %ctx.identity.fingerprint(),
                 "registered with S{}",
                 if ctx.opts.exposes.is_empty() { String::new() } else {
                     format!(" exposing {}", ctx.opts.exposes.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", "))
@@ -223,7 +299,9 @@ async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlE
                 Registered {
                     conn,
                     server,
+                    over_udp: carrier == Carrier::Udp,
                     observed,
+                    observed_other,
                     tcp_observed,
                     nat,
                     registered_with,
@@ -243,59 +321,33 @@ async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlE
     }
 }
 
-/// How long a QUIC handshake with S over UDP may take before TCP is tried.
-const UDP_HANDSHAKE: Duration = Duration::from_secs(4);
+/// How long the STUN Binding to S's address of the other family may take.
+const OTHER_FAMILY_PROBE: Duration = Duration::from_millis(1500);
 
-async fn connect_udp(
-    ctx: &Ctx,
-    config: quinn::ClientConfig,
-    server: SocketAddr,
-    host: &str,
-) -> anyhow::Result<Connection> {
-    let connecting = ctx
-        .endpoint
-        .connect_with(config, server, host)
-        .map_err(|e| anyhow!("cannot connect to {server}: {e}"))?;
-    tokio::time::timeout(UDP_HANDSHAKE, connecting)
-        .await
-        .map_err(|_| anyhow!("no answer within {}s", UDP_HANDSHAKE.as_secs()))?
-        .map_err(|e| anyhow!("QUIC handshake failed: {e}"))
-}
+/// How often an agent registered over TCP tries UDP to S again: first after
+/// [`UDP_RETRY_FIRST`], doubling up to [`UDP_RETRY_CAP`]. A network that blocked UDP at
+/// start (a captive portal, a hotel firewall) often stops doing so later; each try costs
+/// one QUIC handshake attempt.
+const UDP_RETRY_FIRST: Duration = Duration::from_secs(15);
+/// The longest pause between two tries of UDP.
+const UDP_RETRY_CAP: Duration = Duration::from_secs(300);
 
-/// The control connection framed on TCP to S's port: S gets a virtual address in the path
-/// table whose only path is the TCP connection, and quinn connects to that.
-async fn connect_tcp(
-    ctx: &Ctx,
-    config: quinn::ClientConfig,
-    server: SocketAddr,
-    host: &str,
-) -> anyhow::Result<Connection> {
-    use tokio::io::AsyncWriteExt;
-    let mut tcp = tokio::time::timeout(EXCHANGE_TIMEOUT, tokio::net::TcpStream::connect(server))
-        .await
-        .map_err(|_| anyhow!("TCP connect timed out"))??;
-    let _ = tcp.set_nodelay(true);
-    tcp.write_all(crate::path::tcp::SERVER_PREAMBLE).await?;
-    let socket = ctx.router.socket().clone();
-    let virt = socket.table_write().anonymous_peer();
-    let (tx, done) = crate::path::tcp::spawn(tcp, virt, socket.injector());
-    socket
-        .table_write()
-        .add_channel_path(virt, crate::path::PathKind::DirectTcp, server, tx, None);
-    tokio::spawn(async move {
-        let _ = done.await;
-        socket.table_write().remove_peer(virt);
-    });
-    let connecting = ctx
-        .endpoint
-        .connect_with(config, virt, host)
-        .map_err(|e| anyhow!("cannot connect: {e}"))?;
-    let conn = tokio::time::timeout(EXCHANGE_TIMEOUT, connecting)
-        .await
-        .map_err(|_| anyhow!("no QUIC answer over TCP"))?
-        .map_err(|e| anyhow!("QUIC handshake over TCP failed: {e}"))?;
-    tracing::info!(%server, "connected to S over TCP (UDP gets no answer on this network)");
-    Ok(conn)
+/// Waits until a QUIC handshake with one of `addrs` over UDP succeeds, trying now and then;
+/// never returns while UDP stays blocked.
+async fn udp_works_again(ctx: &Ctx, addrs: &[SocketAddr]) -> Dialed {
+    let mut pause = UDP_RETRY_FIRST;
+    loop {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(UDP_RETRY_CAP);
+        let Ok(config) = client_config(ctx) else {
+            continue;
+        };
+        let attempts = dial::schedule(addrs, false);
+        match dial::dial(ctx, config, host_part(&ctx.opts.server), &attempts).await {
+            Ok(dialed) => return dialed,
+            Err(e) => tracing::debug!("UDP to S still fails: {e:#}"),
+        }
+    }
 }
 
 fn classify(e: ErrorMsg) -> ControlError {
@@ -349,24 +401,6 @@ fn verify_server(ctx: &Ctx, conn: &Connection, host: &str) -> anyhow::Result<()>
 fn host_part(server: &str) -> &str {
     let host = server.rsplit_once(':').map_or(server, |(h, _)| h);
     host.trim_start_matches('[').trim_end_matches(']')
-}
-
-/// Resolves `HOST:PORT` to an address of the socket's family.
-pub async fn resolve(server: &str, ipv4: bool) -> anyhow::Result<SocketAddr> {
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(server)
-        .await
-        .with_context(|| format!("cannot resolve '{server}'"))?
-        .collect();
-    addrs
-        .iter()
-        .find(|a| a.is_ipv4() == ipv4)
-        .copied()
-        .ok_or_else(|| {
-            anyhow!(
-                "'{server}' has no {} address",
-                if ipv4 { "IPv4" } else { "IPv6" }
-            )
-        })
 }
 
 #[cfg(test)]

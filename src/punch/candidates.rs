@@ -4,27 +4,90 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::proto::{Candidate, CandidateKind};
 
-/// The host candidates of a socket bound at `local`: every address of every interface (of the
-/// socket's family) with the socket's port, or just `local` when it is bound to one address.
+/// The address families a socket can send to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Families {
+    /// IPv4 (on an IPv6 socket: as IPv4-mapped addresses).
+    pub v4: bool,
+    /// IPv6.
+    pub v6: bool,
+}
+
+impl Families {
+    /// IPv4 only.
+    pub const V4: Families = Families {
+        v4: true,
+        v6: false,
+    };
+
+    /// The families of a socket bound at `local`: an IPv4 socket reaches IPv4; an IPv6
+    /// socket bound to the unspecified address is dual-stack (the agent binds it so); one
+    /// bound to an IPv6 address reaches IPv6, or IPv4 if the address is IPv4-mapped.
+    pub fn of(local: SocketAddr) -> Families {
+        match local {
+            SocketAddr::V4(_) => Families::V4,
+            SocketAddr::V6(v6) if v6.ip().is_unspecified() => Families { v4: true, v6: true },
+            SocketAddr::V6(v6) => {
+                let mapped = v6.ip().to_ipv4_mapped().is_some();
+                Families {
+                    v4: mapped,
+                    v6: !mapped,
+                }
+            }
+        }
+    }
+
+    /// Whether `addr` is of one of these families.
+    pub fn allows(self, addr: SocketAddr) -> bool {
+        let addr = crate::path::canonical(addr);
+        if addr.is_ipv4() {
+            self.v4
+        } else {
+            self.v6
+        }
+    }
+}
+
+/// Whether `ip` is worth offering a peer on another machine: not loopback, unspecified or
+/// multicast, and for IPv6 not link-local (it needs an interface index the peer cannot
+/// know) nor IPv4-mapped.
+pub fn offerable(ip: IpAddr) -> bool {
+    if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+        return false;
+    }
+    match ip {
+        IpAddr::V4(_) => true,
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80 && v6.to_ipv4_mapped().is_none(),
+    }
+}
+
+/// The host candidates of a socket bound at `local`: every address of every interface (of
+/// the socket's families, see [`Families::of`]) with the socket's port, or just `local`
+/// when it is bound to one address.
 ///
 /// Loopback is left out of a wildcard socket's candidates: offered to a peer on another
 /// machine it would make that peer probe its own local ports. Agents on one machine still
 /// find each other through their interface addresses, or bind to 127.0.0.1.
+///
+/// IPv6 privacy (temporary) addresses are offered beside the stable ones: the interface
+/// list does not tell them apart, and either reaches this socket. When they rotate, the
+/// agent's links see the change of local addresses and check again.
 pub fn host_candidates(local: SocketAddr) -> Vec<Candidate> {
     let host = |ip: IpAddr| Candidate {
         kind: CandidateKind::Host,
         addr: SocketAddr::new(ip, local.port()),
     };
     if !local.ip().is_unspecified() {
-        return vec![host(local.ip())];
+        return vec![host(local.ip().to_canonical())];
     }
+    let families = Families::of(local);
     let mut out: Vec<Candidate> = if_addrs::get_if_addrs()
         .unwrap_or_default()
         .into_iter()
         .map(|iface| iface.ip())
-        .filter(|ip| ip.is_ipv4() == local.is_ipv4() && !ip.is_loopback())
-        .filter(|ip| !matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80))
+        .filter(|ip| offerable(*ip))
         .map(host)
+        .filter(|c| families.allows(c.addr))
         .collect();
     out.sort_by_key(|c| c.addr);
     out.dedup();
@@ -47,5 +110,50 @@ mod tests {
         let c = host_candidates("0.0.0.0:4000".parse().unwrap());
         assert!(c.iter().all(|c| c.addr.port() == 4000 && c.addr.is_ipv4()));
         assert!(!c.iter().any(|c| c.addr.ip().is_loopback()));
+    }
+
+    #[test]
+    fn a_dual_stack_socket_lists_both_families_but_no_link_local() {
+        let c = host_candidates("[::]:4000".parse().unwrap());
+        assert!(c
+            .iter()
+            .all(|c| c.addr.port() == 4000 && offerable(c.addr.ip())));
+        let v4 = host_candidates("0.0.0.0:4000".parse().unwrap());
+        assert!(v4.iter().all(|x| c.contains(x)), "{v4:?} within {c:?}");
+    }
+
+    #[test]
+    fn families_follow_the_bound_address() {
+        let of = |a: &str| Families::of(a.parse().unwrap());
+        assert_eq!(of("0.0.0.0:1"), Families::V4);
+        assert_eq!(of("[::]:1"), Families { v4: true, v6: true });
+        assert_eq!(
+            of("[2001:db8::1]:1"),
+            Families {
+                v4: false,
+                v6: true
+            }
+        );
+        assert_eq!(of("[::ffff:192.0.2.1]:1"), Families::V4);
+        let v4 = Families::V4;
+        assert!(v4.allows("[::ffff:192.0.2.1]:1".parse().unwrap()));
+        assert!(!v4.allows("[2001:db8::1]:1".parse().unwrap()));
+    }
+
+    #[test]
+    fn link_local_loopback_and_mapped_are_not_offered() {
+        for bad in [
+            "fe80::1",
+            "::1",
+            "127.0.0.1",
+            "::ffff:192.0.2.1",
+            "ff02::1",
+            "::",
+        ] {
+            assert!(!offerable(bad.parse().unwrap()), "{bad}");
+        }
+        for good in ["2001:db8::1", "fd00::1", "192.0.2.1", "10.0.0.1"] {
+            assert!(offerable(good.parse().unwrap()), "{good}");
+        }
     }
 }

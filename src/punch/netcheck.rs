@@ -51,6 +51,8 @@ pub struct Report {
     pub public: Option<SocketAddr>,
     /// The mapping S's alternate address saw.
     pub public_alt: Option<SocketAddr>,
+    /// S's alternate STUN address, as S named it (RFC 5780 OTHER-ADDRESS).
+    pub server_alt: Option<SocketAddr>,
     /// Mapping behaviour.
     pub mapping: Mapping,
     /// Filtering behaviour.
@@ -58,6 +60,76 @@ pub struct Report {
     /// Which port-mapping protocols the gateway answered, and the public address each mapped
     /// (filled in by the caller; empty when port mapping is off or the socket is loopback).
     pub portmap: Vec<crate::portmap::probe::ProbeResult>,
+    /// What IPv6 does here (filled in by the caller; `None` when not probed).
+    pub ipv6: Option<Ipv6Report>,
+}
+
+impl Report {
+    /// The report when S has no IPv4 address this host can use: nothing measured.
+    pub fn no_ipv4() -> Report {
+        classify(&Observations::default())
+    }
+}
+
+/// What netcheck found over IPv6. There is no mapping or filtering to classify: IPv6
+/// networks seldom translate addresses, and a firewall's filtering is only seen by a peer's
+/// check arriving (or not).
+#[derive(Debug, Clone, Serialize)]
+pub struct Ipv6Report {
+    /// This host's IPv6 addresses a peer could reach (no link-local).
+    pub addresses: Vec<SocketAddr>,
+    /// S's IPv6 address probed; `None` when S has none this host knows.
+    pub server: Option<SocketAddr>,
+    /// The address S saw over IPv6, if S answered.
+    pub public: Option<SocketAddr>,
+    /// Whether that address is one of this host's own (no NAT66 on the way).
+    pub no_nat: bool,
+}
+
+/// Probes S's IPv6 address `server` (if any) from `router`'s socket. `locals` are the
+/// socket's own addresses.
+pub async fn ipv6(
+    router: &StunRouter,
+    server: Option<SocketAddr>,
+    locals: &[SocketAddr],
+) -> Option<Ipv6Report> {
+    let addresses: Vec<SocketAddr> = locals.iter().copied().filter(|a| a.is_ipv6()).collect();
+    let public = match server {
+        Some(server) if !addresses.is_empty() => router
+            .binding(server, None, PROBE)
+            .await
+            .and_then(|r| stun::mapped_address(&r.msg)),
+        _ => None,
+    };
+    Some(Ipv6Report {
+        no_nat: public.is_some_and(|p| addresses.contains(&p)),
+        addresses,
+        server,
+        public,
+    })
+}
+
+impl std::fmt::Display for Ipv6Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.addresses.is_empty(), self.server, self.public) {
+            (true, _, _) => writeln!(f, "IPv6:       no address on this host a peer could reach"),
+            (false, None, _) => writeln!(
+                f,
+                "IPv6:       {} address(es) here; S has no IPv6 address this agent knows \
+                 (give --server a name with an AAAA record)",
+                self.addresses.len()
+            ),
+            (false, Some(s), None) => {
+                writeln!(f, "IPv6:       S did not answer STUN at {s} (blocked?)")
+            }
+            (false, Some(_), Some(p)) if self.no_nat => {
+                writeln!(f, "IPv6:       works, no NAT (public: {p})")
+            }
+            (false, Some(_), Some(p)) => {
+                writeln!(f, "IPv6:       works, through NAT66 (public: {p})")
+            }
+        }
+    }
 }
 
 /// What the probes returned.
@@ -67,6 +139,8 @@ pub struct Observations {
     pub primary: Option<SocketAddr>,
     /// The mapping seen by S's alternate address (from the same socket).
     pub alternate: Option<SocketAddr>,
+    /// S's alternate address, if S named one.
+    pub other: Option<SocketAddr>,
     /// Whether S's alternate address has another IP than the primary one.
     pub alternate_other_ip: bool,
     /// From a fresh socket that has sent only to the primary address: whether S's answer
@@ -83,9 +157,11 @@ pub fn classify(o: &Observations) -> Report {
             udp: false,
             public: None,
             public_alt: None,
+            server_alt: o.other,
             mapping: Mapping::Unknown,
             filtering: Filtering::Unknown,
             portmap: Vec::new(),
+            ipv6: None,
         };
     };
     let mapping = if o.mapped_is_local {
@@ -108,9 +184,11 @@ pub fn classify(o: &Observations) -> Report {
         udp: true,
         public: Some(primary),
         public_alt: o.alternate,
+        server_alt: o.other,
         mapping,
         filtering,
         portmap: Vec::new(),
+        ipv6: None,
     }
 }
 
@@ -133,6 +211,7 @@ pub async fn run(
     };
     o.primary = m.primary;
     o.mapped_is_local = o.primary.is_some_and(|p| locals.contains(&p));
+    o.other = m.other;
     if let Some(alt) = m.other {
         o.alternate_other_ip = alt.ip() != server.ip();
         o.alternate = m.alternate;
@@ -197,21 +276,28 @@ pub async fn nat_mapping(
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if !self.udp {
-            return writeln!(f, "UDP:        blocked (S did not answer STUN)");
+            writeln!(f, "UDP:        blocked (S did not answer STUN over IPv4)")?;
+            return match &self.ipv6 {
+                Some(v6) => write!(f, "{v6}"),
+                None => Ok(()),
+            };
         }
         writeln!(f, "UDP:        works")?;
         if let Some(p) = self.public {
             writeln!(f, "public:     {p}")?;
         }
-        let mapping = match self.mapping {
-            Mapping::NoNat => "none (this address is public)",
+        let mapping: std::borrow::Cow<str> = match self.mapping {
+            Mapping::NoNat => "none (this address is public)".into(),
             Mapping::EndpointIndependent => {
-                "endpoint-independent (same port for every destination: punchable)"
+                "endpoint-independent (same port for every destination: punchable)".into()
             }
             Mapping::EndpointDependent => {
-                "endpoint-dependent (a new port per destination: a 'symmetric' NAT)"
+                "endpoint-dependent (a new port per destination: a 'symmetric' NAT)".into()
             }
-            Mapping::Unknown => "unknown (S's alternate address did not answer)",
+            Mapping::Unknown => match self.server_alt {
+                Some(alt) => format!("unknown (S's alternate address {alt} did not answer)").into(),
+                None => "unknown (S named no alternate STUN address to compare with)".into(),
+            },
         };
         writeln!(f, "mapping:    {mapping}")?;
         let filtering = match self.filtering {
@@ -228,6 +314,9 @@ impl std::fmt::Display for Report {
             Filtering::Unknown => "unknown",
         };
         writeln!(f, "filtering:  {filtering}")?;
+        if let Some(v6) = &self.ipv6 {
+            write!(f, "{v6}")?;
+        }
         for p in &self.portmap {
             match (p.answered, p.external, &p.error) {
                 (true, Some(ext), _) => writeln!(

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::candidates::Families;
 use super::checker::{Checker, Event};
 use super::checks::{self, DEADLINE};
 use super::router::{Response, StunRouter};
@@ -103,8 +104,12 @@ where
     // The session is open before the wait, so the peer's early checks are answered.
     let mut session = router.open_session(&rv.credentials);
     tokio::time::sleep(start_delay(rv)).await;
-    let ipv4 = router.socket().local().map(|a| a.is_ipv4()).unwrap_or(true);
-    let targets = checks::plan(&rv.peer_candidates, ipv4, false);
+    let families = router
+        .socket()
+        .local()
+        .map(Families::of)
+        .unwrap_or(Families::V4);
+    let targets = checks::plan(&rv.peer_candidates, families, false);
     let started = Instant::now();
     let mut checker = Checker::new(
         &targets,

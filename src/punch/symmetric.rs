@@ -83,11 +83,14 @@ pub fn strategy(
     peer_candidates: &[Candidate],
     mapped: bool,
 ) -> Strategy {
+    // NATs that map per destination are an IPv4 matter (IPv6 has no NAT here to speak
+    // of, and the mapping was measured toward S over IPv4): only IPv4 candidates count.
     let first = |kind: CandidateKind| {
         peer_candidates
             .iter()
-            .find(|c| c.kind == kind)
-            .map(|c| c.addr)
+            .map(|c| (c.kind, crate::path::canonical(c.addr)))
+            .find(|(k, a)| *k == kind && a.is_ipv4())
+            .map(|(_, a)| a)
     };
     // A port either gateway opened is reachable from anywhere: the ordinary checks to it get
     // in, and their sources teach the other side the rest (peer-reflexive candidates).

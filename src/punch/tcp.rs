@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::candidates::Families;
 use super::checks::{self, DEADLINE, MAX_CANDIDATES};
 use crate::proto::{stun, Credentials, Rendezvous};
 
@@ -201,7 +202,7 @@ impl TcpPunch {
         rv: &Rendezvous,
         controlling: bool,
     ) -> Result<(TcpStream, SocketAddr), TcpPunchError> {
-        let targets = checks::plan(&rv.peer_candidates, self.local.is_ipv4(), true);
+        let targets = checks::plan(&rv.peer_candidates, Families::of(self.local), true);
         if targets.is_empty() {
             return Err(TcpPunchError::NoCandidates);
         }
