@@ -5,7 +5,8 @@
 //! public host's WAN interface) and `to-inet` (peered with a port of the internet bridge). One
 //! thread of the test process enters that namespace, opens an AF_PACKET raw socket on each
 //! end and copies every frame read on one to the other after `delay`, dropping a `loss` share
-//! of the IPv4 frames (ARP is delayed, never dropped, so the neighbour tables settle).
+//! of the IPv4 and IPv6 frames (ARP and IPv6 neighbour discovery are delayed, never dropped,
+//! so the neighbour tables settle).
 //!
 //! The sockets use `PACKET_VNET_HDR`: each frame comes with its virtio-net header (checksum
 //! offload and GSO state) and goes out with it, so partially checksummed or GSO frames cross
@@ -153,6 +154,21 @@ impl Emulator {
 impl Drop for Emulator {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Whether the loss setting applies to an Ethernet frame: IPv4, and IPv6 except neighbour
+/// discovery (ICMPv6 types 133–137 right after the fixed header), so that, as with ARP, the
+/// neighbour tables settle.
+fn may_lose(eth: &[u8]) -> bool {
+    match eth.get(12..14) {
+        Some([0x08, 0x00]) => true,
+        Some([0x86, 0xdd]) => {
+            let next_header = eth.get(14 + 6).copied();
+            let icmp_type = eth.get(14 + 40).copied().unwrap_or(0);
+            !(next_header == Some(58) && (133..=137).contains(&icmp_type))
+        }
+        _ => false,
     }
 }
 
@@ -385,8 +401,7 @@ fn run(
                 let frame = &mut buf[..n];
                 // Only NEEDS_CSUM means anything on transmit.
                 frame[0] &= 1;
-                let is_ipv4 = frame[VNET_HDR_LEN + 12..VNET_HDR_LEN + 14] == [0x08, 0x00];
-                if is_ipv4 && loss > 0.0 && rng.next_f64() < loss {
+                if loss > 0.0 && may_lose(&frame[VNET_HDR_LEN..]) && rng.next_f64() < loss {
                     counters.lost[d].fetch_add(1, Ordering::Relaxed);
                     continue;
                 }

@@ -325,3 +325,170 @@ pub fn wait_bridge(ns: &str, bridge: &str, timeout: Duration) -> io::Result<()> 
         line.contains("LOWER_UP") && !line.contains("qdisc noop")
     })
 }
+
+/// Sends ICMPv6 echo requests from namespace `ns` to `target` (one every 100 ms) until one
+/// is answered or `timeout` passes. The first packets to a new neighbour can be lost while
+/// neighbour discovery runs; after an answer, every neighbour on the path is resolved.
+pub fn wait_ping6(ns: &str, target: std::net::Ipv6Addr, timeout: Duration) -> io::Result<()> {
+    use std::mem;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    run_in(ns, || -> io::Result<()> {
+        // SAFETY: plain socket(2).
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_INET6,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_ICMPV6,
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        // SAFETY: setsockopt with a pointer to a live timeval and its size.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const libc::timeval as *const libc::c_void,
+                mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        // SAFETY: sockaddr_in6 is plain data; all-zero is a valid value.
+        let mut to: libc::sockaddr_in6 = unsafe { mem::zeroed() };
+        to.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        to.sin6_addr.s6_addr = target.octets();
+        let id = (std::process::id() as u16) ^ 0x6c61;
+        let deadline = Instant::now() + timeout;
+        let mut seq: u16 = 0;
+        let mut last_err = None;
+        while Instant::now() < deadline {
+            seq = seq.wrapping_add(1);
+            // Echo request: type 128, code 0, checksum (the kernel fills it in), id, seq.
+            let mut req = [
+                128u8, 0, 0, 0, 0, 0, 0, 0, b'n', b'a', b't', b'l', b'a', b'b',
+            ];
+            req[4..6].copy_from_slice(&id.to_be_bytes());
+            req[6..8].copy_from_slice(&seq.to_be_bytes());
+            // SAFETY: sendto with a live buffer and sockaddr_in6 and their sizes.
+            let sent = unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    req.as_ptr() as *const libc::c_void,
+                    req.len(),
+                    0,
+                    &to as *const libc::sockaddr_in6 as *const libc::sockaddr,
+                    mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                )
+            };
+            if sent < 0 {
+                last_err = Some(io::Error::last_os_error());
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            let turn_end = Instant::now() + Duration::from_millis(100);
+            while Instant::now() < turn_end {
+                let mut buf = [0u8; 1500];
+                // SAFETY: sockaddr_in6 is plain data; all-zero is a valid value.
+                let mut from: libc::sockaddr_in6 = unsafe { mem::zeroed() };
+                let mut len = mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+                // SAFETY: recvfrom into live buffers with their sizes.
+                let n = unsafe {
+                    libc::recvfrom(
+                        fd.as_raw_fd(),
+                        buf.as_mut_ptr() as *mut libc::c_void,
+                        buf.len(),
+                        0,
+                        &mut from as *mut libc::sockaddr_in6 as *mut libc::sockaddr,
+                        &mut len,
+                    )
+                };
+                if n < 0 {
+                    break;
+                }
+                let n = n as usize;
+                if n >= 8
+                    && buf[0] == 129
+                    && buf[4..6] == id.to_be_bytes()
+                    && from.sin6_addr.s6_addr == target.octets()
+                {
+                    return Ok(());
+                }
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "no ICMPv6 echo reply from {target} in {ns} after {timeout:?}{}",
+                last_err
+                    .map(|e| format!(" (last send error: {e})"))
+                    .unwrap_or_default()
+            ),
+        ))
+    })?
+}
+
+/// One connection-tracking entry (from `/proc/net/nf_conntrack` of a namespace).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CtEntry {
+    /// "udp", "tcp", "icmp", …
+    pub proto: String,
+    /// The original direction: source, destination.
+    pub orig: (std::net::SocketAddr, std::net::SocketAddr),
+    /// The reply direction: source, destination (the NAT's choice shows here).
+    pub reply: (std::net::SocketAddr, std::net::SocketAddr),
+    /// Whether no reply was seen yet.
+    pub unreplied: bool,
+}
+
+/// The conntrack entries (with ports: UDP, TCP) of namespace `ns`.
+pub fn conntrack(ns: &str) -> io::Result<Vec<CtEntry>> {
+    // /proc/net follows the namespace of the process's main thread; thread-self, this thread's.
+    let text = run_in(ns, || {
+        std::fs::read_to_string("/proc/thread-self/net/nf_conntrack")
+    })??;
+    Ok(text.lines().filter_map(parse_ct_line).collect())
+}
+
+fn parse_ct_line(line: &str) -> Option<CtEntry> {
+    let mut words = line.split_whitespace();
+    let _family = words.next()?;
+    let _family_num = words.next()?;
+    let proto = words.next()?.to_owned();
+    let mut src = Vec::new();
+    let mut dst = Vec::new();
+    let mut sport = Vec::new();
+    let mut dport = Vec::new();
+    let mut unreplied = false;
+    for w in words {
+        if w == "[UNREPLIED]" {
+            unreplied = true;
+        }
+        let Some((k, v)) = w.split_once('=') else {
+            continue;
+        };
+        match k {
+            "src" => src.push(v.parse::<std::net::IpAddr>().ok()?),
+            "dst" => dst.push(v.parse::<std::net::IpAddr>().ok()?),
+            "sport" => sport.push(v.parse::<u16>().ok()?),
+            "dport" => dport.push(v.parse::<u16>().ok()?),
+            _ => {}
+        }
+    }
+    if src.len() < 2 || dst.len() < 2 || sport.len() < 2 || dport.len() < 2 {
+        return None;
+    }
+    let sa = std::net::SocketAddr::new;
+    Some(CtEntry {
+        proto,
+        orig: (sa(src[0], sport[0]), sa(dst[0], dport[0])),
+        reply: (sa(src[1], sport[1]), sa(dst[1], dport[1])),
+        unreplied,
+    })
+}
