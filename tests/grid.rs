@@ -2,8 +2,9 @@
 //! presets runs `p2ptun expose` and `p2ptun forward`, moves 8 MiB each way through the tunnel
 //! with SHA-256 checks, and must reach the path kind [`expected`] names for it.
 //!
-//! Per pair: a fresh [`natlab::Lab`]; S (`p2ptun-relay --listen 203.0.113.1:7000 --stun-alt
-//! 203.0.113.2:7001`) in S's namespace; host A (exposer) and host B (forwarder) with the two
+//! Per pair: a fresh [`natlab::Lab`]; S started as an operator would (`p2ptun-relay`, no
+//! address flags: both families' wildcard, ports 7000 and 7001) in S's namespace, reached at
+//! 203.0.113.1:7000 (at [2001:db8::1]:7000 from an IPv6-only host); host A (exposer) and host B (forwarder) with the two
 //! presets (`same-lan`: both behind one `easy` router, on its LAN; `hairpin` and `no-hairpin`:
 //! both behind one `easy` router that does or does not hairpin, isolated from each other on
 //! its LAN; these three pair only with themselves).
@@ -48,7 +49,7 @@ use common::{
     data_digest, echo_once, hex, transfer_via, Kit, Mode, Proc, Ready, RelayOpts, Service, Step,
     Tunnel,
 };
-use natlab::{Host, Lab, Nat, Shaping};
+use natlab::{Host, Ipv6, Lab, Nat, RouterSpec, Shaping, Stack};
 
 /// Bytes moved each way per pair.
 const LEN: u64 = 8 * 1024 * 1024;
@@ -94,6 +95,17 @@ enum Preset {
     Double,
     UdpBlocked,
     TcpToSOnly,
+    /// `hard` with a home router's IPv6: routed, no NAT66, new inbound dropped.
+    HardV6,
+    /// `hard` whose router drops all IPv6: the hosts have addresses, nothing passes.
+    HardV6Drop,
+    /// IPv6 only (no IPv4 at all), behind a home router's IPv6 firewall.
+    V6Only,
+    /// A counting NAT: a new public port per destination, one above the last.
+    Sequential,
+    /// `easy` without an input firewall (unsolicited packets to its WAN make conntrack
+    /// entries of its own), one ISP hop away from the internet.
+    EasyOpen,
 }
 
 impl Preset {
@@ -116,6 +128,11 @@ impl Preset {
             Preset::SameLan => "same-lan",
             Preset::Hairpin => "hairpin",
             Preset::NoHairpin => "no-hairpin",
+            Preset::HardV6 => "hard+ipv6",
+            Preset::HardV6Drop => "hard+ipv6-drop",
+            Preset::V6Only => "ipv6-only",
+            Preset::Sequential => "sequential",
+            Preset::EasyOpen => "easy-open",
             other => other.nat().name(),
         }
     }
@@ -123,6 +140,7 @@ impl Preset {
     fn from_name(name: &str) -> Option<Preset> {
         Preset::ALL
             .into_iter()
+            .chain(NETWORKS.iter().flat_map(|&(e, f)| [e, f]))
             .find(|p| p.name().eq_ignore_ascii_case(name.trim()))
     }
 
@@ -130,16 +148,65 @@ impl Preset {
     fn nat(self) -> Nat {
         match self {
             Preset::Public => Nat::Public,
-            Preset::Easy | Preset::SameLan | Preset::Hairpin | Preset::NoHairpin => Nat::Easy,
+            Preset::Easy
+            | Preset::SameLan
+            | Preset::Hairpin
+            | Preset::NoHairpin
+            | Preset::EasyOpen => Nat::Easy,
             Preset::FullCone => Nat::FullCone,
             Preset::Restricted => Nat::Restricted,
-            Preset::Hard => Nat::Hard,
+            Preset::Hard
+            | Preset::HardV6
+            | Preset::HardV6Drop
+            | Preset::V6Only
+            | Preset::Sequential => Nat::Hard,
             Preset::Double => Nat::Double,
             Preset::UdpBlocked => Nat::UdpBlocked,
             Preset::TcpToSOnly => Nat::TcpToSOnly,
         }
     }
+
+    /// A host of this preset in `lab` (not the pair presets).
+    fn add_host(self, lab: &Lab, shaping: Shaping) -> std::io::Result<Host> {
+        let spec = match self {
+            Preset::HardV6 | Preset::V6Only => RouterSpec {
+                ipv6: Ipv6::Firewall,
+                ..RouterSpec::new(Nat::Hard)
+            },
+            Preset::HardV6Drop => RouterSpec {
+                ipv6: Ipv6::Drop,
+                ..RouterSpec::new(Nat::Hard)
+            },
+            Preset::Sequential => RouterSpec::sequential(1),
+            Preset::EasyOpen => RouterSpec::easy_open(),
+            other => return lab.add_host(other.nat(), shaping),
+        };
+        let router = lab.add_router_with(RouterSpec { shaping, ..spec })?;
+        let stack = match self {
+            Preset::V6Only => Stack::V6Only,
+            Preset::HardV6 | Preset::HardV6Drop => Stack::Dual,
+            _ => Stack::V4,
+        };
+        lab.add_host_behind_with(&router, stack)
+    }
+
+    /// The `--server` an agent on such a host needs when S's IPv4 address is no use to it.
+    fn server(self) -> Option<&'static str> {
+        (self == Preset::V6Only).then_some(natlab::S_LISTEN6)
+    }
 }
+
+/// The rows of the networks test ([`networks`]): presets beside the grid's, each pair with
+/// S started with its defaults. (exposer, forwarder).
+const NETWORKS: [(Preset, Preset); 7] = [
+    (Preset::Easy, Preset::Hard),
+    (Preset::Hard, Preset::Easy),
+    (Preset::HardV6, Preset::HardV6),
+    (Preset::HardV6Drop, Preset::HardV6Drop),
+    (Preset::V6Only, Preset::Easy),
+    (Preset::Sequential, Preset::Easy),
+    (Preset::EasyOpen, Preset::EasyOpen),
+];
 
 /// A path kind as `p2ptun status --json` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,6 +250,24 @@ fn expected(exposer: Preset, forwarder: Preset) -> Expect {
     use Kind::*;
     use Preset::*;
     match (exposer, forwarder) {
+        // IPv6 behind home routers: no NAT, a stateful firewall on each side. The checks to
+        // each other's host address leave at the same moment and each opens its sender's
+        // firewall for the other's: direct over IPv6, where IPv4 (hard × hard) could only be
+        // relayed.
+        (HardV6, HardV6) => Expect::Path(Udp),
+        // Both routers drop IPv6 and IPv4 is hard × hard: the relay.
+        (HardV6Drop, HardV6Drop) => Expect::Path(Relay),
+        // An IPv6-only host and an IPv4-only host share no family: only S, which listens on
+        // both, can carry them.
+        (V6Only, _) | (_, V6Only) => Expect::Path(Relay),
+        // A counting NAT: S's two addresses saw two ports `step` apart, so the easy side
+        // checks the ports after them (punch::symmetric::Strategy::Predict) and one of them
+        // is the mapping the counting side's checks come from.
+        (Sequential, Easy) | (Easy, Sequential) => Expect::Path(Udp),
+        // Routers that take unsolicited WAN packets: each side's first checks leave with a
+        // low TTL, open its own NAT and die before the far router, so neither router makes
+        // a conntrack entry of its own for the other's checks; then as easy × easy.
+        (EasyOpen, EasyOpen) => Expect::Path(Udp),
         // Both hosts on one LAN: each offers its LAN address as a host candidate and the
         // checks go straight across the bridge, never through the NAT.
         (SameLan, SameLan) => Expect::Path(Udp),
@@ -235,6 +320,12 @@ fn expected(exposer: Preset, forwarder: Preset) -> Expect {
         //   and each side's own checks open its NAT's filter for the other's.
         _ => Expect::Path(Udp),
     }
+}
+
+/// The family a pair's direct path must use: IPv6 where both hosts have it through home
+/// routers (it needs no NAT traversal and the measured RTTs tie), else IPv4.
+fn expected_ipv6(exposer: Preset, forwarder: Preset) -> bool {
+    matches!((exposer, forwarder), (Preset::HardV6, Preset::HardV6))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -314,6 +405,8 @@ struct PathSeen {
     kind: Option<Kind>,
     /// QUIC's smoothed RTT to the peer (the peer's `rtt_ms`), milliseconds.
     quic_rtt_ms: Option<f64>,
+    /// The peer's address on the path.
+    remote: Option<std::net::SocketAddr>,
     /// The whole `path` object (or `null`), for messages.
     raw: String,
 }
@@ -339,6 +432,10 @@ fn forward_path(state_dir: &Path) -> anyhow::Result<Option<PathSeen>> {
             return Ok(Some(PathSeen {
                 kind,
                 quic_rtt_ms: peer.get("rtt_ms").and_then(|r| r.as_f64()),
+                remote: path
+                    .get("remote")
+                    .and_then(|r| r.as_str())
+                    .and_then(|r| r.parse().ok()),
                 raw: path.to_string(),
             }));
         }
@@ -536,7 +633,11 @@ fn run_pair(spec: PairSpec) -> PairResult {
     let mut result = PairResult {
         spec,
         expect,
-        problems: judge(expect, &outcome),
+        problems: judge(
+            expect,
+            expected_ipv6(spec.exposer, spec.forwarder),
+            &outcome,
+        ),
         outcome,
         logs: String::new(),
         kept: None,
@@ -561,8 +662,8 @@ fn run_pair(spec: PairSpec) -> PairResult {
     result
 }
 
-/// The contract's verdict on one outcome.
-fn judge(expect: Expect, outcome: &Result<Observed, (String, String)>) -> Vec<String> {
+/// The contract's verdict on one outcome (`ipv6`: the family a direct path must use).
+fn judge(expect: Expect, ipv6: bool, outcome: &Result<Observed, (String, String)>) -> Vec<String> {
     let Expect::Path(want) = expect else {
         return Vec::new();
     };
@@ -584,6 +685,14 @@ fn judge(expect: Expect, outcome: &Result<Observed, (String, String)>) -> Vec<St
             want.label(),
             o.after.raw
         )),
+    }
+    if let (Some(Kind::Udp | Kind::Tcp), Some(remote)) = (o.after.kind, o.after.remote) {
+        if remote.is_ipv6() != ipv6 {
+            problems.push(format!(
+                "expected a direct path over {}, got one to {remote}",
+                if ipv6 { "IPv6" } else { "IPv4" }
+            ));
+        }
     }
     if o.before.kind != o.after.kind {
         problems.push(format!(
@@ -627,9 +736,9 @@ fn pair_body(spec: PairSpec, files: &common::Lab, run: &mut PairRun) -> anyhow::
             bail!("same-lan, hairpin and no-hairpin pair only with themselves")
         }
         (e, f) => (
-            lab.add_host(e.nat(), spec.shaping)
+            e.add_host(lab, spec.shaping)
                 .with_context(|| format!("adding the {} host", e.name()))?,
-            lab.add_host(f.nat(), spec.shaping)
+            f.add_host(lab, spec.shaping)
                 .with_context(|| format!("adding the {} host", f.name()))?,
         ),
     };
@@ -649,9 +758,10 @@ fn pair_body(spec: PairSpec, files: &common::Lab, run: &mut PairRun) -> anyhow::
     let kit = Kit::new(files, "grid")
         .relay_opts(RelayOpts {
             log: Some(log_level()),
-            ..RelayOpts::lab(lab)
+            ..RelayOpts::lab_defaults(lab)
         })
         .on_hosts(&a, &b)
+        .servers(spec.exposer.server(), spec.forwarder.server())
         .forward_ports(FWD_PORT)
         .agent_log(&log_level())
         .ready(Ready::Started);
@@ -865,12 +975,8 @@ fn table(results: &[PairResult]) -> String {
 }
 
 /// The pairs to run: all, or those `P2PTUN_GRID_ONLY` names (`exposer/forwarder,...`).
-fn selected_pairs() -> Vec<(Preset, Preset)> {
-    let all: Vec<(Preset, Preset)> = Preset::ALL
-        .into_iter()
-        .flat_map(|e| Preset::ALL.into_iter().map(move |f| (e, f)))
-        .filter(|&(e, f)| expected(e, f) != Expect::NotApplicable)
-        .collect();
+/// `all`, or those of them `P2PTUN_GRID_ONLY` names.
+fn selected_pairs(all: Vec<(Preset, Preset)>) -> Vec<(Preset, Preset)> {
     let Ok(only) = std::env::var("P2PTUN_GRID_ONLY") else {
         return all;
     };
@@ -914,10 +1020,35 @@ fn grid() {
     if !natlab::require_root() {
         return;
     }
+    let all = Preset::ALL
+        .into_iter()
+        .flat_map(|e| Preset::ALL.into_iter().map(move |f| (e, f)))
+        .filter(|&(e, f)| expected(e, f) != Expect::NotApplicable)
+        .collect();
+    run_pairs("grid", selected_pairs(all), true);
+}
+
+/// The networks users are on beyond the grid's presets ([`NETWORKS`]): IPv6 behind home
+/// routers, IPv6 dropped, an IPv6-only host, a counting NAT, routers without an input
+/// firewall; with the same checks as the grid.
+#[test]
+fn networks() {
+    if !natlab::require_root() {
+        return;
+    }
+    run_pairs("networks", selected_pairs(NETWORKS.to_vec()), false);
+}
+
+/// Runs `pairs` a few at a time, prints the results (as the grid's table if `as_table`),
+/// and fails listing every pair whose outcome differs from the contract.
+fn run_pairs(what: &str, pairs: Vec<(Preset, Preset)>, as_table: bool) {
+    if pairs.is_empty() {
+        say(&format!("{what}: no pair selected (P2PTUN_GRID_ONLY)\n"));
+        return;
+    }
     let started = Instant::now();
     // Build (or find) S's binary once, before the pairs race for it.
     let _ = common::relay_bin();
-    let pairs = selected_pairs();
     let shaping = grid_shaping();
     let deadline = if shaping.is_none() {
         PAIR_DEADLINE
@@ -930,7 +1061,7 @@ fn grid() {
         .filter(|&j| j > 0)
         .unwrap_or(JOBS);
     say(&format!(
-        "grid: {} pairs, {jobs} at a time, 2×{} MiB each, WAN links {shaping:?}\n",
+        "{what}: {} pairs, {jobs} at a time, 2×{} MiB each, WAN links {shaping:?}\n",
         pairs.len(),
         LEN >> 20
     ));
@@ -951,7 +1082,7 @@ fn grid() {
                     deadline,
                 });
                 say(&format!(
-                    "grid: [{:>2}/{}] {}",
+                    "{what}: [{:>2}/{}] {}",
                     i + 1,
                     pairs.len(),
                     detail(&r)
@@ -965,17 +1096,23 @@ fn grid() {
     results.sort_by_key(|r| (order(r.spec.exposer), order(r.spec.forwarder)));
 
     let failed: Vec<&PairResult> = results.iter().filter(|r| !r.passed()).collect();
+    let table = if as_table {
+        format!(
+            "\n{what}: exposer presets down, forwarder presets across; cells: path kind and ms \
+             from starting the forwarder to the first echoed byte\n\n{}",
+            table(&results)
+        )
+    } else {
+        String::new()
+    };
     let mut report = format!(
-        "\ngrid: exposer presets down, forwarder presets across; cells: path kind and ms from \
-         starting the forwarder to the first echoed byte\n\n{}\n{} of {} pairs as expected, \
-         {} not; {:.0} s in all\n",
-        table(&results),
+        "{table}\n{what}: {} of {} pairs as expected, {} not; {:.0} s in all\n",
         results.len() - failed.len(),
         results.len(),
         failed.len(),
         started.elapsed().as_secs_f64()
     );
-    report.push_str("\ngrid: every pair\n");
+    report.push_str(&format!("\n{what}: every pair\n"));
     for r in &results {
         report.push_str(&detail(r));
     }

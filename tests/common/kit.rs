@@ -241,6 +241,9 @@ pub struct RelayOpts {
     pub place: Place,
     /// Its listen and second STUN addresses; `None`: 127.0.0.1 with free ports.
     pub addrs: Option<(SocketAddr, SocketAddr)>,
+    /// Started with its defaults, as the README tells an operator (no `--listen` and
+    /// `--stun-alt`); `addrs` are then where agents find it, not flags.
+    pub no_address_flags: bool,
     /// Inside the test process ([`LocalRelay`]) instead of as `p2ptun-relay`.
     pub in_process: bool,
     /// `RUST_LOG` of the process (default `P2PTUN_TEST_LOG`, else `info`).
@@ -257,6 +260,17 @@ impl RelayOpts {
                 natlab::S_ALT.parse().expect("S's second lab address"),
             )),
             ..RelayOpts::default()
+        }
+    }
+
+    /// S in the NAT lab started as an operator would, with no address flags: it listens on
+    /// both families' wildcard at its default ports; agents reach it at [`natlab::S_LISTEN`].
+    pub fn lab_defaults(lab: &natlab::Lab) -> RelayOpts {
+        let main: SocketAddr = natlab::S_LISTEN.parse().expect("S's lab address");
+        RelayOpts {
+            addrs: Some((main, SocketAddr::new(main.ip(), main.port() + 1))),
+            no_address_flags: true,
+            ..RelayOpts::lab(lab)
         }
     }
 }
@@ -396,14 +410,19 @@ impl Relay {
 
     /// The arguments of `p2ptun-relay` for these addresses.
     fn args(&self, addr: SocketAddr, alt: SocketAddr) -> Vec<String> {
-        let mut args = vec![
-            "--listen".to_owned(),
-            addr.to_string(),
-            "--stun-alt".to_owned(),
-            alt.to_string(),
+        let mut args = Vec::new();
+        if !self.opts.no_address_flags {
+            args.extend([
+                "--listen".to_owned(),
+                addr.to_string(),
+                "--stun-alt".to_owned(),
+                alt.to_string(),
+            ]);
+        }
+        args.extend([
             "--state-dir".to_owned(),
             self.state_dir.to_string_lossy().into_owned(),
-        ];
+        ]);
         for t in &self.opts.tokens {
             args.extend(["--token".to_owned(), t.clone()]);
         }
@@ -577,9 +596,9 @@ async fn wait_relay_ready(proc: &Proc, addr: SocketAddr, ping: bool) -> anyhow::
 /// candidate on another interface and every test packet stays on 127.0.0.1.
 pub const AGENT_BIND: &str = "127.0.0.1:0";
 
-/// The agents' UDP socket on a NAT-lab host: every interface of its namespace, as by
-/// default (loopback would reach nothing there).
-pub const LAB_BIND: &str = "0.0.0.0:0";
+/// The agents' UDP socket on a NAT-lab host: the agent's default, one dual-stack socket on
+/// every interface of its namespace (loopback would reach nothing there).
+pub const LAB_BIND: &str = "[::]:0";
 
 /// How to run `p2ptun` as one agent: its state dir and S.
 #[derive(Debug, Clone)]
@@ -1117,6 +1136,7 @@ pub struct Kit<'a> {
     labels: [String; 2],
     places: [Place; 2],
     flags: [Vec<String>; 2],
+    servers: [Option<String>; 2],
     bind: String,
     agent_log: Option<String>,
     first_port: Option<u16>,
@@ -1135,6 +1155,7 @@ impl<'a> Kit<'a> {
             labels: ["exposer".to_owned(), "forwarder".to_owned()],
             places: [Place::here(), Place::here()],
             flags: [Vec::new(), Vec::new()],
+            servers: [None, None],
             bind: AGENT_BIND.to_owned(),
             agent_log: None,
             first_port: None,
@@ -1219,6 +1240,13 @@ impl<'a> Kit<'a> {
         self
     }
 
+    /// The `--server` of the exposer and of the forwarder when not S's [`Relay::server`]
+    /// (an IPv6-only host reaches S at its IPv6 address); `None` keeps that one.
+    pub fn servers(mut self, exposer: Option<&str>, forwarder: Option<&str>) -> Self {
+        self.servers = [exposer.map(str::to_owned), forwarder.map(str::to_owned)];
+        self
+    }
+
     /// More global flags for both agents.
     pub fn flags(self, flags: &[&str]) -> Self {
         self.exposer_flags(flags).forwarder_flags(flags)
@@ -1282,18 +1310,33 @@ impl<'a> Kit<'a> {
         let relay = server.or(owned.as_ref()).expect("an S");
         let [exposer_place, forwarder_place] = self.places;
         let [exposer_flags, forwarder_flags] = self.flags;
-        let agent = |label: &str, place: Place, flags: Vec<String>| Agent {
-            place,
-            flags,
-            bind: self.bind.clone(),
-            log: self
-                .agent_log
-                .clone()
-                .unwrap_or_else(|| log_level("P2PTUN_TEST_LOG", "info")),
-            ..files.agent(label, relay)
+        let [exposer_server, forwarder_server] = self.servers;
+        let agent = |label: &str, place: Place, flags: Vec<String>, server: Option<String>| {
+            let agent = files.agent(label, relay);
+            Agent {
+                place,
+                flags,
+                bind: self.bind.clone(),
+                log: self
+                    .agent_log
+                    .clone()
+                    .unwrap_or_else(|| log_level("P2PTUN_TEST_LOG", "info")),
+                server: server.unwrap_or(agent.server.clone()),
+                ..agent
+            }
         };
-        let expose_agent = agent(&self.labels[0], exposer_place, exposer_flags);
-        let mut forward_agent = agent(&self.labels[1], forwarder_place, forwarder_flags);
+        let expose_agent = agent(
+            &self.labels[0],
+            exposer_place,
+            exposer_flags,
+            exposer_server,
+        );
+        let mut forward_agent = agent(
+            &self.labels[1],
+            forwarder_place,
+            forwarder_flags,
+            forwarder_server,
+        );
         // The forwarder pins S's key on first use.
         forward_agent.server_fingerprint = None;
 
@@ -1325,6 +1368,7 @@ impl<'a> Kit<'a> {
             .collect();
 
         let s: Vec<&dyn Runs> = owned.iter().map(|r| r as &dyn Runs).collect();
+        let exposer_started = Instant::now();
         let exposer = expose_agent
             .start(self.how, &exposes, &[])
             .await
@@ -1332,6 +1376,7 @@ impl<'a> Kit<'a> {
         wait_registered(&exposer, &expose_agent.state_dir, &s)
             .await
             .context(Step::Exposer)?;
+        let exposer_registered_in = exposer_started.elapsed();
         let forwarder_started = Instant::now();
         let forwarder = forward_agent
             .start(self.how, &[], &forwards)
@@ -1347,6 +1392,7 @@ impl<'a> Kit<'a> {
             names,
             ports,
             forwarder_started,
+            exposer_registered_in,
             services,
             files: None,
         };
@@ -1431,6 +1477,8 @@ pub struct Tunnel<Svc> {
     pub ports: Vec<u16>,
     /// When the forwarder was started.
     pub forwarder_started: Instant,
+    /// From starting the exposer to its status saying it is registered with S.
+    pub exposer_registered_in: Duration,
     /// What the exposer exposes.
     pub services: Vec<Svc>,
     /// The test's files, if the tunnel holds them ([`Tunnel::holding`]); dropped last, so
