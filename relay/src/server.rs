@@ -8,12 +8,12 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use p2ptun::path::{PathSocket, Policy};
+use p2ptun::path::{PathSocket, Policy, ReplySocket};
 use p2ptun::proto::{Fingerprint, ALPN_CONTROL};
 use p2ptun::tunnel::endpoint::make_endpoint;
 use p2ptun::tunnel::identity::create_private_dir;
 use p2ptun::tunnel::tls::{self, TlsError};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::config::{ConfigError, RelayConfig};
@@ -157,11 +157,9 @@ impl Relay {
         let alt_bind = config
             .stun_alt_bind()
             .unwrap_or(SocketAddr::new(local_addr.ip(), 0));
-        let alt = UdpSocket::bind(alt_bind).await.map_err(bind_error(
-            "the alternate STUN port",
-            alt_bind,
-            "stun_alt",
-        ))?;
+        let alt = std::net::UdpSocket::bind(alt_bind)
+            .and_then(ReplySocket::from_std)
+            .map_err(bind_error("the alternate STUN port", alt_bind, "stun_alt"))?;
         let stun_alt_addr = alt.local_addr().map_err(bind_error(
             "the alternate STUN port",
             alt_bind,

@@ -308,6 +308,11 @@ pub fn other_address(msg: &StunMessage) -> Option<SocketAddr> {
     msg.get_attribute::<OtherAddress>().map(|a| a.address())
 }
 
+/// The RFC 5780 RESPONSE-ORIGIN of a response.
+pub fn response_origin(msg: &StunMessage) -> Option<SocketAddr> {
+    msg.get_attribute::<ResponseOrigin>().map(|a| a.address())
+}
+
 /// The (change IP, change port) flags of a CHANGE-REQUEST attribute (RFC 5780 §7.2: bits
 /// 0x4 and 0x2 of its 32-bit value), read from the raw message.
 ///
