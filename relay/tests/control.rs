@@ -65,7 +65,11 @@ struct Agent {
 }
 
 async fn connect(server: SocketAddr, identity: Identity) -> Agent {
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let local = match server {
+        SocketAddr::V4(_) => "127.0.0.1:0",
+        SocketAddr::V6(_) => "[::1]:0",
+    };
+    let mut endpoint = quinn::Endpoint::client(local.parse().unwrap()).unwrap();
     endpoint.set_default_client_config(tls::client_config(&identity, ALPN_CONTROL).unwrap());
     let conn = timeout(WAIT, endpoint.connect(server, "p2ptun").unwrap())
         .await
@@ -491,6 +495,68 @@ async fn s_on_the_unspecified_address_reports_and_answers_from_the_address_asked
             );
         }
         other => panic!("{other:?}"),
+    }
+}
+
+/// Whether this host can bind `::1`; if not, says the IPv6 half of a test is skipped, and
+/// fails where it must run (CI=true).
+fn ipv6_loopback() -> bool {
+    if std::net::UdpSocket::bind("[::1]:0").is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "::1 cannot be bound, and CI=true requires the IPv6 half"
+    );
+    println!("SKIPPED: no IPv6 on loopback");
+    false
+}
+
+#[tokio::test]
+async fn the_default_listen_address_serves_ipv4_and_ipv6_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), &[]);
+    // The default, on free ports.
+    let default = RelayConfig::default();
+    config.listen = SocketAddr::new(default.listen.ip(), 0);
+    config.ipv4_fallback = default.ipv4_fallback;
+    config.stun_alt = None;
+    config.limits.stun_rate_per_ip = 100_000;
+    let s = start_with(config).await;
+    let mut clients = vec!["127.0.0.1"];
+    if ipv6_loopback() {
+        assert_eq!(s.addr.ip(), default.listen.ip(), "one dual-stack socket");
+        clients.push("::1");
+    }
+    for host in clients {
+        let host: std::net::IpAddr = host.parse().unwrap();
+        let (main, alt) = (
+            SocketAddr::new(host, s.addr.port()),
+            SocketAddr::new(host, s.alt.port()),
+        );
+        let sock = UdpSocket::bind(SocketAddr::new(host, 0)).await.unwrap();
+        // Every address in the client's own family: an IPv4 client's mapping, S's addresses
+        // and the answer's source are IPv4, never IPv4-mapped.
+        let me = sock.local_addr().unwrap();
+        let (from, msg) = stun_ask(&sock, main, Some((false, false))).await.unwrap();
+        assert_eq!(from, main);
+        assert_eq!(stun::mapped_address(&msg), Some(me));
+        assert_eq!(stun::other_address(&msg), Some(alt));
+        assert_eq!(
+            stun_query(&sock, main, Some((false, true))).await,
+            Some((alt, me))
+        );
+        assert_eq!(classic_query(&sock, alt).await, Some((alt, me)));
+        // QUIC: an agent registers and is told where S sees it and the alternate port.
+        let a = new_agent(main).await;
+        let (_, _, answer) = a.register(None, &[]).await;
+        match answer {
+            ServerMsg::Registered { observed, stun_alt } => {
+                assert_eq!(observed, a.local(), "{host}");
+                assert_eq!(stun_alt, Some(alt), "{host}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
 
