@@ -45,8 +45,9 @@ pub struct Cli {
     #[arg(short = 'c', long = "config", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// UDP address for QUIC and STUN, and TCP address for QUIC over TCP
-    /// [default: 0.0.0.0:7000].
+    /// UDP address for QUIC and STUN, and TCP address for QUIC over TCP; an IPv6 address
+    /// accepts IPv4 as well [default: [::]:7000, IPv6 and IPv4; 0.0.0.0:7000 on a host
+    /// without IPv6].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
 
@@ -117,6 +118,7 @@ impl Cli {
     fn apply(self, config: &mut RelayConfig) {
         if let Some(listen) = self.listen {
             config.listen = listen;
+            config.ipv4_fallback = false;
         }
         if let Some(alt) = self.stun_alt {
             config.stun_alt = Some(alt);
@@ -185,6 +187,7 @@ mod tests {
         .unwrap();
         let config = cli.into_config().unwrap();
         assert_eq!(config.listen, "127.0.0.1:7200".parse().unwrap());
+        assert!(!config.ipv4_fallback);
         assert_eq!(
             config.stun_alt_bind(),
             Some("127.0.0.1:7201".parse().unwrap())
@@ -246,6 +249,22 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn only_the_default_listen_address_falls_back_to_ipv4() {
+        let default = Cli::try_parse_from(["p2ptun-relay"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(default.listen, "[::]:7000".parse().unwrap());
+        assert!(default.ipv4_fallback);
+        let given = Cli::try_parse_from(["p2ptun-relay", "--listen", "[::]:7000"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(given.listen, default.listen);
+        assert!(!given.ipv4_fallback);
     }
 
     #[test]

@@ -3,15 +3,22 @@
 //! [`crate::cli`]; this module knows nothing of flags.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer};
 
-/// Where S listens (UDP for QUIC and STUN) unless told otherwise.
-pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 7000);
+/// Where S listens (UDP for QUIC and STUN, TCP for QUIC over TCP) unless told otherwise:
+/// every address of the host, IPv6 and IPv4 on one dual-stack socket each (IPv4 clients show
+/// up as IPv4-mapped addresses, which S turns back into IPv4 wherever it keeps, compares or
+/// reports one). On a host without IPv6, [`DEFAULT_LISTEN_V4`] instead.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 7000);
+
+/// Where S listens by default on a host without IPv6: every IPv4 address.
+pub const DEFAULT_LISTEN_V4: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_LISTEN.port());
 
 /// Where S keeps its identity key and the name claims, relative to the working directory,
 /// unless told otherwise. Relative on purpose: a first run in a scratch directory leaves
@@ -115,8 +122,13 @@ pub struct TlsFiles {
 /// Everything S needs to start.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RelayConfig {
-    /// The UDP address for QUIC and STUN.
+    /// The UDP address for QUIC and STUN, and the TCP address for QUIC over TCP. An IPv6
+    /// address is bound dual-stack (it accepts IPv4 too, IPV6_V6ONLY off).
     pub listen: SocketAddr,
+    /// Whether S may listen on `0.0.0.0` with `listen`'s port instead when `listen` is `[::]`
+    /// and the host has no IPv6. True for the default `listen` only: an address from the
+    /// file or the command line is used as given.
+    pub ipv4_fallback: bool,
     /// The second STUN address; `None` means the listen address's IP with the next port (or
     /// any free port when `listen`'s port is 0).
     pub stun_alt: Option<SocketAddr>,
@@ -138,6 +150,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
             listen: DEFAULT_LISTEN,
+            ipv4_fallback: true,
             stun_alt: None,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             tokens: Vec::new(),
@@ -154,6 +167,7 @@ impl fmt::Debug for RelayConfig {
         // Tokens are secrets: logs get their number only.
         f.debug_struct("RelayConfig")
             .field("listen", &self.listen)
+            .field("ipv4_fallback", &self.ipv4_fallback)
             .field("stun_alt", &self.stun_alt)
             .field("state_dir", &self.state_dir)
             .field("tokens", &self.tokens.len())
@@ -171,14 +185,20 @@ impl RelayConfig {
     /// `None` when the default (listen port + 1) would overflow; [`RelayConfig::validate`]
     /// reports that.
     pub fn stun_alt_bind(&self) -> Option<SocketAddr> {
+        self.stun_alt_bind_beside(self.listen)
+    }
+
+    /// The address the alternate STUN socket binds to when the main one is bound at
+    /// `listen` (which is [`Self::listen`], or its IPv4 fallback).
+    pub fn stun_alt_bind_beside(&self, listen: SocketAddr) -> Option<SocketAddr> {
         if let Some(alt) = self.stun_alt {
             return Some(alt);
         }
-        let port = match self.listen.port() {
+        let port = match listen.port() {
             0 => 0,
             p => p.checked_add(1)?,
         };
-        Some(SocketAddr::new(self.listen.ip(), port))
+        Some(SocketAddr::new(listen.ip(), port))
     }
 
     /// Checks what types alone cannot: limits of at least 1, tokens that are not empty, a
@@ -399,6 +419,7 @@ impl FileConfig {
                 .unwrap_or(defaults.limits.stun_rate_per_ip),
         };
         Ok(RelayConfig {
+            ipv4_fallback: self.listen.is_none(),
             listen: self.listen.unwrap_or(defaults.listen),
             stun_alt: self.stun_alt,
             state_dir: self.state_dir.unwrap_or(defaults.state_dir),
@@ -493,10 +514,17 @@ mod tests {
     fn an_empty_file_gives_the_defaults() {
         let config = parse("").unwrap();
         assert_eq!(config, RelayConfig::default());
+        assert_eq!(config.listen, "[::]:7000".parse().unwrap());
+        assert!(config.ipv4_fallback);
+        assert_eq!(config.stun_alt_bind(), Some("[::]:7001".parse().unwrap()));
         assert_eq!(
-            config.stun_alt_bind(),
+            config.stun_alt_bind_beside(DEFAULT_LISTEN_V4),
             Some("0.0.0.0:7001".parse().unwrap())
         );
+        // A listen address given, even the default one, is used as given.
+        let given = parse("listen = \"[::]:7000\"").unwrap();
+        assert_eq!(given.listen, DEFAULT_LISTEN);
+        assert!(!given.ipv4_fallback);
         assert!(!format!("{config:?}").is_empty());
     }
 

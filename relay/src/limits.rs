@@ -190,6 +190,18 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv4_source_counts_once_in_both_spellings() {
+        // A dual-stack socket sees IPv4 clients IPv4-mapped; TCP peers are canonical.
+        let l = ConnLimits::new(limits());
+        let _a = accept(l.admit(ip("::ffff:192.0.2.1"), true, false));
+        let _b = accept(l.admit(ip("192.0.2.1"), true, false));
+        assert!(matches!(
+            l.admit(ip("::ffff:192.0.2.1"), true, false),
+            Admission::Refuse(Refusal::PerSource)
+        ));
+    }
+
+    #[test]
     fn busy_handshakes_ask_for_retry_then_refuse() {
         let l = ConnLimits::new(Limits {
             max_connections_per_ip: 100,

@@ -2,18 +2,19 @@
 //! limits and hands each to [`crate::control`], whether it came over UDP or over TCP.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use p2ptun::path::{PathSocket, Policy};
+use p2ptun::path::{canonical, PathSocket, Policy, ReplySocket};
 use p2ptun::proto::{Fingerprint, ALPN_CONTROL};
 use p2ptun::tunnel::endpoint::make_endpoint;
 use p2ptun::tunnel::identity::create_private_dir;
 use p2ptun::tunnel::tls::{self, TlsError};
-use tokio::net::{TcpListener, UdpSocket};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::config::{ConfigError, RelayConfig};
@@ -139,13 +140,12 @@ impl Relay {
         transport.receive_window(CONNECTION_WINDOW.into());
         server_config.transport_config(Arc::new(transport));
 
-        let (udp, tcp_listener) = bind_udp_and_tcp(config.listen).await?;
+        let (udp, tcp_listener, listen) = bind_listen(config.listen, config.ipv4_fallback).await?;
         let (socket, stun_rx) = PathSocket::from_std(udp, Policy::AcceptAll)
-            .map_err(bind_error("QUIC and STUN", config.listen, "listen"))?;
-        let local_addr =
-            socket
-                .local()
-                .map_err(bind_error("QUIC and STUN", config.listen, "listen"))?;
+            .map_err(bind_error("QUIC and STUN", listen, "listen"))?;
+        let local_addr = socket
+            .local()
+            .map_err(bind_error("QUIC and STUN", listen, "listen"))?;
         let endpoint = make_endpoint(
             Arc::clone(&socket),
             Some(server_config),
@@ -155,13 +155,11 @@ impl Relay {
 
         // Validation guarantees an address; the fallback only keeps this total.
         let alt_bind = config
-            .stun_alt_bind()
+            .stun_alt_bind_beside(listen)
             .unwrap_or(SocketAddr::new(local_addr.ip(), 0));
-        let alt = UdpSocket::bind(alt_bind).await.map_err(bind_error(
-            "the alternate STUN port",
-            alt_bind,
-            "stun_alt",
-        ))?;
+        let alt = bind_udp(alt_bind)
+            .and_then(ReplySocket::from_std)
+            .map_err(bind_error("the alternate STUN port", alt_bind, "stun_alt"))?;
         let stun_alt_addr = alt.local_addr().map_err(bind_error(
             "the alternate STUN port",
             alt_bind,
@@ -215,10 +213,14 @@ impl Relay {
             "server fingerprint {fingerprint}  (agents pin it on first use; pass \
              --server-fingerprint to be strict)"
         );
+        let families = match local_addr.ip() {
+            IpAddr::V6(ip) if ip.is_unspecified() => " (IPv6 and IPv4)",
+            _ => "",
+        };
         tracing::info!(
             state_dir = %config.state_dir.display(),
-            "listening for QUIC and STUN on {local_addr}, STUN also on {stun_alt_addr}, \
-             QUIC over TCP on {local_addr}"
+            "listening for QUIC and STUN on {local_addr}{families}, STUN also on \
+             {stun_alt_addr}, QUIC over TCP on {local_addr}"
         );
         let relay = Relay {
             endpoint,
@@ -321,6 +323,38 @@ impl Relay {
     }
 }
 
+/// Binds UDP and TCP at `listen` ([`bind_udp_and_tcp`]); returns the sockets and the
+/// address they were bound at. With `ipv4_fallback`, a `listen` of `[::]` on a host without
+/// IPv6 becomes `0.0.0.0` with the same port.
+async fn bind_listen(
+    listen: SocketAddr,
+    ipv4_fallback: bool,
+) -> Result<(std::net::UdpSocket, TcpListener, SocketAddr), RelayError> {
+    let may_fall_back = ipv4_fallback && listen.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+    match bind_udp_and_tcp(listen).await {
+        Ok((udp, tcp)) => Ok((udp, tcp, listen)),
+        Err(RelayError::Bind { source, .. }) if may_fall_back && no_ipv6(&source) => {
+            let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), listen.port());
+            tracing::info!(
+                "this host has no IPv6 ({source}): listening on {v4}, IPv4 only, instead of \
+                 {listen}"
+            );
+            let (udp, tcp) = bind_udp_and_tcp(v4).await?;
+            Ok((udp, tcp, v4))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether binding an IPv6 socket failed because the host has no IPv6: the kernel has no
+/// IPv6 at all (EAFNOSUPPORT) or no IPv6 address to bind (EADDRNOTAVAIL).
+fn no_ipv6(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+    )
+}
+
 /// Binds UDP at `listen` and TCP at the same address and port. Told port 0, it draws UDP
 /// ports until one is free on TCP as well.
 async fn bind_udp_and_tcp(
@@ -328,15 +362,11 @@ async fn bind_udp_and_tcp(
 ) -> Result<(std::net::UdpSocket, TcpListener), RelayError> {
     let mut attempt = 1;
     loop {
-        let udp = std::net::UdpSocket::bind(listen).map_err(bind_error(
-            "QUIC and STUN",
-            listen,
-            "listen",
-        ))?;
+        let udp = bind_udp(listen).map_err(bind_error("QUIC and STUN", listen, "listen"))?;
         let addr = udp
             .local_addr()
             .map_err(bind_error("QUIC and STUN", listen, "listen"))?;
-        match TcpListener::bind(addr).await {
+        match bind_tcp(addr) {
             Ok(tcp) => return Ok((udp, tcp)),
             Err(e)
                 if listen.port() == 0
@@ -350,6 +380,36 @@ async fn bind_udp_and_tcp(
     }
 }
 
+/// Makes a socket for `addr`'s family; an IPv6 one accepts IPv4 as well. IPV6_V6ONLY is set
+/// explicitly, as the system's default varies (Linux's `net.ipv6.bindv6only`, and other
+/// systems default to on).
+fn new_socket(addr: SocketAddr, kind: Type, protocol: Protocol) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), kind, Some(protocol))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    Ok(socket)
+}
+
+/// A UDP socket bound at `addr` (dual-stack for an IPv6 address).
+fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = new_socket(addr, Type::DGRAM, Protocol::UDP)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// A TCP listener at `addr` (dual-stack for an IPv6 address). SO_REUSEADDR, as
+/// `TcpListener::bind` sets it, so that a restarted S can bind while its old connections
+/// linger in TIME_WAIT.
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = new_socket(addr, Type::STREAM, Protocol::TCP)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
+}
+
 fn admit(
     shared: &Arc<Shared>,
     limits: &Arc<ConnLimits>,
@@ -357,7 +417,9 @@ fn admit(
     connections: &mut JoinSet<()>,
     incoming: quinn::Incoming,
 ) {
-    let remote = incoming.remote_address();
+    // An IPv4 client of the dual-stack socket shows up IPv4-mapped; S counts and logs it as
+    // the IPv4 address it is (a TCP connection from it is counted so as well).
+    let remote = canonical(incoming.remote_address());
     if links::is_virtual(remote) {
         // Carried on TCP: the TCP connection was admitted under the limits already, and its
         // slot passes to the QUIC connection. Anything else from a virtual address (a second
@@ -416,7 +478,7 @@ async fn handshake_and_serve(
 ) {
     let remote = link
         .as_ref()
-        .map_or(incoming.remote_address(), |link| link.peer);
+        .map_or(canonical(incoming.remote_address()), |link| link.peer);
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(e) => {
@@ -484,5 +546,49 @@ async fn shutdown_signal() {
     if tokio::signal::ctrl_c().await.is_err() {
         // Without signal handling, run until killed.
         std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_without_ipv6_is_told_from_other_bind_failures() {
+        for errno in [libc::EAFNOSUPPORT, libc::EADDRNOTAVAIL] {
+            assert!(no_ipv6(&std::io::Error::from_raw_os_error(errno)));
+        }
+        for errno in [libc::EADDRINUSE, libc::EACCES] {
+            assert!(!no_ipv6(&std::io::Error::from_raw_os_error(errno)));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_bind_accepts_ipv4_too() {
+        let Ok(udp) = bind_udp("[::]:0".parse().unwrap()) else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "[::] cannot be bound, and CI=true requires IPv6"
+            );
+            println!("SKIPPED: no IPv6 here");
+            return;
+        };
+        udp.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let only_v6 = socket2::SockRef::from(&udp).only_v6().unwrap();
+        assert!(!only_v6, "the UDP socket is dual-stack");
+        let port = udp.local_addr().unwrap().port();
+        let tcp = bind_tcp(SocketAddr::from(([0u16; 8], port))).unwrap();
+        assert!(!socket2::SockRef::from(&tcp).only_v6().unwrap());
+        // An IPv4 client reaches both.
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"v4", ("127.0.0.1", port)).unwrap();
+        let mut buf = [0u8; 8];
+        let (n, from) = udp.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"v4");
+        assert_eq!(canonical(from), client.local_addr().unwrap());
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
     }
 }

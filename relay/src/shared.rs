@@ -50,10 +50,11 @@ impl Carrier {
         }
     }
 
-    /// S's address the agent's packets reach, when known.
+    /// S's address the agent's packets reach, when known (canonical: an IPv4 address that
+    /// reached the dual-stack socket in its IPv4 form).
     pub fn local_ip(self, conn: &Connection) -> Option<IpAddr> {
         match self {
-            Carrier::Udp => conn.local_ip(),
+            Carrier::Udp => conn.local_ip().map(|ip| ip.to_canonical()),
             Carrier::Tcp { local, .. } => Some(local.ip()),
         }
     }

@@ -1,29 +1,24 @@
 //! S's STUN service: requests from the main socket (handed over by the [`PathSocket`]) and
 //! from the alternate socket meet one rate limiter and [`crate::stun::answer`], and the
-//! answers leave from whichever socket that decides.
+//! answers leave from whichever socket that decides, from the address the request reached.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use p2ptun::path::{PathSocket, StunPacket};
-use tokio::net::UdpSocket;
+use p2ptun::path::{canonical, PathSocket, ReplySocket, StunPacket};
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::stun::{answer, StunAddrs, Via};
 
-/// The largest datagram read on the alternate socket; a Binding request S answers is far
-/// smaller, so a longer one is cut short and then ignored as malformed.
-const MAX_DATAGRAM: usize = 2048;
-
 /// The STUN responder on S's two sockets.
 #[derive(Debug)]
 pub struct StunServer {
     main: Arc<PathSocket>,
     main_rx: mpsc::Receiver<StunPacket>,
-    alt: UdpSocket,
+    alt: ReplySocket,
     addrs: StunAddrs,
     limiter: RateLimiter,
     metrics: Arc<Metrics>,
@@ -35,7 +30,7 @@ impl StunServer {
     pub fn new(
         main: Arc<PathSocket>,
         main_rx: mpsc::Receiver<StunPacket>,
-        alt: UdpSocket,
+        alt: ReplySocket,
         rate_per_ip: u32,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
@@ -55,17 +50,18 @@ impl StunServer {
 
     /// Answers until the main socket goes away.
     pub async fn run(mut self) {
-        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut buf = vec![0u8; ReplySocket::BUFFER];
         loop {
             tokio::select! {
                 packet = self.main_rx.recv() => match packet {
-                    Some(packet) => self.handle(&packet.data, packet.from, Via::Main).await,
+                    Some(p) => self.handle(&p.data, p.from, p.to, Via::Main).await,
                     None => return,
                 },
-                received = self.alt.recv_from(&mut buf) => match received {
-                    Ok((n, from)) => {
-                        let data = buf[..n].to_vec();
-                        self.handle(&data, from, Via::Alt).await;
+                received = self.alt.recv(&mut buf) => match received {
+                    Ok(received) => {
+                        for datagram in received.datagrams(&buf) {
+                            self.handle(datagram, received.from, received.to, Via::Alt).await;
+                        }
                     }
                     Err(e) => {
                         // Mostly ICMP errors for earlier answers; they concern one client.
@@ -77,36 +73,40 @@ impl StunServer {
         }
     }
 
-    async fn handle(&mut self, data: &[u8], from: SocketAddr, on: Via) {
+    /// Answers one datagram that came from `from` to S's address `dst` on socket `on`.
+    async fn handle(&mut self, data: &[u8], from: SocketAddr, dst: Option<IpAddr>, on: Via) {
+        // One limit per source over both sockets and both STUN generations; an IPv4 source
+        // counts as itself whether it reached an IPv4 or a dual-stack socket.
+        let from = canonical(from);
         if !self.limiter.allow(from.ip(), Instant::now()) {
             Metrics::inc(&self.metrics.stun_rate_limited_total);
             return;
         }
-        let Some(reply) = answer(data, from, on, &self.addrs) else {
+        let Some(reply) = answer(data, from, dst, on, &self.addrs) else {
             Metrics::inc(&self.metrics.stun_ignored_total);
-            tracing::trace!(%from, ?on, len = data.len(), "ignoring a datagram on a STUN socket");
+            tracing::trace!(%from, ?dst, ?on, len = data.len(), "ignoring a datagram on a STUN socket");
             return;
         };
         let sent = match reply.via {
-            Via::Main => self.main.send_to(&reply.bytes, reply.to).await,
+            Via::Main => {
+                self.main
+                    .send_from(&reply.bytes, reply.to, reply.src_ip)
+                    .await
+            }
             Via::Alt => {
-                let to = family(self.addrs.alt, reply.to);
-                self.alt.send_to(&reply.bytes, to).await.map(|_| ())
+                self.alt
+                    .send_from(&reply.bytes, reply.to, reply.src_ip)
+                    .await
             }
         };
         match sent {
             Ok(()) => Metrics::inc(&self.metrics.stun_answered_total),
-            Err(e) => tracing::debug!(to = %reply.to, error = %e, "STUN answer not sent"),
+            Err(e) => tracing::debug!(
+                to = %reply.to,
+                src_ip = ?reply.src_ip,
+                error = %e,
+                "STUN answer not sent"
+            ),
         }
-    }
-}
-
-/// Spells `to` as a socket bound at `local` needs it: IPv4-mapped on an IPv6 socket.
-fn family(local: SocketAddr, to: SocketAddr) -> SocketAddr {
-    match (local, to) {
-        (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
-            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-        }
-        _ => to,
     }
 }

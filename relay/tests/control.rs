@@ -1,5 +1,6 @@
-//! S in-process on 127.0.0.1, driven by plain quinn clients: registration, name ownership,
-//! tokens, introductions, STUN on both ports, and garbage that must change nothing.
+//! S in-process on 127.0.0.1 (and on the unspecified address), driven by plain quinn
+//! clients: registration, name ownership, tokens, introductions, STUN of both generations on
+//! both ports, and garbage that must change nothing.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -64,7 +65,11 @@ struct Agent {
 }
 
 async fn connect(server: SocketAddr, identity: Identity) -> Agent {
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let local = match server {
+        SocketAddr::V4(_) => "127.0.0.1:0",
+        SocketAddr::V6(_) => "[::1]:0",
+    };
+    let mut endpoint = quinn::Endpoint::client(local.parse().unwrap()).unwrap();
     endpoint.set_default_client_config(tls::client_config(&identity, ALPN_CONTROL).unwrap());
     let conn = timeout(WAIT, endpoint.connect(server, "p2ptun").unwrap())
         .await
@@ -152,23 +157,58 @@ fn expect_error(msg: ServerMsg, code: ErrorCode, text: &str) {
     }
 }
 
-async fn stun_query(
-    sock: &UdpSocket,
-    to: SocketAddr,
-    change: Option<(bool, bool)>,
-) -> Option<(SocketAddr, SocketAddr)> {
-    let tid = stun::new_tid();
-    sock.send_to(&stun::binding_request(tid, change), to)
-        .await
-        .unwrap();
+/// Sends `request` to `to` and returns the answer and where it came from, if one comes
+/// within a second.
+async fn ask(sock: &UdpSocket, to: SocketAddr, request: &[u8]) -> Option<(SocketAddr, Vec<u8>)> {
+    sock.send_to(request, to).await.unwrap();
     let mut buf = [0u8; 1500];
     let (n, from) = timeout(Duration::from_secs(1), sock.recv_from(&mut buf))
         .await
         .ok()?
         .ok()?;
-    let msg = stun::decode(&buf[..n]).ok()?;
+    Some((from, buf[..n].to_vec()))
+}
+
+/// A Binding request to `to`: where the answer came from, and the answer.
+async fn stun_ask(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    change: Option<(bool, bool)>,
+) -> Option<(SocketAddr, stun::StunMessage)> {
+    let tid = stun::new_tid();
+    let (from, answer) = ask(sock, to, &stun::binding_request(tid, change)).await?;
+    let msg = stun::decode(&answer).ok()?;
     assert_eq!(msg.transaction_id(), tid);
+    Some((from, msg))
+}
+
+/// A Binding request to `to`: where the answer came from, and the mapping it reports.
+async fn stun_query(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    change: Option<(bool, bool)>,
+) -> Option<(SocketAddr, SocketAddr)> {
+    let (from, msg) = stun_ask(sock, to, change).await?;
     Some((from, stun::mapped_address(&msg)?))
+}
+
+/// A classic (RFC 3489) Binding request to `to`, made by hand: where the answer came from,
+/// and the MAPPED-ADDRESS it reports (checked to be a success response that echoes the
+/// whole 16-byte transaction ID).
+async fn classic_query(sock: &UdpSocket, to: SocketAddr) -> Option<(SocketAddr, SocketAddr)> {
+    let tid: [u8; 16] = rand::random();
+    let mut request = vec![0x00, 0x01, 0x00, 0x00];
+    request.extend_from_slice(&tid);
+    let (from, b) = ask(sock, to, &request).await?;
+    assert_eq!(b[..2], [0x01, 0x01], "{b:?}");
+    assert_eq!(b[4..20], tid);
+    assert_eq!(b[20..22], [0x00, 0x01], "MAPPED-ADDRESS first: {b:?}");
+    let port = u16::from_be_bytes([b[26], b[27]]);
+    let ip: std::net::IpAddr = match b[25] {
+        0x01 => <[u8; 4]>::try_from(&b[28..32]).ok()?.into(),
+        _ => <[u8; 16]>::try_from(&b[28..44]).ok()?.into(),
+    };
+    Some((from, SocketAddr::new(ip, port)))
 }
 
 #[tokio::test]
@@ -352,6 +392,17 @@ async fn stun_on_both_ports_and_garbage_changes_nothing() {
     let mut bad_len = stun::binding_request(stun::new_tid(), None);
     bad_len[3] = 200;
     junk.push(bad_len);
+    // Classic requests: one declaring attributes it lacks, one asking for another IP (S has
+    // none), one with a comprehension-required attribute S does not know.
+    let classic = |attributes: &[u8]| {
+        let mut r = vec![0x00, 0x01, 0x00, 0x08];
+        r.extend_from_slice(&[5; 16]);
+        r.extend_from_slice(attributes);
+        r
+    };
+    junk.push(classic(&[]));
+    junk.push(classic(&[0x00, 0x03, 0x00, 0x04, 0, 0, 0, 4]));
+    junk.push(classic(&[0x00, 0x02, 0x00, 0x04, 0, 0, 0, 0]));
     for seed in 0..40u8 {
         let mut j = stun::binding_request(stun::new_tid(), None);
         j.extend((0..40u8).map(|i| i.wrapping_mul(seed) ^ seed));
@@ -387,14 +438,138 @@ async fn stun_on_both_ports_and_garbage_changes_nothing() {
 }
 
 #[tokio::test]
+async fn s_on_the_unspecified_address_reports_and_answers_from_the_address_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), &[]);
+    // As S's default does: the unspecified address, the alternate socket beside it.
+    config.listen = "0.0.0.0:0".parse().unwrap();
+    config.stun_alt = None;
+    config.limits.stun_rate_per_ip = 100_000;
+    let s = start_with(config).await;
+    assert!(s.addr.ip().is_unspecified() && s.alt.ip().is_unspecified());
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let me = sock.local_addr().unwrap();
+
+    // 127.0.0.1 and 127.0.0.2 are both this host's, as a host with two addresses has.
+    for host in ["127.0.0.1", "127.0.0.2"] {
+        let host: std::net::IpAddr = host.parse().unwrap();
+        let (main, alt) = (
+            SocketAddr::new(host, s.addr.port()),
+            SocketAddr::new(host, s.alt.port()),
+        );
+        // A 28-byte request (CHANGE-REQUEST asking nothing) has room for both addresses.
+        let (from, msg) = stun_ask(&sock, main, Some((false, false))).await.unwrap();
+        assert_eq!(from, main);
+        assert_eq!(stun::mapped_address(&msg), Some(me));
+        assert_eq!(stun::response_origin(&msg), Some(main));
+        assert_eq!(
+            stun::other_address(&msg),
+            Some(alt),
+            "OTHER-ADDRESS at {host}"
+        );
+        // Change port: the answer comes from the alternate port of the address asked.
+        let (from, msg) = stun_ask(&sock, main, Some((false, true))).await.unwrap();
+        assert_eq!(from, alt);
+        assert_eq!(stun::response_origin(&msg), Some(alt));
+        // And the other way round.
+        let (from, msg) = stun_ask(&sock, alt, Some((false, false))).await.unwrap();
+        assert_eq!((from, stun::other_address(&msg)), (alt, Some(main)));
+        assert_eq!(
+            stun_query(&sock, alt, Some((true, true))).await,
+            Some((main, me))
+        );
+        // Classic clients, on both ports.
+        assert_eq!(classic_query(&sock, main).await, Some((main, me)));
+        assert_eq!(classic_query(&sock, alt).await, Some((alt, me)));
+    }
+
+    // An agent is told the alternate port at the address its packets reached.
+    let a = new_agent(SocketAddr::new([127, 0, 0, 1].into(), s.addr.port())).await;
+    let (_, _, answer) = a.register(None, &["wildcard"]).await;
+    match answer {
+        ServerMsg::Registered { observed, stun_alt } => {
+            assert_eq!(observed, a.local());
+            assert_eq!(
+                stun_alt,
+                Some(SocketAddr::new([127, 0, 0, 1].into(), s.alt.port()))
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Whether this host can bind `::1`; if not, says the IPv6 half of a test is skipped, and
+/// fails where it must run (CI=true).
+fn ipv6_loopback() -> bool {
+    if std::net::UdpSocket::bind("[::1]:0").is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "::1 cannot be bound, and CI=true requires the IPv6 half"
+    );
+    println!("SKIPPED: no IPv6 on loopback");
+    false
+}
+
+#[tokio::test]
+async fn the_default_listen_address_serves_ipv4_and_ipv6_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), &[]);
+    // The default, on free ports.
+    let default = RelayConfig::default();
+    config.listen = SocketAddr::new(default.listen.ip(), 0);
+    config.ipv4_fallback = default.ipv4_fallback;
+    config.stun_alt = None;
+    config.limits.stun_rate_per_ip = 100_000;
+    let s = start_with(config).await;
+    let mut clients = vec!["127.0.0.1"];
+    if ipv6_loopback() {
+        assert_eq!(s.addr.ip(), default.listen.ip(), "one dual-stack socket");
+        clients.push("::1");
+    }
+    for host in clients {
+        let host: std::net::IpAddr = host.parse().unwrap();
+        let (main, alt) = (
+            SocketAddr::new(host, s.addr.port()),
+            SocketAddr::new(host, s.alt.port()),
+        );
+        let sock = UdpSocket::bind(SocketAddr::new(host, 0)).await.unwrap();
+        // Every address in the client's own family: an IPv4 client's mapping, S's addresses
+        // and the answer's source are IPv4, never IPv4-mapped.
+        let me = sock.local_addr().unwrap();
+        let (from, msg) = stun_ask(&sock, main, Some((false, false))).await.unwrap();
+        assert_eq!(from, main);
+        assert_eq!(stun::mapped_address(&msg), Some(me));
+        assert_eq!(stun::other_address(&msg), Some(alt));
+        assert_eq!(
+            stun_query(&sock, main, Some((false, true))).await,
+            Some((alt, me))
+        );
+        assert_eq!(classic_query(&sock, alt).await, Some((alt, me)));
+        // QUIC: an agent registers and is told where S sees it and the alternate port.
+        let a = new_agent(main).await;
+        let (_, _, answer) = a.register(None, &[]).await;
+        match answer {
+            ServerMsg::Registered { observed, stun_alt } => {
+                assert_eq!(observed, a.local(), "{host}");
+                assert_eq!(stun_alt, Some(alt), "{host}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
 async fn stun_is_rate_limited_per_source() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path(), &[]);
     config.limits.stun_rate_per_ip = 1;
     let s = start_with(config).await;
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    // A burst of twice the rate passes, then nothing until tokens refill.
-    assert!(stun_query(&sock, s.addr, None).await.is_some());
+    // A burst of twice the rate passes, then nothing until tokens refill; classic requests
+    // take from the same allowance.
+    assert!(classic_query(&sock, s.addr).await.is_some());
     assert!(stun_query(&sock, s.alt, None).await.is_some());
     assert!(stun_query(&sock, s.addr, None).await.is_none());
 }

@@ -10,5 +10,5 @@ mod socket;
 mod table;
 pub mod tcp;
 
-pub use socket::{Injected, PathSocket, Policy, StunPacket};
+pub use socket::{Injected, PathSocket, Policy, Received, ReplySocket, StunPacket};
 pub use table::{canonical, PathKind, PathStatus, PathTable, PeerStatus, Route};

@@ -1,9 +1,14 @@
 //! [`PathSocket`]: quinn's socket. One UDP socket per process carries QUIC to S, QUIC to every
-//! peer and STUN, so the NAT mapping S observes is the very one peers punch to.
+//! peer and STUN, so the NAT mapping S observes is the very one peers punch to. Also
+//! [`ReplySocket`], a plain UDP socket that answers from the address it was asked on (S's
+//! second STUN port), and the per-datagram source address and TTL both can send with
+//! ([`cmsg`]).
+
+mod cmsg;
 
 use std::fmt;
 use std::io::{self, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::task::{ready, Context, Poll};
@@ -21,8 +26,12 @@ use crate::proto::stun;
 /// A STUN datagram taken out of the stream before quinn saw it.
 #[derive(Debug, Clone)]
 pub struct StunPacket {
-    /// Who sent it.
+    /// Who sent it (canonical: an IPv4 sender in its IPv4 form).
     pub from: SocketAddr,
+    /// The local IP it was sent to (canonical), where the platform tells (Linux does): on a
+    /// socket bound to the unspecified address, which of the host's addresses the sender
+    /// used, and so the one to answer from ([`PathSocket::send_from`]).
+    pub to: Option<IpAddr>,
     /// The whole datagram.
     pub data: Bytes,
 }
@@ -181,6 +190,35 @@ impl PathSocket {
         self.io.send_to(data, self.family(to)).await.map(|_| ())
     }
 
+    /// Sends one datagram (STUN) straight to a real address, from `src_ip` (one of the
+    /// host's addresses: the one a request came to, [`StunPacket::to`]) so that a host with
+    /// several addresses answers from the one it was asked on. `None` lets the kernel choose,
+    /// as [`Self::send_to`] does. Errors concern this datagram only: a source address the
+    /// kernel refuses leaves the socket as it was.
+    pub async fn send_from(
+        &self,
+        data: &[u8],
+        to: SocketAddr,
+        src_ip: Option<IpAddr>,
+    ) -> io::Result<()> {
+        let options = cmsg::Options { src_ip, ttl: None };
+        send_with(&self.io, data, self.family(to), options).await
+    }
+
+    /// Sends one datagram straight to a real address with the IPv4 TTL (also to an IPv4
+    /// address on an IPv6 socket) or IPv6 hop limit `ttl`, for this datagram only: a probe
+    /// that opens this side's NAT mapping and expires before it reaches the far side's NAT.
+    /// Every other send, before, after or at the same time, keeps the socket's TTL.
+    ///
+    /// Linux only (elsewhere: an Unsupported error); a `ttl` of 0 is an InvalidInput error.
+    pub async fn send_with_ttl(&self, data: &[u8], to: SocketAddr, ttl: u8) -> io::Result<()> {
+        let options = cmsg::Options {
+            src_ip: None,
+            ttl: Some(ttl),
+        };
+        send_with(&self.io, data, self.family(to), options).await
+    }
+
     /// The address the socket is bound to.
     pub fn local(&self) -> io::Result<SocketAddr> {
         self.io.local_addr()
@@ -188,12 +226,7 @@ impl PathSocket {
 
     /// Spells `addr` as the socket's family needs it (IPv4-mapped on an IPv6 socket).
     fn family(&self, addr: SocketAddr) -> SocketAddr {
-        match (self.ipv6, addr) {
-            (true, SocketAddr::V4(v4)) => {
-                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-            }
-            _ => addr,
-        }
+        family(self.ipv6, addr)
     }
 
     /// The path table, to read. A panic elsewhere while holding the lock leaves consistent
@@ -207,9 +240,10 @@ impl PathSocket {
         self.table.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn divert_stun(&self, from: SocketAddr, data: &[u8]) {
+    fn divert_stun(&self, from: SocketAddr, to: Option<IpAddr>, data: &[u8]) {
         let packet = StunPacket {
             from: canonical(from),
+            to: to.map(|ip| ip.to_canonical()),
             data: Bytes::copy_from_slice(data),
         };
         if self.stun_tx.try_send(packet).is_err() {
@@ -220,12 +254,16 @@ impl PathSocket {
     /// Decides what quinn sees of one received datagram (or GRO batch): STUN is diverted,
     /// a peer's path is replaced by the peer's virtual address, strangers are dropped.
     /// Dropped entries get length 0, which quinn skips.
+    ///
+    /// STUN is either generation's ([`stun::is_any_stun`]): an RFC 3489 request means
+    /// something only to S, and whoever reads the diverted datagrams ignores what it does
+    /// not understand.
     fn filter(&self, buf: &[u8], meta: &mut RecvMeta) {
         let data = &buf[..meta.len];
         let stride = meta.stride.max(1);
         if data.len() <= stride {
-            if stun::is_stun(data) {
-                self.divert_stun(meta.addr, data);
+            if stun::is_any_stun(data) {
+                self.divert_stun(meta.addr, meta.dst_ip, data);
                 meta.len = 0;
                 return;
             }
@@ -233,8 +271,8 @@ impl PathSocket {
             // A GRO batch: STUN inside it is rare (it needs the same size as its neighbours).
             // Copy such segments out; quinn drops them in place, their fixed bit being 0.
             for seg in data.chunks(stride) {
-                if stun::is_stun(seg) {
-                    self.divert_stun(meta.addr, seg);
+                if stun::is_any_stun(seg) {
+                    self.divert_stun(meta.addr, meta.dst_ip, seg);
                 }
             }
         }
@@ -461,6 +499,120 @@ impl PathSocket {
     }
 }
 
+/// Spells `addr` as a socket of this family needs it: IPv4-mapped on an IPv6 socket.
+fn family(ipv6_socket: bool, addr: SocketAddr) -> SocketAddr {
+    match (ipv6_socket, addr) {
+        (true, SocketAddr::V4(v4)) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        _ => addr,
+    }
+}
+
+/// Sends one datagram with `options` on `io`, waiting while the socket is full.
+async fn send_with(
+    io: &tokio::net::UdpSocket,
+    data: &[u8],
+    to: SocketAddr,
+    options: cmsg::Options,
+) -> io::Result<()> {
+    if options == cmsg::Options::default() {
+        return io.send_to(data, to).await.map(|_| ());
+    }
+    io.async_io(Interest::WRITABLE, || cmsg::send(io, data, to, options))
+        .await
+}
+
+/// Datagrams one [`ReplySocket::recv`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// Who sent them (canonical: an IPv4 sender in its IPv4 form).
+    pub from: SocketAddr,
+    /// The local IP they were sent to (canonical), where the platform tells.
+    pub to: Option<IpAddr>,
+    /// How many bytes of the buffer hold datagrams.
+    pub len: usize,
+    /// The size of each datagram: the kernel may join several from one sender into one
+    /// receive (GRO), each `stride` bytes long but the last, which may be shorter.
+    pub stride: usize,
+}
+
+impl Received {
+    /// The datagrams in `buf`, which this receive filled.
+    pub fn datagrams<'a>(&self, buf: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
+        buf[..self.len.min(buf.len())].chunks(self.stride.max(1))
+    }
+}
+
+/// A plain UDP socket (no QUIC) that tells, for each datagram, which local address it was
+/// sent to, and can answer from that address: on a host with several addresses and a socket
+/// bound to the unspecified one, an answer from another address than the one asked would
+/// not pass the asker's NAT or firewall, and reporting the wrong one would mislead it. S's
+/// second STUN port is one (its main port is a [`PathSocket`], which does the same).
+#[derive(Debug)]
+pub struct ReplySocket {
+    io: tokio::net::UdpSocket,
+    state: UdpSocketState,
+    ipv6: bool,
+}
+
+impl ReplySocket {
+    /// A buffer this large holds whatever one [`Self::recv`] returns: GRO joins datagrams
+    /// into at most 64 KiB.
+    pub const BUFFER: usize = 64 * 1024;
+
+    /// Wraps an already bound socket (and asks the kernel to tell each datagram's
+    /// destination address, which quinn-udp's socket setup does).
+    pub fn from_std(std: std::net::UdpSocket) -> io::Result<Self> {
+        let state = UdpSocketState::new(UdpSockRef::from(&std))?;
+        std.set_nonblocking(true)?;
+        let ipv6 = std.local_addr()?.is_ipv6();
+        Ok(ReplySocket {
+            io: tokio::net::UdpSocket::from_std(std)?,
+            state,
+            ipv6,
+        })
+    }
+
+    /// The address the socket is bound to.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.io.local_addr()
+    }
+
+    /// Receives the next datagram (or several joined by GRO; see [`Received`]) into `buf`.
+    /// A datagram longer than `buf` is cut short.
+    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<Received> {
+        loop {
+            let meta = self
+                .io
+                .async_io(Interest::READABLE, || {
+                    let mut bufs = [IoSliceMut::new(&mut *buf)];
+                    let mut meta = [RecvMeta::default()];
+                    let n = self.state.recv((&self.io).into(), &mut bufs, &mut meta)?;
+                    Ok((n > 0).then_some(meta[0]))
+                })
+                .await?;
+            if let Some(meta) = meta {
+                return Ok(Received {
+                    from: canonical(meta.addr),
+                    to: meta.dst_ip.map(|ip| ip.to_canonical()),
+                    len: meta.len,
+                    stride: meta.stride,
+                });
+            }
+        }
+    }
+
+    /// Sends one datagram to `to` from `src_ip`, as [`PathSocket::send_from`] does.
+    pub async fn send_from(
+        &self,
+        data: &[u8],
+        to: SocketAddr,
+        src_ip: Option<IpAddr>,
+    ) -> io::Result<()> {
+        let options = cmsg::Options { src_ip, ttl: None };
+        send_with(&self.io, data, family(self.ipv6, to), options).await
+    }
+}
+
 impl Drop for PathSocket {
     fn drop(&mut self) {
         // Lets [`flush_held`] see that the socket is gone and end.
@@ -577,6 +729,230 @@ mod tests {
                 other => return other.expect("send"),
             }
         }
+    }
+
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("address")
+    }
+
+    /// Whether this host can bind `::1`; if not, says the IPv6 half of a test is skipped,
+    /// and fails where it must run (CI=true).
+    fn ipv6_loopback() -> bool {
+        if std::net::UdpSocket::bind("[::1]:0").is_ok() {
+            return true;
+        }
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "::1 cannot be bound, and CI=true requires the IPv6 half"
+        );
+        println!("SKIPPED: no IPv6 on loopback");
+        false
+    }
+
+    /// A receiving socket that is told each datagram's TTL (IPv4) or hop limit (IPv6).
+    fn ttl_receiver(at: &str) -> std::net::UdpSocket {
+        let sock = std::net::UdpSocket::bind(at).expect("bind");
+        sock.set_read_timeout(Some(WAIT)).expect("timeout");
+        let (level, name) = if sock.local_addr().expect("address").is_ipv4() {
+            (libc::IPPROTO_IP, libc::IP_RECVTTL)
+        } else {
+            (libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT)
+        };
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket, and a pointer to an int with its size, as the option takes.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                level,
+                name,
+                std::ptr::from_ref(&on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        sock
+    }
+
+    /// One datagram from a [`ttl_receiver`]: its bytes, sender and TTL or hop limit.
+    fn recv_ttl(sock: &std::net::UdpSocket) -> (Vec<u8>, SocketAddr, Option<i32>) {
+        let mut buf = [0u8; 2048];
+        let mut control = [0u64; 16];
+        let mut name: libc::sockaddr_storage =
+            // SAFETY: plain integers; zero is valid.
+            unsafe { std::mem::zeroed() };
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: plain integers and pointers; zero is valid.
+        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+        hdr.msg_name = std::ptr::from_mut(&mut name).cast();
+        hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        hdr.msg_iov = &mut iov;
+        hdr.msg_iovlen = 1;
+        hdr.msg_control = control.as_mut_ptr().cast();
+        hdr.msg_controllen = std::mem::size_of_val(&control) as _;
+        // SAFETY: every pointer in `hdr` points at a live buffer of the length given.
+        let n = unsafe { libc::recvmsg(std::os::fd::AsRawFd::as_raw_fd(sock), &mut hdr, 0) };
+        assert!(n >= 0, "recvmsg: {}", io::Error::last_os_error());
+        let mut ttl = None;
+        // SAFETY: the kernel filled `hdr`'s control buffer with well-formed messages; the
+        // CMSG_* macros walk it within msg_controllen, and the TTL messages carry an int.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&hdr);
+            while !c.is_null() {
+                let kind = ((*c).cmsg_level, (*c).cmsg_type);
+                if kind == (libc::IPPROTO_IP, libc::IP_TTL)
+                    || kind == (libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT)
+                {
+                    ttl = Some(std::ptr::read_unaligned(
+                        libc::CMSG_DATA(c).cast::<libc::c_int>(),
+                    ));
+                }
+                c = libc::CMSG_NXTHDR(&hdr, c);
+            }
+        }
+        // SAFETY: the kernel wrote a socket address of `msg_namelen` bytes into `name`.
+        let from = unsafe { socket2::SockAddr::new(name, hdr.msg_namelen) }
+            .as_socket()
+            .expect("an IP sender");
+        (buf[..n as usize].to_vec(), from, ttl)
+    }
+
+    #[tokio::test]
+    async fn a_low_ttl_is_set_on_one_datagram_only() {
+        let mut cases = vec![
+            // IPv4; and IPv4-mapped from an IPv6 (dual-stack) socket, which takes IP_TTL.
+            ("127.0.0.1:0", "127.0.0.1:0"),
+            ("[::]:0", "127.0.0.1:0"),
+        ];
+        if ipv6_loopback() {
+            cases.push(("[::1]:0", "[::1]:0"));
+        }
+        for (ttl, (from, at)) in (2u8..).zip(cases) {
+            let (socket, _stun) = PathSocket::bind(addr(from), Policy::AcceptAll).expect("bind");
+            let receiver = ttl_receiver(at);
+            let to = receiver.local_addr().expect("address");
+            socket.send_with_ttl(b"low", to, ttl).await.expect("send");
+            socket.send_to(b"default", to).await.expect("send");
+            let (data, _, got) = recv_ttl(&receiver);
+            assert_eq!(
+                (data.as_slice(), got),
+                (&b"low"[..], Some(i32::from(ttl))),
+                "{from}"
+            );
+            let (data, _, got) = recv_ttl(&receiver);
+            assert_eq!(data, b"default");
+            assert!(
+                got.is_some_and(|t| t > 8),
+                "{from}: the socket's TTL changed: {got:?}"
+            );
+            let err = socket.send_with_ttl(b"x", to, 0).await.expect_err("TTL 0");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_leave_from_the_address_asked() {
+        // The whole of 127.0.0.0/8 is this host's: a socket on 0.0.0.0 is reached at
+        // 127.0.0.2 and 127.0.0.3 as at 127.0.0.1, as a host with several addresses is.
+        for (bind, src) in [("0.0.0.0:0", "127.0.0.2"), ("[::]:0", "127.0.0.3")] {
+            let (socket, _stun) = PathSocket::bind(addr(bind), Policy::AcceptAll).expect("bind");
+            let receiver = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+            receiver.set_read_timeout(Some(WAIT)).expect("timeout");
+            let to = receiver.local_addr().expect("address");
+            let port = socket.local().expect("address").port();
+            let src: IpAddr = src.parse().expect("address");
+            socket.send_from(b"a", to, Some(src)).await.expect("send");
+            let mut buf = [0u8; 16];
+            let (n, from) = receiver.recv_from(&mut buf).expect("recv");
+            assert_eq!((&buf[..n], from), (&b"a"[..], SocketAddr::new(src, port)));
+            // A source of the other family is refused, and the socket works on.
+            let err = socket
+                .send_from(b"b", to, Some("::1".parse().expect("address")))
+                .await
+                .expect_err("an IPv6 source for an IPv4 destination");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+            socket.send_from(b"c", to, None).await.expect("send");
+            let (n, _) = receiver.recv_from(&mut buf).expect("recv");
+            assert_eq!(&buf[..n], b"c");
+        }
+    }
+
+    /// Drives `socket`'s receive path (as quinn's endpoint would) until a STUN datagram
+    /// comes out of `stun`.
+    async fn next_stun(socket: &PathSocket, stun: &mut mpsc::Receiver<StunPacket>) -> StunPacket {
+        let mut storage = vec![0u8; 65_536];
+        let mut bufs = [IoSliceMut::new(&mut storage)];
+        let mut meta = [RecvMeta::default()];
+        let drive = std::future::poll_fn(|cx| socket.poll_recv(cx, &mut bufs, &mut meta));
+        let next = async {
+            tokio::select! {
+                packet = stun.recv() => packet.expect("the socket is open"),
+                quic = drive => panic!("a datagram reached QUIC: {quic:?}"),
+            }
+        };
+        tokio::time::timeout(WAIT, next)
+            .await
+            .expect("STUN diverted in time")
+    }
+
+    #[tokio::test]
+    async fn diverted_stun_says_which_address_it_was_sent_to() {
+        let mut classic = vec![0x00, 0x01, 0x00, 0x00];
+        classic.extend_from_slice(&[9; 16]);
+        let modern = stun::binding_request(stun::new_tid(), None);
+        for bind in ["0.0.0.0:0", "[::]:0"] {
+            let (socket, mut rx) = PathSocket::bind(addr(bind), Policy::AcceptAll).expect("bind");
+            let port = socket.local().expect("address").port();
+            let client = tokio::net::UdpSocket::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let me = client.local_addr().expect("address");
+            for (dst, request) in [("127.0.0.1", &modern), ("127.0.0.2", &classic)] {
+                let dst: IpAddr = dst.parse().expect("address");
+                client
+                    .send_to(request, SocketAddr::new(dst, port))
+                    .await
+                    .expect("send");
+                let packet = next_stun(&socket, &mut rx).await;
+                assert_eq!(packet.from, me, "{bind}");
+                assert_eq!(packet.to, Some(dst), "{bind}");
+                assert_eq!(&packet.data[..], &request[..]);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reply_socket_knows_where_each_datagram_went_and_answers_from_there() {
+        let std = std::net::UdpSocket::bind("[::]:0").expect("bind");
+        let socket = ReplySocket::from_std(std).expect("wrap");
+        let port = socket.local_addr().expect("address").port();
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let me = client.local_addr().expect("address");
+        let asked = SocketAddr::new("127.0.0.2".parse().expect("address"), port);
+        client.send_to(b"question", asked).await.expect("send");
+        let mut buf = vec![0u8; ReplySocket::BUFFER];
+        let got = tokio::time::timeout(WAIT, socket.recv(&mut buf))
+            .await
+            .expect("in time")
+            .expect("recv");
+        assert_eq!((got.from, got.to), (me, Some(asked.ip())));
+        assert_eq!(got.datagrams(&buf).collect::<Vec<_>>(), [&b"question"[..]]);
+        socket
+            .send_from(b"answer", got.from, got.to)
+            .await
+            .expect("send");
+        let mut answer = [0u8; 16];
+        let (n, from) = tokio::time::timeout(WAIT, client.recv_from(&mut answer))
+            .await
+            .expect("in time")
+            .expect("recv");
+        assert_eq!((&answer[..n], from), (&b"answer"[..], asked));
     }
 
     #[tokio::test]

@@ -60,6 +60,106 @@ pub fn is_stun(packet: &[u8]) -> bool {
     packet.len() >= 20 && packet[0] & 0xc0 == 0 && packet[4..8] == MAGIC_COOKIE
 }
 
+/// An RFC 3489 ("classic") Binding request's type; RFC 8489 kept the number.
+const CLASSIC_BINDING_REQUEST: [u8; 2] = [0x00, 0x01];
+/// An RFC 3489 Binding response's type.
+const CLASSIC_BINDING_RESPONSE: [u8; 2] = [0x01, 0x01];
+/// The MAPPED-ADDRESS attribute (RFC 3489 §11.2.1, RFC 8489 §14.1).
+const MAPPED_ADDRESS: u16 = 0x0001;
+/// The CHANGE-REQUEST attribute (RFC 3489 §11.2.4, RFC 5780 §7.2).
+const CHANGE_REQUEST: u16 = 0x0003;
+
+/// Whether `packet` has the shape of an RFC 3489 ("classic") Binding request: the type
+/// 0x0001, a length that matches the datagram exactly, and no magic cookie (RFC 3489 has
+/// none: its transaction ID is 16 bytes long). Only the shape: [`classic_request`] reads it.
+///
+/// The first byte is 0x00, so such a datagram is never one of p2ptun's QUIC packets, whose
+/// fixed bit (0x40) is always set.
+pub fn is_classic_request(packet: &[u8]) -> bool {
+    packet.len() >= 20
+        && packet[..2] == CLASSIC_BINDING_REQUEST
+        && usize::from(u16::from_be_bytes([packet[2], packet[3]])) + 20 == packet.len()
+        && packet.len().is_multiple_of(4)
+        && packet[4..8] != MAGIC_COOKIE
+}
+
+/// Whether a datagram is STUN of either generation, RFC 8489 ([`is_stun`]) or an RFC 3489
+/// Binding request ([`is_classic_request`]): what the UDP socket takes out of the stream
+/// before QUIC sees it. Neither can be a QUIC packet of p2ptun's (see [`is_stun`]).
+pub fn is_any_stun(packet: &[u8]) -> bool {
+    is_stun(packet) || is_classic_request(packet)
+}
+
+/// What S needs to know of an RFC 3489 Binding request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClassicRequest {
+    /// The whole 16-byte transaction ID, echoed in the answer.
+    pub tid: [u8; 16],
+    /// The CHANGE-REQUEST flags (change IP, change port), when the attribute is there.
+    pub change: Option<(bool, bool)>,
+    /// Whether the request carries a comprehension-required attribute (type below 0x8000)
+    /// other than CHANGE-REQUEST, which a server without it must not answer as if it had
+    /// understood (RESPONSE-ADDRESS, USERNAME, MESSAGE-INTEGRITY, ...).
+    pub unknown_required: bool,
+}
+
+/// Reads an RFC 3489 Binding request; `None` unless [`is_classic_request`] holds and every
+/// attribute fits exactly within the declared length (a CHANGE-REQUEST's value being 4 bytes).
+pub fn classic_request(packet: &[u8]) -> Option<ClassicRequest> {
+    if !is_classic_request(packet) {
+        return None;
+    }
+    let tid: [u8; 16] = packet.get(4..20)?.try_into().ok()?;
+    let mut request = ClassicRequest {
+        tid,
+        change: None,
+        unknown_required: false,
+    };
+    let mut at = 20;
+    while at < packet.len() {
+        let header = packet.get(at..at + 4)?;
+        let kind = u16::from_be_bytes([header[0], header[1]]);
+        let len = usize::from(u16::from_be_bytes([header[2], header[3]]));
+        // RFC 3489's attributes are all multiples of 4 bytes long; padding as RFC 8489
+        // does accepts both.
+        let value = packet.get(at + 4..at + 4 + len)?;
+        match kind {
+            CHANGE_REQUEST => {
+                let flags = u32::from_be_bytes(value.try_into().ok()?);
+                request.change = Some((flags & 0x4 != 0, flags & 0x2 != 0));
+            }
+            k if k < 0x8000 => request.unknown_required = true,
+            _ => {}
+        }
+        at += 4 + len.div_ceil(4) * 4;
+    }
+    (at == packet.len()).then_some(request)
+}
+
+/// An RFC 3489 Binding success response to the request with `tid`: MAPPED-ADDRESS (not
+/// XOR-MAPPED-ADDRESS, which a classic client does not know) and the request's whole
+/// transaction ID, as RFC 8489 §12.2 asks of a server answering a classic client. An
+/// IPv4-mapped `mapped` is reported in its IPv4 form; IPv6 uses family 0x02 as RFC 8489
+/// defines it (RFC 3489 knew only IPv4). 32 bytes for IPv4, 44 for IPv6.
+pub fn classic_binding_success(tid: &[u8; 16], mapped: SocketAddr) -> Vec<u8> {
+    let ip = mapped.ip().to_canonical();
+    let (family, address): (u8, Vec<u8>) = match ip {
+        std::net::IpAddr::V4(v4) => (0x01, v4.octets().to_vec()),
+        std::net::IpAddr::V6(v6) => (0x02, v6.octets().to_vec()),
+    };
+    let value_len = 4 + address.len();
+    let mut out = Vec::with_capacity(20 + 4 + value_len);
+    out.extend_from_slice(&CLASSIC_BINDING_RESPONSE);
+    out.extend_from_slice(&(4 + value_len as u16).to_be_bytes());
+    out.extend_from_slice(tid);
+    out.extend_from_slice(&MAPPED_ADDRESS.to_be_bytes());
+    out.extend_from_slice(&(value_len as u16).to_be_bytes());
+    out.extend_from_slice(&[0, family]);
+    out.extend_from_slice(&mapped.port().to_be_bytes());
+    out.extend_from_slice(&address);
+    out
+}
+
 /// A fresh random transaction ID.
 pub fn new_tid() -> TransactionId {
     let mut id = [0u8; 12];
@@ -208,6 +308,11 @@ pub fn other_address(msg: &StunMessage) -> Option<SocketAddr> {
     msg.get_attribute::<OtherAddress>().map(|a| a.address())
 }
 
+/// The RFC 5780 RESPONSE-ORIGIN of a response.
+pub fn response_origin(msg: &StunMessage) -> Option<SocketAddr> {
+    msg.get_attribute::<ResponseOrigin>().map(|a| a.address())
+}
+
 /// The (change IP, change port) flags of a CHANGE-REQUEST attribute (RFC 5780 §7.2: bits
 /// 0x4 and 0x2 of its 32-bit value), read from the raw message.
 ///
@@ -215,7 +320,6 @@ pub fn other_address(msg: &StunMessage) -> Option<SocketAddr> {
 /// 0x2 and 0x1: it would read miniupnpd's "change port" as "change IP" and its "change IP"
 /// as no change at all.
 pub fn change_request(message: &[u8]) -> Option<(bool, bool)> {
-    const CHANGE_REQUEST: u16 = 0x0003;
     let declared = usize::from(u16::from_be_bytes([*message.get(2)?, *message.get(3)?]));
     let end = message.len().min(20 + declared);
     let mut at = 20;
@@ -301,6 +405,122 @@ mod tests {
         if let Ok(msg) = decode(&tampered) {
             assert!(!has_valid_integrity(&msg, "pw-of-remote"));
         }
+    }
+
+    /// A classic (RFC 3489) Binding request, by hand: type 0x0001, length, a 16-byte
+    /// transaction ID, then `attributes`.
+    fn classic(tid: [u8; 16], attributes: &[u8]) -> Vec<u8> {
+        let mut r = vec![0x00, 0x01];
+        r.extend_from_slice(&(attributes.len() as u16).to_be_bytes());
+        r.extend_from_slice(&tid);
+        r.extend_from_slice(attributes);
+        r
+    }
+
+    const TID: [u8; 16] = [
+        0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x19, 0x1a, 0x1b, 0x1c, 0x1d, 0x1e,
+        0x1f,
+    ];
+
+    #[test]
+    fn classic_requests_are_recognised_and_read() {
+        let bare = classic(TID, &[]);
+        assert!(is_classic_request(&bare) && is_any_stun(&bare) && !is_stun(&bare));
+        assert_eq!(
+            classic_request(&bare),
+            Some(ClassicRequest {
+                tid: TID,
+                change: None,
+                unknown_required: false
+            })
+        );
+        let change = classic(TID, &[0x00, 0x03, 0x00, 0x04, 0, 0, 0, 0x06]);
+        let read = classic_request(&change).unwrap();
+        assert_eq!(read.change, Some((true, true)));
+        assert!(!read.unknown_required);
+        // RESPONSE-ADDRESS (0x0002) is comprehension-required; SOFTWARE (0x8022) is not.
+        let response_address = classic(TID, &[0x00, 0x02, 0x00, 0x08, 0, 1, 0, 9, 1, 2, 3, 4]);
+        assert!(classic_request(&response_address).unwrap().unknown_required);
+        let software = classic(TID, &[0x80, 0x22, 0x00, 0x03, b'a', b'b', b'c', 0]);
+        assert!(!classic_request(&software).unwrap().unknown_required);
+        // A modern request is not classic, and a classic one does not pass for modern.
+        let modern = binding_request(new_tid(), None);
+        assert!(!is_classic_request(&modern) && is_any_stun(&modern));
+        assert!(decode(&bare).is_err());
+    }
+
+    #[test]
+    fn malformed_classic_requests_are_refused() {
+        let good = classic(TID, &[0x00, 0x03, 0x00, 0x04, 0, 0, 0, 0x02]);
+        // Truncated anywhere, or with bytes after the declared length.
+        for n in 0..good.len() {
+            assert!(classic_request(&good[..n]).is_none(), "truncated to {n}");
+        }
+        let mut long = good.clone();
+        long.extend_from_slice(&[0; 4]);
+        assert!(classic_request(&long).is_none());
+        // A declared length that is not the datagram's, or not a multiple of 4.
+        let mut bad_len = good.clone();
+        bad_len[3] = 4;
+        assert!(classic_request(&bad_len).is_none());
+        let mut odd = classic(TID, &[0x80, 0x22, 0x00, 0x01, b'a']);
+        assert!(classic_request(&odd).is_none());
+        odd.extend_from_slice(&[0; 3]);
+        odd[3] = 8;
+        assert!(classic_request(&odd).is_some());
+        // An attribute running past the end; a CHANGE-REQUEST of the wrong size.
+        assert!(classic_request(&classic(TID, &[0x00, 0x03, 0x00, 0x08, 0, 0, 0, 0])).is_none());
+        assert!(classic_request(&classic(TID, &[0x00, 0x03, 0x00, 0x00])).is_none());
+        // Another type (a classic response), or QUIC's first bytes: not a request.
+        let mut response = good.clone();
+        response[0] = 0x01;
+        assert!(!is_classic_request(&response));
+        for first in [0x40u8, 0x80, 0xc0] {
+            let mut quic = good.clone();
+            quic[0] |= first;
+            assert!(!is_any_stun(&quic));
+        }
+        for seed in 0u8..=255 {
+            let junk: Vec<u8> = (0..40u8)
+                .map(|i| {
+                    if i < 2 {
+                        [0, 1][usize::from(i)]
+                    } else {
+                        i.wrapping_mul(seed) ^ seed
+                    }
+                })
+                .collect();
+            let _ = classic_request(&junk); // must not panic
+        }
+    }
+
+    #[test]
+    fn classic_answers_carry_mapped_address_and_the_whole_transaction_id() {
+        let v4: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+        let answer = classic_binding_success(&TID, v4);
+        let mut want = vec![0x01, 0x01, 0x00, 0x0c];
+        want.extend_from_slice(&TID);
+        want.extend_from_slice(&[0x00, 0x01, 0x00, 0x08, 0x00, 0x01, 0x9c, 0x40]);
+        want.extend_from_slice(&[198, 51, 100, 7]);
+        assert_eq!(answer, want);
+        // IPv4-mapped is answered in the IPv4 form.
+        let mapped: SocketAddr = "[::ffff:198.51.100.7]:40000".parse().unwrap();
+        assert_eq!(classic_binding_success(&TID, mapped), want);
+
+        let v6: SocketAddr = "[2001:db8::7]:40000".parse().unwrap();
+        let answer = classic_binding_success(&TID, v6);
+        let mut want = vec![0x01, 0x01, 0x00, 0x18];
+        want.extend_from_slice(&TID);
+        want.extend_from_slice(&[0x00, 0x01, 0x00, 0x14, 0x00, 0x02, 0x9c, 0x40]);
+        want.extend_from_slice(
+            &"2001:db8::7"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        assert_eq!(answer, want);
+        // Both fit the budget of a bare 20-byte request three times over.
+        assert!(answer.len() <= 60);
     }
 
     #[test]
