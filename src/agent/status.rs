@@ -28,8 +28,15 @@ pub struct Status {
     pub server: String,
     /// Whether it is registered with S now.
     pub registered: bool,
-    /// Its address as S sees it.
+    /// Its address as S sees it (of the control connection's family).
     pub public: Option<SocketAddr>,
+    /// Its reflexive address in the other family (IPv6 when `public` is IPv4, or the other
+    /// way round), if S has an address there.
+    #[serde(default)]
+    pub public_other: Option<SocketAddr>,
+    /// What carries the control connection to S: `udp` or `tcp`.
+    #[serde(default)]
+    pub control_over: Option<String>,
     /// Its peers.
     pub peers: Vec<PeerReport>,
     /// Its services.
@@ -133,7 +140,11 @@ pub fn snapshot(ctx: &Ctx, links: &Links) -> Status {
         id: ctx.identity.fingerprint().to_string(),
         server: ctx.opts.server.clone(),
         registered: registration.is_some(),
-        public: registration.map(|r| r.observed),
+        public: registration.as_ref().map(|r| r.observed),
+        public_other: registration.as_ref().and_then(|r| r.observed_other),
+        control_over: registration
+            .as_ref()
+            .map(|r| if r.over_udp { "udp" } else { "tcp" }.to_owned()),
         peers: peer_reports,
         services,
         portmap: ctx.portmap.borrow().clone(),
@@ -234,9 +245,15 @@ pub fn render(statuses: &[Status]) -> String {
             } else {
                 "NOT registered"
             },
-            s.public
+            [s.public, s.public_other]
+                .into_iter()
+                .flatten()
                 .map(|p| format!(", public {p}"))
-                .unwrap_or_default()
+                .collect::<String>()
+                + &s.control_over
+                    .as_deref()
+                    .map(|c| format!(", over {c}"))
+                    .unwrap_or_default()
         );
         for m in &s.portmap {
             let _ = writeln!(
@@ -248,14 +265,18 @@ pub fn render(statuses: &[Status]) -> String {
         if !s.peers.is_empty() {
             let _ = writeln!(
                 out,
-                "  {:<8} {:<20} {:<12} {:<24} {:>9} {:>8} {:>12} {:>12}",
+                "  {:<8} {:<20} {:<14} {:<24} {:>9} {:>8} {:>12} {:>12}",
                 "ROLE", "NAMES", "PATH", "REMOTE", "RTT", "ON PATH", "SENT", "RECEIVED"
             );
         }
         for p in &s.peers {
             let (kind, remote, age) = match &p.path {
                 Some(path) => (
-                    path.kind.to_string(),
+                    format!(
+                        "{}{}",
+                        path.kind,
+                        if path.remote.is_ipv6() { " v6" } else { "" }
+                    ),
                     path.remote.to_string(),
                     format!("{}s", path.age_secs),
                 ),
@@ -263,7 +284,7 @@ pub fn render(statuses: &[Status]) -> String {
             };
             let _ = writeln!(
                 out,
-                "  {:<8} {:<20} {:<12} {:<24} {:>7.2}ms {:>8} {:>12} {:>12}{}",
+                "  {:<8} {:<20} {:<14} {:<24} {:>7.2}ms {:>8} {:>12} {:>12}{}",
                 match p.role {
                     Role::Expose => "expose",
                     Role::Forward => "forward",
