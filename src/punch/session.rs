@@ -103,13 +103,17 @@ where
 {
     // The session is open before the wait, so the peer's early checks are answered.
     let mut session = router.open_session(&rv.credentials);
-    tokio::time::sleep(start_delay(rv)).await;
     let families = router
         .socket()
         .local()
         .map(Families::of)
         .unwrap_or(Families::V4);
     let targets = checks::plan(&rv.peer_candidates, families, false);
+    // Primed at once and again at the start: the first while the peer has not started for
+    // sure, the second in case the first was lost.
+    prime(router, &targets, &rv.credentials).await;
+    tokio::time::sleep(start_delay(rv)).await;
+    prime(router, &targets, &rv.credentials).await;
     let started = Instant::now();
     let mut checker = Checker::new(
         &targets,
@@ -279,6 +283,37 @@ impl<'a> Probes<'a> {
 }
 
 /// A connectivity check of the session: USERNAME `theirs:ours`, keyed by the peer's password.
+/// The time to live of the priming checks: through this host's own router, and no further
+/// than the next hop.
+pub const PRIME_TTL: u8 = 2;
+
+/// Opens this side's NAT toward every target without reaching the far NAT: one check to
+/// each, sent with a time to live of [`PRIME_TTL`].
+///
+/// A router without an input firewall (many cheap CPEs) answers an unsolicited packet to
+/// its WAN address by making a conntrack entry of its own for it; if the peer's first check
+/// gets there before this host has sent anything to the peer, the router already holds
+/// that flow, and this host's own checks from the same port are mapped to another public
+/// port, so the two sides never meet. A check that dies on the way out still makes this
+/// side's mapping, and the peer's checks then match it. The TTL of 2 gets through one NAT
+/// (a home router), not through a carrier-grade NAT behind it, and expires at the next
+/// router on the way, long before the peer's router on any real path (the lab puts an ISP
+/// hop in front of such routers for the same reason). Checks a router answers (its ICMP
+/// "time exceeded") and answers to primers that reached the peer anyway are of no use and
+/// ignored: the primer's transaction is nobody's.
+async fn prime(router: &StunRouter, targets: &[SocketAddr], creds: &Credentials) {
+    for &to in targets {
+        let request = check_request(stun::new_tid(), creds);
+        if let Err(e) = router
+            .socket()
+            .send_with_ttl(&request, to, PRIME_TTL)
+            .await
+        {
+            tracing::trace!(%to, error = %e, "priming check not sent");
+        }
+    }
+}
+
 pub(crate) fn check_request(tid: stun::Tid, creds: &Credentials) -> Vec<u8> {
     let username = format!("{}:{}", creds.remote_ufrag, creds.local_ufrag);
     stun::connectivity_check(tid, &username, &creds.remote_pwd)
