@@ -198,13 +198,14 @@ impl Preset {
 
 /// The rows of the networks test ([`networks`]): presets beside the grid's, each pair with
 /// S started with its defaults. (exposer, forwarder).
-const NETWORKS: [(Preset, Preset); 7] = [
+const NETWORKS: [(Preset, Preset); 8] = [
     (Preset::Easy, Preset::Hard),
     (Preset::Hard, Preset::Easy),
     (Preset::HardV6, Preset::HardV6),
     (Preset::HardV6Drop, Preset::HardV6Drop),
     (Preset::V6Only, Preset::Easy),
     (Preset::Sequential, Preset::Easy),
+    (Preset::Easy, Preset::Sequential),
     (Preset::EasyOpen, Preset::EasyOpen),
 ];
 

@@ -6,7 +6,7 @@
 //! - `netcheck_against_a_default_s_classifies_mapping`: `p2ptun netcheck --json` behind
 //!   `public`, `easy`, `hard` and a dual-stack `easy` with a home router's IPv6: S names its
 //!   alternate address (the request's destination with the second port), so the mapping is
-//!   classified; over IPv6 S sees the host's own address (no NAT66).
+//!   classified; asked at its IPv6 address, S sees the host's own address (no NAT66).
 //! - `udp_blocked_exposer_registers_and_serves_within_2s`: the exposer's UDP is dropped by its
 //!   router; it is registered (over TCP, raced against UDP) within 2 s of its start, and a
 //!   forward to it carries a first round trip within 2 s of the forwarder's start.
@@ -37,10 +37,10 @@ async fn default_relay(lab: &Lab, files: &common::Lab) -> common::Relay {
     common::Relay::start(files, "relay", RelayOpts::lab_defaults(lab)).await
 }
 
-/// `p2ptun netcheck --json` against the lab's S, in `host`.
-async fn netcheck(host: &Host, files: &common::Lab, label: &str) -> Value {
+/// `p2ptun netcheck --json --server SERVER` in `host`.
+async fn netcheck(host: &Host, server: &str, files: &common::Lab, label: &str) -> Value {
     let mut cmd = host.command(common::agent_bin()).expect("command");
-    cmd.args(["netcheck", "--json", "--server", natlab::S_LISTEN])
+    cmd.args(["netcheck", "--json", "--server", server])
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1");
     let out = common::run_command(label, cmd, None, common::ONE_SHOT, &files.logs()).await;
@@ -80,7 +80,7 @@ fn netcheck_against_a_default_s_classifies_mapping() {
             (&hard, "hard", "endpoint-dependent"),
             (&dual, "easy+ipv6", "endpoint-independent"),
         ] {
-            let v = netcheck(host, &files, &format!("netcheck-{label}")).await;
+            let v = netcheck(host, natlab::S_LISTEN, &files, &format!("netcheck-{label}")).await;
             println!("{label}: {v}");
             if v["mapping"] != mapping {
                 failures.push(format!(
@@ -95,8 +95,16 @@ fn netcheck_against_a_default_s_classifies_mapping() {
                 ));
             }
         }
-        // Over IPv6 S sees the host's own address: no NAT66, a firewall at most.
-        let v6 = netcheck(&dual, &files, "netcheck-ipv6").await["ipv6"].clone();
+        // Over IPv6 S sees the host's own address: no NAT66, a firewall at most. (S's IPv6
+        // address is given: an IPv4 literal names no IPv6 address, a host name would.)
+        let v = netcheck(&dual, natlab::S_LISTEN6, &files, "netcheck-ipv6").await;
+        println!("easy+ipv6 over IPv6: {v}");
+        if !v["server"].is_null() {
+            failures.push(format!(
+                "an IPv6 S has no IPv4 address, yet netcheck says {v}"
+            ));
+        }
+        let v6 = v["ipv6"].clone();
         let own = dual.ip6().expect("an IPv6 address").to_string();
         let public6 = v6["public"].as_str().unwrap_or_default();
         if v6["no_nat"] != true || !public6.contains(&own) {

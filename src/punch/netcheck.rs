@@ -45,6 +45,8 @@ pub enum Filtering {
 /// What netcheck found.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// S's IPv4 address probed; `None` when S has none this host knows.
+    pub server: Option<SocketAddr>,
     /// Whether S answered STUN at all.
     pub udp: bool,
     /// The address S saw (the public mapping), if UDP works.
@@ -154,6 +156,7 @@ pub struct Observations {
 pub fn classify(o: &Observations) -> Report {
     let Some(primary) = o.primary else {
         return Report {
+            server: None,
             udp: false,
             public: None,
             public_alt: None,
@@ -181,6 +184,7 @@ pub fn classify(o: &Observations) -> Report {
         (Some(false), false) => Filtering::AddressAndPortDependent,
     };
     Report {
+        server: None,
         udp: true,
         public: Some(primary),
         public_alt: o.alternate,
@@ -207,7 +211,10 @@ pub async fn run(
 ) -> Report {
     let mut o = Observations::default();
     let Some(m) = mappings(router, server).await else {
-        return classify(&o);
+        return Report {
+            server: Some(server),
+            ..classify(&o)
+        };
     };
     o.primary = m.primary;
     o.mapped_is_local = o.primary.is_some_and(|p| locals.contains(&p));
@@ -222,7 +229,10 @@ pub async fn run(
             o.unsolicited_answer_arrived = Some(changed.is_some());
         }
     }
-    classify(&o)
+    Report {
+        server: Some(server),
+        ..classify(&o)
+    }
 }
 
 /// The mappings of one socket toward S's two STUN addresses.
@@ -275,6 +285,13 @@ pub async fn nat_mapping(
 
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.server.is_none() {
+            writeln!(f, "IPv4:       S has no IPv4 address this agent knows")?;
+            return match &self.ipv6 {
+                Some(v6) => write!(f, "{v6}"),
+                None => Ok(()),
+            };
+        }
         if !self.udp {
             writeln!(f, "UDP:        blocked (S did not answer STUN over IPv4)")?;
             return match &self.ipv6 {

@@ -304,11 +304,7 @@ pub const PRIME_TTL: u8 = 2;
 async fn prime(router: &StunRouter, targets: &[SocketAddr], creds: &Credentials) {
     for &to in targets {
         let request = check_request(stun::new_tid(), creds);
-        if let Err(e) = router
-            .socket()
-            .send_with_ttl(&request, to, PRIME_TTL)
-            .await
-        {
+        if let Err(e) = router.socket().send_with_ttl(&request, to, PRIME_TTL).await {
             tracing::trace!(%to, error = %e, "priming check not sent");
         }
     }

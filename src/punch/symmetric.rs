@@ -132,13 +132,21 @@ pub fn classify(primary: SocketAddr, alternate: Option<SocketAddr>, public: bool
     }
 }
 
-/// The next [`PREDICTED`] ports a counting NAT hands out after `last`, the mapping S saw. The
-/// socket's mapping toward S's other address took the first step already, so prediction
-/// starts one step further.
+/// The ports a counting NAT may hand out next after `last`, the mapping S saw: every port
+/// of the [`PREDICTED`] allocations after the alternate one (which took the first step),
+/// nearest first.
+///
+/// Every port of that window, not only those on the step's grid: the NAT counts for every
+/// flow of every host behind it, so the step measured between S's two addresses may include
+/// someone else's allocation (the agent's own TCP connection to S is one, in the lab's
+/// counting NAT a step of 1 was measured as 2), and the flow toward us lands wherever the
+/// counter is by then. The step gives the direction and the scale of the window.
 pub fn predict(last: SocketAddr, step: i32) -> Vec<SocketAddr> {
-    (2..)
-        .map(|k: i32| i32::from(last.port()) + step * k)
-        .take(PREDICTED)
+    let (dir, size) = (step.signum(), step.abs());
+    let first = size + 1;
+    let end = size * (PREDICTED as i32 + 1);
+    (first..=end)
+        .map(|k| i32::from(last.port()) + dir * k)
         .filter_map(|p| u16::try_from(p).ok())
         .filter(|p| PORT_RANGE.contains(p))
         .map(|p| SocketAddr::new(last.ip(), p))
@@ -218,8 +226,14 @@ mod tests {
             .iter()
             .map(|a| a.port())
             .collect();
-        assert_eq!(ports.len(), PREDICTED);
-        assert_eq!(&ports[..3], &[40004, 40006, 40008]);
+        assert_eq!(ports.len(), 2 * PREDICTED);
+        assert_eq!(&ports[..3], &[40003, 40004, 40005]);
+        let one: Vec<u16> = predict(addr("203.0.113.5:40000"), 1)
+            .iter()
+            .map(|a| a.port())
+            .collect();
+        assert_eq!(one.len(), PREDICTED);
+        assert_eq!(&one[..2], &[40002, 40003]);
         // Near the end of the range, only real ports.
         let high = predict(addr("203.0.113.5:65530"), 1);
         assert_eq!(
