@@ -517,6 +517,8 @@ struct Observed {
     /// Path before the transfer (after the punches settled) and after it.
     before: PathSeen,
     after: PathSeen,
+    /// From starting the exposer to its status saying it is registered with S.
+    registered: Duration,
     /// From starting the forwarder to the first echoed byte.
     ready: Duration,
     /// From the tunnel working to the punches being over (or [`SETTLE_MAX`]).
@@ -882,6 +884,7 @@ fn pair_body(spec: PairSpec, files: &common::Lab, run: &mut PairRun) -> anyhow::
     Ok(Observed {
         before,
         after,
+        registered: t.exposer_registered_in,
         ready,
         settle,
         s_rx: rx1.saturating_sub(rx0),
@@ -907,10 +910,11 @@ fn detail(r: &PairResult) -> String {
     let verdict = if r.passed() { "ok  " } else { "FAIL" };
     let line = match &r.outcome {
         Ok(o) => format!(
-            "{verdict} {pair:<30} expected {want:<5} got {:<8} ready {:>5} ms, settled after \
-             {:>4.1} s, 2×8 MiB in {:>6.2} s, S rx {:>6.2} MiB, QUIC rtt {:>6.1} ms, path {} \
-             ({:.0} s total)\n",
+            "{verdict} {pair:<30} expected {want:<5} got {:<8} exposer registered in {:>4} ms, \
+             ready {:>5} ms, settled after {:>4.1} s, 2×8 MiB in {:>6.2} s, S rx {:>6.2} MiB, \
+             QUIC rtt {:>6.1} ms, path {} ({:.0} s total)\n",
             o.after.kind.map_or("no path", Kind::label),
+            o.registered.as_millis(),
             o.ready.as_millis(),
             o.settle.as_secs_f64(),
             o.transfer.as_secs_f64(),
