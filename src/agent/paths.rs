@@ -109,6 +109,13 @@ fn strategy(ctx: &Ctx, rv: &Rendezvous) -> Strategy {
             "both NATs give each destination its own port and neither side has a port \
              mapping: no direct UDP path can be punched; TCP or the relay will carry it"
         ),
+        Strategy::Predict(ports) => tracing::info!(
+            session = rv.session, ?mine, peer = ?rv.peer_nat,
+            "through a symmetric NAT: probing {} predicted ports, {} to {}",
+            ports.len(),
+            ports.first().map(|a| a.to_string()).unwrap_or_default(),
+            ports.last().map(|a| a.port().to_string()).unwrap_or_default()
+        ),
         other => {
             tracing::info!(session = rv.session, ?mine, peer = ?rv.peer_nat, strategy = ?other, "through a symmetric NAT")
         }

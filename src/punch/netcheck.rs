@@ -423,8 +423,14 @@ mod tests {
             (Mapping::Unknown, Filtering::Unknown)
         );
 
-        let blocked = classify(&Observations::default());
+        // What `run` reports when S's IPv4 address does not answer, and when S has none.
+        let blocked = Report {
+            server: Some("203.0.113.1:7000".parse().unwrap()),
+            ..classify(&Observations::default())
+        };
         assert!(!blocked.udp);
         assert!(blocked.to_string().contains("blocked"));
+        let no_ipv4 = Report::no_ipv4().to_string();
+        assert!(no_ipv4.contains("no IPv4 address"), "{no_ipv4}");
     }
 }
