@@ -36,7 +36,7 @@ pub use ctx::{AgentOptions, Ctx, ExposeSpec, ForwardSpec};
 
 use crate::path::{PathSocket, Policy};
 use crate::proto::ALPN_PEER;
-use crate::punch::candidates::Families;
+use crate::punch::candidates::{ipv4_side, Families};
 use crate::punch::StunRouter;
 use crate::tunnel::{endpoint, tls, Identity};
 use server::ServerEvent;
@@ -83,12 +83,7 @@ impl Agent {
         // firewall rules simple; any port works.
         // TCP punching is IPv4 only: a dual-stack agent's punching port listens on IPv4's
         // wildcard (IPv6 needs no NAT traversal, and its UDP paths are checked directly).
-        let udp_local = match socket.local()? {
-            SocketAddr::V6(v6) if v6.ip().is_unspecified() => {
-                SocketAddr::from(([0, 0, 0, 0], v6.port()))
-            }
-            local => local,
-        };
+        let udp_local = ipv4_side(socket.local()?);
         let tcp = crate::punch::tcp::TcpPunch::bind(udp_local)
             .or_else(|_| crate::punch::tcp::TcpPunch::bind(SocketAddr::new(udp_local.ip(), 0)))
             .map_err(|e| tracing::warn!("no TCP punching port ({e}); only UDP and relay paths"))
@@ -242,7 +237,7 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     };
     match addr {
         SocketAddr::V6(v6) if v6.ip().is_unspecified() => dual(addr).or_else(|e| {
-            let v4 = SocketAddr::from(([0, 0, 0, 0], v6.port()));
+            let v4 = ipv4_side(addr);
             tracing::info!("no IPv6 on this host ({e}); the agent uses IPv4 only, at {v4}");
             std::net::UdpSocket::bind(v4)
         }),

@@ -128,13 +128,9 @@ fn strategy(ctx: &Ctx, rv: &Rendezvous) -> Strategy {
 async fn open_many(ctx: &Arc<Ctx>, rv: &Rendezvous, virt: SocketAddr, to: SocketAddr) -> Outcome {
     tokio::time::sleep(start_delay(rv)).await;
     let started = tokio::time::Instant::now();
+    // The side sockets are IPv4, as the peer's mapping is (see symmetric::strategy).
     let local = match ctx.router.socket().local() {
-        // The side sockets are of `to`'s family (IPv4: see symmetric::strategy) whatever
-        // the main socket's, so a dual-stack agent binds them to IPv4's wildcard.
-        Ok(local) if local.ip().is_unspecified() && to.is_ipv4() => {
-            std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
-        }
-        Ok(local) => local.ip(),
+        Ok(local) => crate::punch::candidates::ipv4_side(local).ip(),
         Err(e) => return Outcome::Failed(e.to_string()),
     };
     let punch = birthday::open_many(local, to, &rv.credentials, started + checks::DEADLINE);

@@ -21,6 +21,8 @@ pub struct Registered {
     pub conn: Connection,
     /// S's address.
     pub server: SocketAddr,
+    /// All of S's addresses this agent can use, as resolved for this registration.
+    pub server_addrs: Vec<SocketAddr>,
     /// Whether the control connection runs over UDP (else framed on TCP).
     pub over_udp: bool,
     /// Where S saw this agent come from: its server-reflexive address, of the control

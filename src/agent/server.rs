@@ -119,13 +119,7 @@ pub async fn run(
                     reg.registered_with.clone(),
                 ));
                 let over_tcp = !reg.over_udp;
-                let addrs = if over_tcp {
-                    dial::resolve(&ctx.opts.server, ctx.families())
-                        .await
-                        .unwrap_or_else(|_| vec![reg.server])
-                } else {
-                    Vec::new()
-                };
+                let addrs = reg.server_addrs.clone();
                 let back_to_udp = udp_works_again(&ctx, &addrs);
                 tokio::pin!(back_to_udp);
                 let why = loop {
@@ -299,6 +293,7 @@ async fn register_on(
                 Registered {
                     conn,
                     server,
+                    server_addrs: addrs.to_vec(),
                     over_udp: carrier == Carrier::Udp,
                     observed,
                     observed_other,

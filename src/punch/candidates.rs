@@ -48,6 +48,24 @@ impl Families {
     }
 }
 
+/// The IPv4 side of a socket bound at `local`: a dual-stack socket's (`[::]:PORT`) is
+/// `0.0.0.0:PORT`; any other address is its own. What is IPv4 only (TCP punching, birthday
+/// sockets, port mapping) binds there.
+pub fn ipv4_side(local: SocketAddr) -> SocketAddr {
+    match local {
+        SocketAddr::V6(v6) if v6.ip().is_unspecified() => {
+            SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, v6.port()))
+        }
+        other => other,
+    }
+}
+
+/// Whether `ip` is an IPv6 link-local address: meaningless to a peer, which cannot name
+/// the interface it belongs to.
+pub fn is_link_local(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local())
+}
+
 /// Whether `ip` is worth offering a peer on another machine: not loopback, unspecified or
 /// multicast, and for IPv6 not link-local (it needs an interface index the peer cannot
 /// know) nor IPv4-mapped.
@@ -57,7 +75,7 @@ pub fn offerable(ip: IpAddr) -> bool {
     }
     match ip {
         IpAddr::V4(_) => true,
-        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80 && v6.to_ipv4_mapped().is_none(),
+        IpAddr::V6(v6) => !is_link_local(ip) && v6.to_ipv4_mapped().is_none(),
     }
 }
 

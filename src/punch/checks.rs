@@ -2,10 +2,10 @@
 //! and which answered pair to use. No I/O, so all of it is unit-tested.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::candidates::Families;
+use super::candidates::{is_link_local, Families};
 use crate::proto::{Candidate, CandidateKind};
 
 /// Pacing between the first checks of successive pairs (RFC 8445's Ta is 50 ms).
@@ -60,8 +60,7 @@ pub fn plan(candidates: &[Candidate], families: Families, tcp: bool) -> Vec<Sock
         .filter(|c| c.kind.is_tcp() == tcp)
         .filter(|c| families.allows(c.addr) && c.addr.port() != 0)
         .filter(|c| !c.addr.ip().is_unspecified() && !c.addr.ip().is_multicast())
-        // A link-local address means nothing without an interface the peer cannot name.
-        .filter(|c| !matches!(c.addr.ip(), IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80))
+        .filter(|c| !is_link_local(c.addr.ip()))
         .collect();
     sorted.sort_by_key(|c| rank(c.kind));
     let mut seen = HashSet::new();
