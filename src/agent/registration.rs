@@ -31,6 +31,9 @@ pub struct Registered {
     /// This agent's reflexive address in the other family, if S has an address there and
     /// answered STUN on it.
     pub observed_other: Option<SocketAddr>,
+    /// Over a TCP control connection (where `observed` is the TCP connection's mapping),
+    /// this agent's UDP mapping toward S, if STUN over UDP answered.
+    pub udp_observed: Option<SocketAddr>,
     /// Where S saw this agent's TCP punching port come from, if it could tell.
     pub tcp_observed: Option<SocketAddr>,
     /// How this agent's NAT picks public ports, found at registration.
@@ -91,10 +94,15 @@ impl Registered {
             kind: CandidateKind::ServerReflexive,
             addr: self.observed,
         });
-        out.extend(self.observed_other.map(|addr| Candidate {
-            kind: CandidateKind::ServerReflexive,
-            addr,
-        }));
+        out.extend(
+            self.observed_other
+                .into_iter()
+                .chain(self.udp_observed)
+                .map(|addr| Candidate {
+                    kind: CandidateKind::ServerReflexive,
+                    addr,
+                }),
+        );
         out.extend(self.tcp_observed.map(|addr| Candidate {
             kind: CandidateKind::TcpServerReflexive,
             addr,

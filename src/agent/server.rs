@@ -45,12 +45,12 @@ pub enum ControlError {
 }
 
 /// What this agent registers with (and sends again when its port mappings change): its own
-/// candidates, its TCP port's reflexive address, and its UDP reflexive address in the
-/// family the control connection does not use. S adds the UDP one it observes.
+/// candidates, its TCP port's reflexive address, and the UDP reflexive addresses STUN found
+/// beside the one S observes (which S adds).
 fn registration_candidates(
     ctx: &Ctx,
     tcp_observed: Option<SocketAddr>,
-    observed_other: Option<SocketAddr>,
+    udp_reflexive: impl IntoIterator<Item = SocketAddr>,
 ) -> Vec<Candidate> {
     ctx.local_candidates()
         .into_iter()
@@ -58,7 +58,7 @@ fn registration_candidates(
             kind: CandidateKind::TcpServerReflexive,
             addr,
         }))
-        .chain(observed_other.map(|addr| Candidate {
+        .chain(udp_reflexive.into_iter().map(|addr| Candidate {
             kind: CandidateKind::ServerReflexive,
             addr,
         }))
@@ -70,7 +70,11 @@ fn registration_candidates(
 async fn update_candidates(ctx: Arc<Ctx>, reg: Arc<Registered>, mut sent: Vec<Candidate>) {
     let mut mappings = ctx.portmap.clone();
     loop {
-        let now = registration_candidates(&ctx, reg.tcp_observed, reg.observed_other);
+        let now = registration_candidates(
+            &ctx,
+            reg.tcp_observed,
+            reg.observed_other.into_iter().chain(reg.udp_observed),
+        );
         if now != sent {
             match reg.update_candidates(now.clone()).await {
                 Ok(()) => {
@@ -120,7 +124,13 @@ pub async fn run(
                 ));
                 let over_tcp = !reg.over_udp;
                 let addrs = reg.server_addrs.clone();
-                let back_to_udp = udp_works_again(&ctx, &addrs);
+                // UDP that answered STUN at registration is worth trying again at once.
+                let first_try = if reg.udp_observed.is_some() {
+                    Duration::from_secs(1)
+                } else {
+                    UDP_RETRY_FIRST
+                };
+                let back_to_udp = udp_works_again(&ctx, &addrs, first_try);
                 tokio::pin!(back_to_udp);
                 let why = loop {
                     tokio::select! {
@@ -226,6 +236,21 @@ async fn register_on(
         tracing::info!(%server, "connected to S over TCP (UDP gets no answer on this network)");
     }
     verify_server(ctx, &conn, host_part(&ctx.opts.server)).map_err(ControlError::Fatal)?;
+    // Over TCP, the address S observes is the TCP connection's mapping, not the UDP socket's
+    // that peers punch to. UDP may work after all (the race goes to TCP when a lossy link
+    // drops the first QUIC packets): one STUN round trip over UDP, bounded by a few of the
+    // RTTs just measured, finds the UDP mapping then and costs a blocked network little.
+    let udp_observed = if carrier == Carrier::Tcp {
+        let wait = (conn.rtt() * 3).clamp(UDP_PROBE_MIN, UDP_PROBE_MAX);
+        ctx.router
+            .binding(server, None, wait)
+            .await
+            .and_then(|r| crate::proto::stun::mapped_address(&r.msg))
+            .map(crate::path::canonical)
+    } else {
+        None
+    };
+    let udp_works = carrier == Carrier::Udp || udp_observed.is_some();
     let tcp_observed = async {
         match &ctx.tcp {
             // The TCP punching port is IPv4 (see Agent::start).
@@ -242,7 +267,7 @@ async fn register_on(
         let Some(v4) = addrs.iter().find(|a| a.is_ipv4()) else {
             return NatMapping::Unknown;
         };
-        if carrier == Carrier::Tcp {
+        if !udp_works {
             return NatMapping::Unknown;
         }
         let locals: Vec<SocketAddr> = ctx.local_candidates().iter().map(|c| c.addr).collect();
@@ -251,7 +276,7 @@ async fn register_on(
     // S sees the control connection's family; a STUN Binding to S's address of the other
     // family (when S has one) finds this agent's reflexive address there too.
     let other_family = async {
-        if carrier == Carrier::Tcp {
+        if !udp_works {
             return None;
         }
         let other = addrs.iter().find(|a| a.is_ipv4() != server.is_ipv4())?;
@@ -260,7 +285,11 @@ async fn register_on(
     };
     let (tcp_observed, nat, observed_other) = tokio::join!(tcp_observed, nat, other_family);
 
-    let registered_with = registration_candidates(ctx, tcp_observed, observed_other);
+    let registered_with = registration_candidates(
+        ctx,
+        tcp_observed,
+        observed_other.into_iter().chain(udp_observed),
+    );
     let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await?;
         let msg = ClientMsg::Register {
@@ -297,6 +326,7 @@ async fn register_on(
                     over_udp: carrier == Carrier::Udp,
                     observed,
                     observed_other,
+                    udp_observed,
                     tcp_observed,
                     nat,
                     registered_with,
@@ -316,11 +346,17 @@ async fn register_on(
     }
 }
 
+/// The bounds of the STUN round trip over UDP of an agent registered over TCP.
+const UDP_PROBE_MIN: Duration = Duration::from_millis(200);
+/// See [`UDP_PROBE_MIN`].
+const UDP_PROBE_MAX: Duration = Duration::from_secs(1);
+
 /// How long the STUN Binding to S's address of the other family may take.
 const OTHER_FAMILY_PROBE: Duration = Duration::from_millis(1500);
 
 /// How often an agent registered over TCP tries UDP to S again: first after
-/// [`UDP_RETRY_FIRST`], doubling up to [`UDP_RETRY_CAP`]. A network that blocked UDP at
+/// [`UDP_RETRY_FIRST`] (after 1 s when STUN over UDP answered at registration), doubling up
+/// to [`UDP_RETRY_CAP`]. A network that blocked UDP at
 /// start (a captive portal, a hotel firewall) often stops doing so later; each try costs
 /// one QUIC handshake attempt.
 const UDP_RETRY_FIRST: Duration = Duration::from_secs(15);
@@ -329,8 +365,8 @@ const UDP_RETRY_CAP: Duration = Duration::from_secs(300);
 
 /// Waits until a QUIC handshake with one of `addrs` over UDP succeeds, trying now and then;
 /// never returns while UDP stays blocked.
-async fn udp_works_again(ctx: &Ctx, addrs: &[SocketAddr]) -> Dialed {
-    let mut pause = UDP_RETRY_FIRST;
+async fn udp_works_again(ctx: &Ctx, addrs: &[SocketAddr], first: Duration) -> Dialed {
+    let mut pause = first;
     loop {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(UDP_RETRY_CAP);
