@@ -54,15 +54,23 @@ pub enum ConfigError {
     },
 }
 
-/// How much a stranger can make S spend.
+/// How much a stranger can make S spend, and how much of S one address may hold. A source
+/// is an IPv4 address or an IPv6 /64; see [`crate::limits`] for how the bounds work together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Connections (established or handshaking) from one IPv4 address or IPv6 /64.
-    pub max_connections_per_ip: u32,
-    /// Connections in all.
+    /// Connections in all (handshaking, unregistered and registered).
     pub max_connections: u32,
     /// QUIC handshakes in progress at once.
     pub max_pending_handshakes: u32,
+    /// Handshakes one source may start per second (after proving its address); bursts of
+    /// twice as many pass.
+    pub handshake_rate_per_ip: u32,
+    /// Connections from one source that are handshaking or have not registered yet.
+    pub max_unregistered_per_ip: u32,
+    /// Registered agents behind one source. Agents are told apart by their keys, so this is
+    /// set high enough for a carrier-grade NAT; it only keeps one address from taking all of
+    /// `max_connections`.
+    pub max_agents_per_ip: u32,
     /// STUN requests answered per second per source IPv4 address or IPv6 /64; bursts of
     /// twice as many pass.
     pub stun_rate_per_ip: u32,
@@ -71,9 +79,11 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_connections_per_ip: 32,
             max_connections: 10_000,
             max_pending_handshakes: 256,
+            handshake_rate_per_ip: 100,
+            max_unregistered_per_ip: 64,
+            max_agents_per_ip: 5_000,
             stun_rate_per_ip: 20,
         }
     }
@@ -205,9 +215,14 @@ impl RelayConfig {
     /// usable alternate STUN address.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let limits = [
-            ("max_connections_per_ip", self.limits.max_connections_per_ip),
             ("max_connections", self.limits.max_connections),
             ("max_pending_handshakes", self.limits.max_pending_handshakes),
+            ("handshake_rate_per_ip", self.limits.handshake_rate_per_ip),
+            (
+                "max_unregistered_per_ip",
+                self.limits.max_unregistered_per_ip,
+            ),
+            ("max_agents_per_ip", self.limits.max_agents_per_ip),
             ("stun_rate_per_ip", self.limits.stun_rate_per_ip),
         ];
         for (key, value) in limits {
@@ -294,7 +309,7 @@ pub struct FileConfig {
     /// See [`RelayConfig::metrics`].
     #[serde(default, deserialize_with = "de_metrics")]
     pub metrics: Option<SocketAddr>,
-    /// See [`Limits::max_connections_per_ip`].
+    /// Replaced by `max_unregistered_per_ip` and `max_agents_per_ip`; read only to say so.
     #[serde(default, deserialize_with = "de_max_connections_per_ip")]
     pub max_connections_per_ip: Option<u32>,
     /// See [`Limits::max_connections`].
@@ -303,6 +318,15 @@ pub struct FileConfig {
     /// See [`Limits::max_pending_handshakes`].
     #[serde(default, deserialize_with = "de_max_pending_handshakes")]
     pub max_pending_handshakes: Option<u32>,
+    /// See [`Limits::handshake_rate_per_ip`].
+    #[serde(default, deserialize_with = "de_handshake_rate_per_ip")]
+    pub handshake_rate_per_ip: Option<u32>,
+    /// See [`Limits::max_unregistered_per_ip`].
+    #[serde(default, deserialize_with = "de_max_unregistered_per_ip")]
+    pub max_unregistered_per_ip: Option<u32>,
+    /// See [`Limits::max_agents_per_ip`].
+    #[serde(default, deserialize_with = "de_max_agents_per_ip")]
+    pub max_agents_per_ip: Option<u32>,
     /// See [`Limits::stun_rate_per_ip`].
     #[serde(default, deserialize_with = "de_stun_rate_per_ip")]
     pub stun_rate_per_ip: Option<u32>,
@@ -360,6 +384,9 @@ field_readers! {
     de_max_connections_per_ip: u32 = "max_connections_per_ip", COUNT;
     de_max_connections: u32 = "max_connections", COUNT;
     de_max_pending_handshakes: u32 = "max_pending_handshakes", COUNT;
+    de_handshake_rate_per_ip: u32 = "handshake_rate_per_ip", COUNT;
+    de_max_unregistered_per_ip: u32 = "max_unregistered_per_ip", COUNT;
+    de_max_agents_per_ip: u32 = "max_agents_per_ip", COUNT;
     de_stun_rate_per_ip: u32 = "stun_rate_per_ip", COUNT;
     de_relay_session_bytes: u64 = "relay_session_bytes", BYTES;
     de_relay_session_rate: u64 = "relay_session_rate", BYTE_RATE;
@@ -404,16 +431,34 @@ impl FileConfig {
                 })
             }
         };
+        if self.max_connections_per_ip.is_some() {
+            // Refused rather than ignored: the operator meant to bound something, and the
+            // new keys bound it differently.
+            return Err(ConfigError::Invalid {
+                key: "max_connections_per_ip",
+                problem: "is no longer read: one address may hold many agents (a \
+                          carrier-grade NAT); set `max_unregistered_per_ip` for connections \
+                          that have not registered and `max_agents_per_ip` for registered \
+                          agents instead"
+                    .into(),
+            });
+        }
         let limits = Limits {
-            max_connections_per_ip: self
-                .max_connections_per_ip
-                .unwrap_or(defaults.limits.max_connections_per_ip),
             max_connections: self
                 .max_connections
                 .unwrap_or(defaults.limits.max_connections),
             max_pending_handshakes: self
                 .max_pending_handshakes
                 .unwrap_or(defaults.limits.max_pending_handshakes),
+            handshake_rate_per_ip: self
+                .handshake_rate_per_ip
+                .unwrap_or(defaults.limits.handshake_rate_per_ip),
+            max_unregistered_per_ip: self
+                .max_unregistered_per_ip
+                .unwrap_or(defaults.limits.max_unregistered_per_ip),
+            max_agents_per_ip: self
+                .max_agents_per_ip
+                .unwrap_or(defaults.limits.max_agents_per_ip),
             stun_rate_per_ip: self
                 .stun_rate_per_ip
                 .unwrap_or(defaults.limits.stun_rate_per_ip),
@@ -464,9 +509,11 @@ mod tests {
             tls_cert = "/etc/relay/cert.pem"
             tls_key = "/etc/relay/key.pem"
             metrics = "127.0.0.1:9100"
-            max_connections_per_ip = 4
             max_connections = 100
             max_pending_handshakes = 10
+            handshake_rate_per_ip = 7
+            max_unregistered_per_ip = 4
+            max_agents_per_ip = 50
             stun_rate_per_ip = 5
             relay_session_bytes = 1000000
             relay_session_rate = 2000
@@ -493,9 +540,11 @@ mod tests {
         assert_eq!(
             config.limits,
             Limits {
-                max_connections_per_ip: 4,
                 max_connections: 100,
                 max_pending_handshakes: 10,
+                handshake_rate_per_ip: 7,
+                max_unregistered_per_ip: 4,
+                max_agents_per_ip: 50,
                 stun_rate_per_ip: 5
             }
         );
@@ -508,6 +557,19 @@ mod tests {
                 idle_timeout: Duration::from_secs(30)
             }
         );
+    }
+
+    #[test]
+    fn the_old_per_address_connection_cap_is_refused_with_what_replaced_it() {
+        let err = parse("max_connections_per_ip = 32")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`max_connections_per_ip` is no longer read"),
+            "{err}"
+        );
+        assert!(err.contains("max_unregistered_per_ip"), "{err}");
+        assert!(err.contains("max_agents_per_ip"), "{err}");
     }
 
     #[test]

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::forward;
+use crate::limits::ConnSlot;
 use crate::metrics::Metrics;
 use crate::names::NamesError;
 use crate::relay::NotOpened;
@@ -77,6 +78,9 @@ struct Session {
     fingerprint: Fingerprint,
     register_started: AtomicBool,
     registered: Mutex<Option<(u64, Arc<Agent>)>>,
+    /// The connection's share of S's limits, which registering moves from the source's
+    /// unregistered connections to its agents.
+    slot: ConnSlot,
 }
 
 impl Session {
@@ -120,8 +124,9 @@ pub fn stun_alt_for(alt: SocketAddr, local_ip: Option<IpAddr>) -> Option<SocketA
     local_ip.map(|ip| SocketAddr::new(ip.to_canonical(), alt.port()))
 }
 
-/// Serves one established connection, carried by `carrier`, until it ends.
-pub async fn serve(shared: Arc<Shared>, conn: Connection, carrier: Carrier) {
+/// Serves one established connection, carried by `carrier` and admitted under `slot`, until
+/// it ends.
+pub async fn serve(shared: Arc<Shared>, conn: Connection, carrier: Carrier, slot: ConnSlot) {
     let Some(fingerprint) = peer_fingerprint(&conn) else {
         conn.close(close::PROTOCOL, b"no usable client certificate");
         return;
@@ -133,6 +138,7 @@ pub async fn serve(shared: Arc<Shared>, conn: Connection, carrier: Carrier) {
         fingerprint,
         register_started: AtomicBool::new(false),
         registered: Mutex::new(None),
+        slot,
     });
     let remote = session.remote();
     tracing::debug!(%remote, agent = %fingerprint, "agent connected");
@@ -335,6 +341,18 @@ fn register(
         ));
     }
     check_candidates(&req.candidates)?;
+    // Before the names are claimed: an agent S cannot take must not hold names either.
+    session.slot.register().map_err(|why| {
+        session.shared.metrics.refused(why);
+        error(
+            ErrorCode::RateLimited,
+            format!(
+                "S serves as many agents from this address as it may (`{}`); try another \
+                 S, or ask its operator to raise the limit",
+                why.label()
+            ),
+        )
+    })?;
     let fingerprint = session.fingerprint;
     session
         .shared

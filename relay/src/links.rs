@@ -165,7 +165,7 @@ mod tests {
     use crate::limits::{Admission, ConnLimits};
 
     fn slot(limits: &Arc<ConnLimits>) -> ConnSlot {
-        match limits.admit("192.0.2.1".parse().unwrap(), true, false) {
+        match limits.admit("192.0.2.1".parse().unwrap(), true) {
             Admission::Accept(slot) => slot,
             other => panic!("expected Accept, got {other:?}"),
         }

@@ -25,8 +25,6 @@ const CODES: [ErrorCode; 8] = [
     ErrorCode::Internal,
 ];
 
-const REFUSALS: [Refusal; 3] = [Refusal::Total, Refusal::PerSource, Refusal::Pending];
-
 /// What became of one relayed packet, as counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayOutcome {
@@ -114,7 +112,7 @@ fn code_label(code: ErrorCode) -> &'static str {
 pub struct Metrics {
     /// Connections established.
     pub connections_total: AtomicU64,
-    refused: [AtomicU64; 3],
+    refused: [AtomicU64; Refusal::ALL.len()],
     /// QUIC Retries sent.
     pub retries_total: AtomicU64,
     /// Successful registrations.
@@ -167,7 +165,7 @@ impl Metrics {
 
     /// Counts a refused connection.
     pub fn refused(&self, why: Refusal) {
-        let i = REFUSALS.iter().position(|r| *r == why).unwrap_or(0);
+        let i = Refusal::ALL.iter().position(|r| *r == why).unwrap_or(0);
         Self::inc(&self.refused[i]);
     }
 
@@ -233,7 +231,7 @@ impl Metrics {
             "QUIC connections established.",
             &[("", get(&self.connections_total))],
         );
-        let refused: Vec<(String, u64)> = REFUSALS
+        let refused: Vec<(String, u64)> = Refusal::ALL
             .iter()
             .zip(&self.refused)
             .map(|(r, c)| (format!("{{limit=\"{}\"}}", r.label()), get(c)))
@@ -242,7 +240,7 @@ impl Metrics {
         metric(
             "connections_refused_total",
             "counter",
-            "QUIC connection attempts refused, by the limit that refused them.",
+            "Connection attempts (QUIC, TCP) and registrations refused, by the limit that refused them.",
             &refused,
         );
         metric(
@@ -463,7 +461,7 @@ mod tests {
         let m = Metrics::default();
         Metrics::inc(&m.sessions_total);
         m.error(ErrorCode::NameTaken);
-        m.refused(Refusal::PerSource);
+        m.refused(Refusal::Unregistered);
         let text = m.render(Gauges {
             connections: 3,
             ..Gauges::default()
@@ -473,7 +471,7 @@ mod tests {
         assert!(text.contains("p2ptun_relay_errors_total{code=\"name_taken\"} 1\n"));
         assert!(text.contains("p2ptun_relay_errors_total{code=\"internal\"} 0\n"));
         assert!(text.contains(
-            "p2ptun_relay_connections_refused_total{limit=\"max_connections_per_ip\"} 1"
+            "p2ptun_relay_connections_refused_total{limit=\"max_unregistered_per_ip\"} 1"
         ));
         assert!(text.contains("# TYPE p2ptun_relay_stun_requests_total counter"));
         m.relayed(RelayOutcome::Forwarded, 1200);

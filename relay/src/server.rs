@@ -441,11 +441,7 @@ fn admit(
         return;
     }
     let metrics = &shared.metrics;
-    match limits.admit(
-        remote.ip(),
-        incoming.remote_address_validated(),
-        incoming.may_retry(),
-    ) {
+    match limits.admit(remote.ip(), incoming.remote_address_validated()) {
         Admission::Accept(slot) => {
             connections.spawn(handshake_and_serve(
                 Arc::clone(shared),
@@ -473,7 +469,7 @@ fn admit(
 async fn handshake_and_serve(
     shared: Arc<Shared>,
     incoming: quinn::Incoming,
-    mut slot: ConnSlot,
+    slot: ConnSlot,
     link: Option<TcpLink>,
 ) {
     let remote = link
@@ -500,13 +496,13 @@ async fn handshake_and_serve(
     slot.handshake_done();
     Metrics::inc(&shared.metrics.connections_total);
     match link {
-        None => control::serve(shared, conn, Carrier::Udp).await,
+        None => control::serve(shared, conn, Carrier::Udp, slot.clone()).await,
         Some(link) => {
             let carrier = Carrier::Tcp {
                 peer: link.peer,
                 local: link.local,
             };
-            let mut serve = pin!(control::serve(shared, conn.clone(), carrier));
+            let mut serve = pin!(control::serve(shared, conn.clone(), carrier, slot.clone()));
             tokio::select! {
                 () = &mut serve => {}
                 () = link.tcp_ended.notified() => {

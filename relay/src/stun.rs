@@ -8,10 +8,6 @@ use std::net::{IpAddr, SocketAddr};
 use p2ptun::path::canonical;
 use p2ptun::proto::stun::{self, change_request, ClassicRequest, ResponseExtras};
 
-/// A response is never larger than this many times its request, as QUIC's anti-amplification
-/// limit, so S cannot be used to multiply a spoofed sender's traffic.
-pub const AMPLIFICATION: usize = 3;
-
 /// One of S's two STUN sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
@@ -102,8 +98,8 @@ pub struct Reply {
 /// RESPONSE-ORIGIN still tells a careful client which address really answered.
 ///
 /// A classic request (RFC 3489, without the magic cookie) gets MAPPED-ADDRESS and its whole
-/// transaction ID back, as RFC 8489 §12.2 asks, under the same size budget; see
-/// [`answer_classic`] for what else differs.
+/// transaction ID back, as RFC 8489 §12.2 asks, and nothing else; see [`answer_classic`]
+/// for what else differs.
 pub fn answer(
     request: &[u8],
     from: SocketAddr,
@@ -121,9 +117,14 @@ pub fn answer(
         // Sent to many hosts at once: no host should answer, and none can from there.
         return None;
     }
-    let budget = request.len().saturating_mul(AMPLIFICATION);
+    // No answer is larger than its request, so a forged source gets no more bytes than
+    // were sent in its name, except that every request may have the smallest complete
+    // answer (at most 24 bytes more than the smallest request): clients that send bare
+    // requests, miniupnpd's among them, are not left without one. Optional attributes
+    // come only within the request's size.
+    let budget = request.len().max(stun::minimal_answer_len(mapped));
     if let Some(classic) = stun::classic_request(request) {
-        return answer_classic(classic, budget, from, dst, arrived_on, addrs);
+        return answer_classic(classic, from, dst, arrived_on, addrs);
     }
     if !stun::is_stun(request) {
         return None;
@@ -163,7 +164,6 @@ pub fn answer(
 /// RFC 8489 §12.2 answers those with an error, and S sends strangers no errors.
 fn answer_classic(
     request: ClassicRequest,
-    budget: usize,
     from: SocketAddr,
     dst: Option<IpAddr>,
     arrived_on: Via,
@@ -177,10 +177,8 @@ fn answer_classic(
         Some((false, true)) => arrived_on.other(),
         Some((true, _)) => return None,
     };
+    // No larger than the smallest modern answer, which any request may have.
     let bytes = stun::classic_binding_success(&request.tid, canonical(from));
-    if bytes.len() > budget {
-        return None;
-    }
     Some(Reply {
         via,
         to: from,
@@ -217,7 +215,7 @@ mod tests {
         let reply = answer(&req, from(), None, Via::Main, &addrs()).unwrap();
         assert_eq!(reply.via, Via::Main);
         assert_eq!(reply.to, from());
-        assert!(reply.bytes.len() <= AMPLIFICATION * req.len());
+        assert!(reply.bytes.len() <= req.len());
         let msg = stun::decode(&reply.bytes).unwrap();
         assert!(stun::is_binding_success(&msg));
         assert_eq!(msg.transaction_id(), tid);
@@ -225,20 +223,29 @@ mod tests {
     }
 
     #[test]
-    fn the_budget_drops_optional_attributes_first() {
-        // A bare 20-byte request allows 60 bytes: the mapping fits, not both extra addresses.
-        let req = stun::binding_request(stun::new_tid(), None);
-        assert_eq!(req.len(), 20);
-        let reply = answer(&req, from(), None, Via::Main, &addrs()).unwrap();
-        assert!(reply.bytes.len() <= 60, "{}", reply.bytes.len());
+    fn no_answer_is_larger_than_its_request_beyond_the_smallest_complete_one() {
+        // A bare 20-byte request gets the mapping alone: 40 bytes for IPv4.
+        let mut bare = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+        bare.extend_from_slice(&[9; 12]);
+        assert_eq!(bare.len(), 20);
+        let reply = answer(&bare, from(), None, Via::Main, &addrs()).unwrap();
+        assert_eq!(reply.bytes.len(), stun::minimal_answer_len(from()));
         let msg = stun::decode(&reply.bytes).unwrap();
         assert_eq!(stun::mapped_address(&msg), Some(from()));
+        assert_eq!(stun::other_address(&msg), None);
 
-        // A request with CHANGE-REQUEST (28 bytes) allows 84: everything fits.
-        let req = stun::binding_request(stun::new_tid(), Some((false, false)));
-        let reply = answer(&req, from(), None, Via::Main, &addrs()).unwrap();
-        let msg = stun::decode(&reply.bytes).unwrap();
-        assert_eq!(stun::other_address(&msg), Some(addrs().alt));
+        // The agent's requests are as large as the fullest answer, which they get.
+        for change in [None, Some((false, false))] {
+            let req = stun::binding_request(stun::new_tid(), change);
+            assert_eq!(req.len(), stun::FULL_ANSWER_LEN);
+            for from in [from(), "[2001:db8::7]:40000".parse().unwrap()] {
+                let reply = answer(&req, from, None, Via::Main, &addrs()).unwrap();
+                assert!(reply.bytes.len() <= req.len());
+                let msg = stun::decode(&reply.bytes).unwrap();
+                assert_eq!(stun::other_address(&msg), Some(addrs().alt));
+                assert_eq!(stun::response_origin(&msg), Some(addrs().main));
+            }
+        }
     }
 
     #[test]
@@ -459,7 +466,11 @@ mod tests {
                 let reply = answer(&req, client, asked, on, &addrs).unwrap();
                 assert_eq!((reply.via, reply.to), (on, client));
                 let b = &reply.bytes;
-                assert!(b.len() <= AMPLIFICATION * req.len(), "{}", b.len());
+                assert!(
+                    b.len() <= req.len().max(stun::minimal_answer_len(client)),
+                    "{}",
+                    b.len()
+                );
                 assert_eq!(b[..2], [0x01, 0x01], "a Binding success response");
                 assert_eq!(usize::from(u16::from_be_bytes([b[2], b[3]])) + 20, b.len());
                 assert_eq!(b[4..20], tid, "the whole 16-byte ID is echoed");

@@ -69,7 +69,7 @@ impl TcpFront {
 
     fn admit(&self, links: &mut JoinSet<()>, stream: TcpStream, peer: SocketAddr) {
         // The TCP handshake proved the address already; a Retry has no meaning here.
-        match self.limits.admit(peer.ip(), true, false) {
+        match self.limits.admit(peer.ip(), true) {
             Admission::Accept(slot) => {
                 links.spawn(self.clone().link(stream, peer, slot));
             }

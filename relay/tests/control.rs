@@ -575,27 +575,46 @@ async fn stun_is_rate_limited_per_source() {
 }
 
 #[tokio::test]
-async fn connections_per_source_are_limited() {
+async fn unregistered_connections_per_source_are_limited_and_agents_by_their_own_cap() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path(), &[]);
-    config.limits.max_connections_per_ip = 2;
+    config.limits.max_unregistered_per_ip = 2;
+    config.limits.max_agents_per_ip = 2;
     let s = start_with(config).await;
     let a = new_agent(s.addr).await;
     let b = new_agent(s.addr).await;
-    // The third from 127.0.0.1 is refused at the handshake.
+    // A third unregistered connection from 127.0.0.1 is refused at the handshake.
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let id = Identity::ephemeral().unwrap();
     endpoint.set_default_client_config(tls::client_config(&id, ALPN_CONTROL).unwrap());
     let third = timeout(WAIT, endpoint.connect(s.addr, "p2ptun").unwrap())
         .await
         .expect("an answer in time");
-    assert!(third.is_err(), "a third connection should be refused");
-    // Once one leaves, its slot is free again.
-    a.conn.close(0u32.into(), b"bye");
-    a._endpoint.wait_idle().await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let c = new_agent(s.addr).await;
-    let (_, _, answer) = c.register(None, &[]).await;
+    assert!(
+        third.is_err(),
+        "a third unregistered connection should be refused"
+    );
+    // Registered agents are not unregistered connections: once `a` registers, there is
+    // room for another connection from the same address.
+    let (_a_send, _a_recv, answer) = a.register(None, &[]).await;
     assert!(matches!(answer, ServerMsg::Registered { .. }), "{answer:?}");
-    drop(b);
+    let c = new_agent(s.addr).await;
+    let (_c_send, _c_recv, answer) = c.register(None, &[]).await;
+    assert!(matches!(answer, ServerMsg::Registered { .. }), "{answer:?}");
+    // Two agents are this address's share: a third registration is refused, saying why.
+    let (_, _, answer) = b.register(None, &["held-back"]).await;
+    match answer {
+        ServerMsg::Error(e) => {
+            assert_eq!(e.code, ErrorCode::RateLimited);
+            assert!(e.message.contains("max_agents_per_ip"), "{}", e.message);
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+    // The refused agent claimed no name: another key may take it.
+    let d = new_agent(s.addr).await;
+    c.conn.close(0u32.into(), b"bye");
+    c._endpoint.wait_idle().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_d_send, _d_recv, answer) = d.register(None, &["held-back"]).await;
+    assert!(matches!(answer, ServerMsg::Registered { .. }), "{answer:?}");
 }

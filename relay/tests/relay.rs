@@ -537,11 +537,11 @@ async fn tcp_without_the_preamble_is_closed() {
 async fn tcp_connections_count_against_the_per_source_limit() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path());
-    config.limits.max_connections_per_ip = 1;
+    config.limits.max_unregistered_per_ip = 1;
     let s = start(config).await;
     let mut a = udp_agent(s.addr).await;
-    a.register(&[]).await;
-    // 127.0.0.1 holds its one connection: a TCP connection from it is closed at once.
+    // 127.0.0.1 holds its one unregistered connection: a TCP connection from it is closed
+    // at once.
     let mut tcp = TcpStream::connect(s.addr).await.unwrap();
     tcp.write_all(path::tcp::SERVER_PREAMBLE).await.unwrap();
     let mut buf = [0u8; 64];
@@ -550,10 +550,14 @@ async fn tcp_connections_count_against_the_per_source_limit() {
         .expect("S closes in time");
     assert!(matches!(n, Ok(0) | Err(_)), "S answered {n:?}");
     assert_eq!(
-        s.metric("connections_refused_total{limit=\"max_connections_per_ip\"}")
+        s.metric("connections_refused_total{limit=\"max_unregistered_per_ip\"}")
             .await,
         1
     );
+    // Registered, `a` leaves room for the TCP connection.
+    a.register(&[]).await;
+    let mut b = tcp_agent(s.addr).await;
+    b.register(&[]).await;
 }
 
 #[tokio::test]

@@ -182,12 +182,47 @@ pub fn encode(msg: StunMessage) -> Vec<u8> {
         .unwrap_or_default()
 }
 
-/// A plain Binding request, optionally asking the server to answer from its other address
-/// and/or port (RFC 5780 CHANGE-REQUEST).
+/// The size of the fullest Binding success answer S sends: the header, three IPv6
+/// addresses (mapped, RESPONSE-ORIGIN, OTHER-ADDRESS) and FINGERPRINT.
+pub const FULL_ANSWER_LEN: usize = 20 + 3 * 24 + 8;
+
+/// What the padding of [`binding_request`] says it is.
+const SOFTWARE_NAME: &str = "p2ptun";
+
+/// The size of the smallest complete Binding success answer to a request from `mapped`:
+/// the header, the mapped address and FINGERPRINT.
+pub fn minimal_answer_len(mapped: SocketAddr) -> usize {
+    20 + addr_len(mapped) + 8
+}
+
+/// The size of an address attribute: 12 bytes for IPv4, 24 for IPv6.
+fn addr_len(addr: SocketAddr) -> usize {
+    if addr.is_ipv4() {
+        12
+    } else {
+        24
+    }
+}
+
+/// A Binding request, optionally asking the server to answer from its other address and/or
+/// port (RFC 5780 CHANGE-REQUEST), [`FULL_ANSWER_LEN`] bytes long.
+///
+/// S answers no more bytes than a request has, beyond the smallest complete answer, so that
+/// nobody can use it to multiply traffic toward a forged source; a request has to be as
+/// large as the answer it wants (with OTHER-ADDRESS, which the NAT tests need). The room is
+/// filled by SOFTWARE rather than RFC 5780's PADDING: SOFTWARE is comprehension-optional,
+/// so every STUN server ignores it, where PADDING would get a 420 from many.
 pub fn binding_request(tid: TransactionId, change: Option<(bool, bool)>) -> Vec<u8> {
     let mut msg = StunMessage::new(MessageClass::Request, BINDING, tid);
+    let mut used = 20;
     if let Some((ip, port)) = change {
         msg.add_attribute(ChangeRequest::new(ip, port));
+        used += 8;
+    }
+    // The attribute's own header takes 4 bytes; the rest (a multiple of 4) is the value.
+    let room = FULL_ANSWER_LEN.saturating_sub(used + 4);
+    if let Ok(software) = Software::new(format!("{SOFTWARE_NAME:<room$}")) {
+        msg.add_attribute(software);
     }
     encode(msg)
 }
@@ -234,9 +269,8 @@ pub fn binding_success(
 ) -> Vec<u8> {
     let mut msg = StunMessage::new(MessageClass::SuccessResponse, BINDING, tid);
     msg.add_attribute(XorMappedAddress::new(mapped));
-    // Sizes: header 20, address attribute 12 (IPv4) or 24 (IPv6), integrity 24, fingerprint 8.
-    let addr_len = |a: SocketAddr| if a.is_ipv4() { 12 } else { 24 };
-    let mut size = 20 + addr_len(mapped) + 8 + if password.is_some() { 24 } else { 0 };
+    // Integrity takes 24 bytes.
+    let mut size = minimal_answer_len(mapped) + if password.is_some() { 24 } else { 0 };
     // OTHER-ADDRESS first: a client's behaviour tests need it, RESPONSE-ORIGIN is only
     // informative, and a small request's budget has room for one of them.
     for (attr, addr) in [(1u8, extras.other_address), (0u8, extras.response_origin)] {
@@ -385,7 +419,7 @@ mod tests {
         assert_eq!(
             other_address(&small),
             extras.other_address,
-            "OTHER-ADDRESS fits in 3 x 20"
+            "OTHER-ADDRESS fits in 60 bytes"
         );
     }
 
@@ -519,8 +553,9 @@ mod tests {
                 .octets(),
         );
         assert_eq!(answer, want);
-        // Both fit the budget of a bare 20-byte request three times over.
-        assert!(answer.len() <= 60);
+        // Both are no larger than the smallest complete modern answer, which S allows any
+        // request.
+        assert!(answer.len() <= minimal_answer_len(v6));
     }
 
     #[test]
