@@ -13,9 +13,9 @@ Configuration file keys (TOML; all optional; relay/relay.example.toml documents 
   listen, stun_alt, state_dir, tls_cert, tls_key, metrics   as the flags of the same name
   tokens = [\"...\"]               as --token, repeated
   max_connections = 10000        QUIC connections in all
-  max_pending_handshakes = 256   QUIC handshakes in progress at once
+  max_pending_handshakes = 1024  QUIC handshakes in progress at once
   handshake_rate_per_ip = 100    handshakes one source may start per second (bursts of twice that)
-  max_unregistered_per_ip = 64   connections of one source that have not registered (yet)
+  max_unregistered_per_ip = 32   connections of one source that have not registered (yet)
   max_agents_per_ip = 5000       registered agents behind one source (a carrier-grade NAT)
   stun_rate_per_ip = 20          STUN answers per second per source (bursts of twice that)
   (a source is an IPv4 address or an IPv6 /64)

@@ -80,9 +80,9 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 10_000,
-            max_pending_handshakes: 256,
+            max_pending_handshakes: 1024,
             handshake_rate_per_ip: 100,
-            max_unregistered_per_ip: 64,
+            max_unregistered_per_ip: 32,
             max_agents_per_ip: 5_000,
             stun_rate_per_ip: 20,
         }

@@ -119,7 +119,7 @@ pub fn answer(
     }
     // No answer is larger than its request, so a forged source gets no more bytes than
     // were sent in its name, except that every request may have the smallest complete
-    // answer (at most 24 bytes more than the smallest request): clients that send bare
+    // answer (40 bytes for IPv4, 52 for IPv6, to a request of 20 at the least): clients that send bare
     // requests, miniupnpd's among them, are not left without one. Optional attributes
     // come only within the request's size.
     let budget = request.len().max(stun::minimal_answer_len(mapped));

@@ -142,7 +142,12 @@ pub fn classify(primary: SocketAddr, alternate: Option<SocketAddr>, public: bool
 /// counting NAT a step of 1 was measured as 2), and the flow toward us lands wherever the
 /// counter is by then. The step gives the direction and the scale of the window.
 pub fn predict(last: SocketAddr, step: i32) -> Vec<SocketAddr> {
-    let (dir, size) = (step.signum(), step.abs());
+    // The step comes from the peer, through S: bounded as [`classify`] bounds our own, so a
+    // hostile peer cannot make the window (and this loop) as large as it likes.
+    let (dir, size) = (
+        step.signum(),
+        step.unsigned_abs().min(MAX_STEP as u32) as i32,
+    );
     let first = size + 1;
     let end = size * (PREDICTED as i32 + 1);
     (first..=end)
@@ -242,6 +247,17 @@ mod tests {
         );
         let low = predict(addr("203.0.113.5:1030"), -1);
         assert!(low.iter().all(|a| a.port() >= 1024));
+    }
+
+    #[test]
+    fn a_step_a_peer_reports_is_bounded_as_our_own() {
+        // A peer's NAT report arrives through S unchecked: an absurd step must cost no more
+        // than the largest real one, and must not overflow.
+        let p = addr("203.0.113.5:40000");
+        let largest = predict(p, MAX_STEP).len();
+        for step in [MAX_STEP + 1, 65_075_263, i32::MAX, i32::MIN, -MAX_STEP - 1] {
+            assert!(predict(p, step).len() <= largest, "step {step}");
+        }
     }
 
     #[test]

@@ -26,6 +26,7 @@
 
 #![allow(dead_code)]
 
+pub mod flood;
 pub mod kit;
 #[path = "../natlab/mod.rs"]
 pub mod natlab;
