@@ -54,8 +54,7 @@ pub mod close {
 
 /// The most names one agent may expose.
 pub const MAX_NAMES_PER_AGENT: usize = 64;
-/// The most candidates one message may list.
-pub const MAX_CANDIDATES: usize = 32;
+pub use p2ptun::proto::MAX_CANDIDATES;
 /// How long an agent may take to send a stream's first message.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a write to an agent may take before the agent is considered stuck.

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use super::activity::Activity;
 use super::registration::Registered;
 use super::relay::RelaySessions;
-use crate::proto::{Candidate, CandidateKind, Fingerprint};
+use crate::proto::{Candidate, CandidateKind, Fingerprint, MAX_CANDIDATES};
 use crate::punch::candidates::{host_candidates, Families};
 use crate::punch::StunRouter;
 use crate::tunnel::Identity;
@@ -78,23 +78,42 @@ pub struct Ctx {
     pub portmap: watch::Receiver<Vec<crate::portmap::Mapping>>,
 }
 
+/// The most candidates of the agent's own: [`MAX_CANDIDATES`] less room for the addresses S
+/// observed, which [`Registered::with_reflexive`] adds (up to four).
+pub const LOCAL_CANDIDATES: usize = MAX_CANDIDATES - 4;
+
 impl Ctx {
     /// This agent's own candidates: its interfaces with the UDP port and with the TCP port,
     /// and the gateway's port mappings of both.
+    ///
+    /// At most [`LOCAL_CANDIDATES`]: S refuses a message with more than [`MAX_CANDIDATES`],
+    /// and a host with many interfaces (containers, VPNs) must still register. Port
+    /// mappings come first (they are reachable from anywhere), then UDP and TCP host
+    /// addresses in turn, in the order the system lists its interfaces.
     pub fn local_candidates(&self) -> Vec<Candidate> {
-        let mut out = self
+        let mut out: Vec<Candidate> = self
+            .portmap
+            .borrow()
+            .iter()
+            .map(|m| m.candidate())
+            .collect();
+        let udp = self
             .router
             .socket()
             .local()
             .map(host_candidates)
             .unwrap_or_default();
-        if let Some(tcp) = &self.tcp {
-            out.extend(host_candidates(tcp.local()).into_iter().map(|c| Candidate {
-                kind: CandidateKind::TcpHost,
-                ..c
-            }));
-        }
-        out.extend(self.portmap.borrow().iter().map(|m| m.candidate()));
+        let tcp = self.tcp.as_ref().map_or_else(Vec::new, |tcp| {
+            host_candidates(tcp.local())
+                .into_iter()
+                .map(|c| Candidate {
+                    kind: CandidateKind::TcpHost,
+                    ..c
+                })
+                .collect()
+        });
+        out.extend(interleave(udp, tcp));
+        out.truncate(LOCAL_CANDIDATES);
         out
     }
 
@@ -111,5 +130,28 @@ impl Ctx {
             .local()
             .map(Families::of)
             .unwrap_or(Families::V4)
+    }
+}
+
+/// `a` and `b` in turn: a[0], b[0], a[1], b[1], …, then the rest of the longer.
+fn interleave<T>(a: Vec<T>, b: Vec<T>) -> Vec<T> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut a, mut b) = (a.into_iter(), b.into_iter());
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return out,
+            (x, y) => out.extend(x.into_iter().chain(y)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_candidates_of_both_kinds_take_turns() {
+        assert_eq!(interleave(vec![1, 3, 5, 7], vec![2, 4]), [1, 2, 3, 4, 5, 7]);
+        assert_eq!(interleave(Vec::<u8>::new(), vec![9]), [9]);
     }
 }
