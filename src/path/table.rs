@@ -497,4 +497,63 @@ mod tests {
         assert_eq!(t.route_in(shared, 1), None);
         assert_eq!(t.fingerprint_of(b), None);
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A path to add: its kind, RTT in ms (none when unmeasured) and whether it ends up
+        /// live. Each gets an address of its own.
+        fn paths() -> impl Strategy<Value = Vec<(PathKind, Option<u64>, bool)>> {
+            let kind = prop_oneof![
+                Just(PathKind::DirectUdp),
+                Just(PathKind::DirectTcp),
+                Just(PathKind::Relay)
+            ];
+            prop::collection::vec((kind, prop::option::of(0u64..500), any::<bool>()), 0..8)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            /// Whatever the order paths come and go in, the selected one is live, and it is
+            /// the best by kind (direct UDP, direct TCP, relay) and then by RTT.
+            #[test]
+            fn the_selected_path_is_the_best_live_one(
+                (paths, order) in paths().prop_flat_map(|p| {
+                    let n = p.len();
+                    (Just(p), Just((0..n).collect::<Vec<_>>()).prop_shuffle())
+                })
+            ) {
+                let mut t = PathTable::default();
+                let v = t.peer(Fingerprint([1; 32]));
+                let mut keep = Vec::new();
+                let remote = |i: usize| SocketAddr::from(([198, 51, 100, 4], 5000 + i as u16));
+                for &i in &order {
+                    let (kind, rtt, _) = paths[i];
+                    let rtt = rtt.map(Duration::from_millis);
+                    if kind == PathKind::DirectUdp {
+                        t.add_udp_path(v, remote(i), rtt);
+                    } else {
+                        let (tx, rx) = mpsc::channel(1);
+                        keep.push(rx);
+                        t.add_channel_path(v, kind, remote(i), tx, rtt);
+                    }
+                }
+                for &i in order.iter().rev() {
+                    t.set_live(v, paths[i].0, remote(i), paths[i].2);
+                }
+                let rank = |i: usize| (paths[i].0, paths[i].1.map_or(Duration::MAX, Duration::from_millis));
+                let best = (0..paths.len()).filter(|&i| paths[i].2).map(rank).min();
+                let chosen = t.selected(v);
+                prop_assert_eq!(chosen.is_some(), best.is_some());
+                if let Some((kind, remote_addr)) = chosen {
+                    let i = usize::from(remote_addr.port() - 5000);
+                    prop_assert!(paths[i].2, "a dead path was chosen");
+                    prop_assert_eq!(kind, paths[i].0);
+                    prop_assert_eq!(Some(rank(i)), best);
+                }
+            }
+        }
+    }
 }

@@ -210,4 +210,35 @@ mod tests {
         drop(b);
         assert!(done.await.unwrap().is_err());
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(32))]
+
+            /// Any datagrams (two bytes or more) cross a framed stream whole and in order.
+            #[test]
+            fn datagrams_round_trip(packets in prop::collection::vec(prop::collection::vec(any::<u8>(), 2..1500), 0..12)) {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let got = rt.block_on(async {
+                    let (a, b) = tokio::io::duplex(1 << 16);
+                    let virt: SocketAddr = "240.0.0.1:1".parse().unwrap();
+                    let (inj, mut rx) = mpsc::channel(16);
+                    let (to_b, _done_a) = spawn(a, virt, mpsc::channel(1).0);
+                    let (_to_a, _done_b) = spawn(b, virt, inj);
+                    for p in &packets {
+                        to_b.send(Bytes::from(p.clone())).await.unwrap();
+                    }
+                    let mut got = Vec::new();
+                    for _ in &packets {
+                        got.push(rx.recv().await.unwrap().data.to_vec());
+                    }
+                    got
+                });
+                prop_assert_eq!(got, packets);
+            }
+        }
+    }
 }

@@ -141,6 +141,7 @@ async fn request_nat_pmp_pcp(
             .map_err(crab_nat::MappingFailure::from)?;
         (m, IpAddr::V4(ip))
     };
+    usable_lifetime(protocol, mapping.lifetime())?;
     let external = usable_external(protocol, external_ip, mapping.external_port().get())?;
     Ok(Lease {
         mapping: Mapping {
@@ -152,6 +153,17 @@ async fn request_nat_pmp_pcp(
         },
         handle: Handle::NatPmpPcp(mapping),
     })
+}
+
+/// A NAT-PMP or PCP grant of 0 seconds is no mapping (RFC 6886 §3.3 and RFC 6887 §15 use
+/// lifetime 0 for deletion), and renewing one would ask the gateway to delete it: crab_nat
+/// panics on that in debug builds and sends a deletion otherwise. Found by the `natpmp_pcp`
+/// fuzz target.
+fn usable_lifetime(protocol: Protocol, lifetime_secs: u32) -> Result<(), PortmapError> {
+    if lifetime_secs == 0 {
+        return Err(PortmapError::Unusable(protocol, "a lifetime of 0 s".into()));
+    }
+    Ok(())
 }
 
 /// An external address a peer can send to: IPv4, not unspecified, not loopback or
@@ -244,6 +256,7 @@ impl Lease {
                 Handle::NatPmpPcp(m) => {
                     m.timeout_config = RETRIES;
                     m.renew().await?;
+                    usable_lifetime(protocol, m.lifetime())?;
                     self.mapping.lifetime_secs = m.lifetime();
                     self.mapping.external =
                         SocketAddr::new(self.mapping.external.ip(), m.external_port().get());
@@ -298,5 +311,39 @@ mod tests {
                 "{ip}:{port}"
             );
         }
+    }
+
+    /// The `natpmp_pcp` fuzz target's find: a PCP gateway granting 0 seconds made the renewal
+    /// panic inside crab_nat (a deletion request). Such a grant is refused up front. A fake
+    /// gateway on 127.0.0.1:5351 (PCP's port) answers the MAP request.
+    #[tokio::test]
+    async fn a_grant_of_zero_seconds_is_refused() {
+        let Ok(gateway) = tokio::net::UdpSocket::bind("127.0.0.1:5351").await else {
+            eprintln!("SKIPPED: 127.0.0.1:5351 is taken");
+            return;
+        };
+        let answer = tokio::spawn(async move {
+            let mut req = [0u8; 1100];
+            let (n, from) = gateway.recv_from(&mut req).await.unwrap();
+            assert!(n >= 60, "a PCP MAP request");
+            // Version 2, MAP answer, success, lifetime 0, epoch 1000; the request's nonce;
+            // UDP 4000 -> 4000 on 203.0.113.1.
+            let mut map = vec![2, 129, 0, 0, 0, 0, 0, 0, 0, 0, 0x03, 0xe8];
+            map.extend_from_slice(&[0; 12]);
+            map.extend_from_slice(&req[24..36]);
+            map.extend_from_slice(&[17, 0, 0, 0, 0x0f, 0xa0, 0x0f, 0xa0]);
+            map.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 203, 0, 113, 1]);
+            gateway.send_to(&map, from).await.unwrap();
+        });
+        let target = Target {
+            gateway: std::net::Ipv4Addr::LOCALHOST,
+            local: std::net::Ipv4Addr::LOCALHOST,
+        };
+        let got = request(Protocol::Pcp, target, Transport::Udp, 4000).await;
+        answer.await.unwrap();
+        assert!(
+            matches!(got, Err(PortmapError::Unusable(Protocol::Pcp, ref why)) if why.contains("lifetime")),
+            "{got:?}"
+        );
     }
 }

@@ -340,4 +340,143 @@ mod tests {
         let s = format!("{c:?}");
         assert!(!s.contains("secret"));
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn addr() -> impl Strategy<Value = SocketAddr> {
+            prop_oneof![
+                (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::from((ip, p))),
+                (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::from((ip, p))),
+            ]
+        }
+
+        fn candidate() -> impl Strategy<Value = Candidate> {
+            let kind = prop_oneof![
+                Just(CandidateKind::Host),
+                Just(CandidateKind::ServerReflexive),
+                Just(CandidateKind::PortMapped),
+                Just(CandidateKind::PeerReflexive),
+                Just(CandidateKind::TcpHost),
+                Just(CandidateKind::TcpServerReflexive),
+                Just(CandidateKind::TcpPortMapped),
+            ];
+            (kind, addr()).prop_map(|(kind, addr)| Candidate { kind, addr })
+        }
+
+        fn nat() -> impl Strategy<Value = NatMapping> {
+            prop_oneof![
+                Just(NatMapping::Unknown),
+                Just(NatMapping::Independent),
+                any::<i32>().prop_map(|step| NatMapping::Sequential { step }),
+                Just(NatMapping::Random),
+            ]
+        }
+
+        fn rendezvous() -> impl Strategy<Value = Rendezvous> {
+            (
+                any::<u64>(),
+                ".{0,20}",
+                any::<[u8; 32]>(),
+                prop::collection::vec(candidate(), 0..4),
+                prop::array::uniform4(".{0,12}"),
+                any::<u64>(),
+                any::<bool>(),
+                nat(),
+            )
+                .prop_map(
+                    |(session, name, fp, peer_candidates, c, start_in_ms, relay, peer_nat)| {
+                        let [local_ufrag, local_pwd, remote_ufrag, remote_pwd] = c;
+                        Rendezvous {
+                            session,
+                            name,
+                            peer_fingerprint: Fingerprint(fp),
+                            peer_candidates,
+                            credentials: Credentials {
+                                local_ufrag,
+                                local_pwd,
+                                remote_ufrag,
+                                remote_pwd,
+                            },
+                            start_in_ms,
+                            relay,
+                            peer_nat,
+                        }
+                    },
+                )
+        }
+
+        fn client_msg() -> impl Strategy<Value = ClientMsg> {
+            let candidates = || prop::collection::vec(candidate(), 0..4);
+            prop_oneof![
+                (
+                    any::<u32>(),
+                    prop::option::of(".{0,12}"),
+                    prop::collection::vec(".{0,12}", 0..3),
+                    candidates(),
+                    nat()
+                )
+                    .prop_map(|(version, token, names, candidates, nat)| {
+                        ClientMsg::Register {
+                            version,
+                            token,
+                            names,
+                            candidates,
+                            nat,
+                        }
+                    }),
+                (".{0,20}", candidates(), nat()).prop_map(|(name, candidates, nat)| {
+                    ClientMsg::Connect {
+                        name,
+                        candidates,
+                        nat,
+                    }
+                }),
+                candidates().prop_map(|candidates| ClientMsg::UpdateCandidates { candidates }),
+            ]
+        }
+
+        fn server_msg() -> impl Strategy<Value = ServerMsg> {
+            let code = prop_oneof![
+                Just(ErrorCode::BadVersion),
+                Just(ErrorCode::BadToken),
+                Just(ErrorCode::NameTaken),
+                Just(ErrorCode::InvalidName),
+                Just(ErrorCode::UnknownName),
+                Just(ErrorCode::BadRequest),
+                Just(ErrorCode::RateLimited),
+                Just(ErrorCode::Internal),
+            ];
+            prop_oneof![
+                (addr(), prop::option::of(addr()))
+                    .prop_map(|(observed, stun_alt)| ServerMsg::Registered { observed, stun_alt }),
+                rendezvous().prop_map(ServerMsg::Rendezvous),
+                rendezvous().prop_map(ServerMsg::Incoming),
+                (any::<u64>(), ".{0,20}")
+                    .prop_map(|(session, reason)| ServerMsg::RelayClosed { session, reason }),
+                Just(ServerMsg::CandidatesUpdated),
+                (code, ".{0,20}")
+                    .prop_map(|(code, message)| ServerMsg::Error(ErrorMsg { code, message })),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            /// Every control message survives its JSON encoding.
+            #[test]
+            fn client_messages_round_trip(msg in client_msg()) {
+                let json = serde_json::to_vec(&msg).unwrap();
+                prop_assert_eq!(serde_json::from_slice::<ClientMsg>(&json).unwrap(), msg);
+            }
+
+            /// Every message from S survives its JSON encoding.
+            #[test]
+            fn server_messages_round_trip(msg in server_msg()) {
+                let json = serde_json::to_vec(&msg).unwrap();
+                prop_assert_eq!(serde_json::from_slice::<ServerMsg>(&json).unwrap(), msg);
+            }
+        }
+    }
 }

@@ -402,4 +402,58 @@ mod tests {
         assert_eq!(r.push(3, f[0].clone()), None);
         assert_eq!(r.push(3, f[1].clone()).as_deref(), Some(&a[..]));
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            /// A whole packet's payload decodes to its session and packet.
+            #[test]
+            fn payloads_round_trip(session in any::<u64>(), packet in prop::collection::vec(any::<u8>(), 1..1500)) {
+                let p = encode(session, &packet);
+                prop_assert_eq!(decode(&p), Some((session_id(session), Relayed::Packet(Bytes::from(packet)))));
+            }
+
+            /// A split packet's pieces fit, decode as pieces, and reassemble to exactly it in
+            /// any order.
+            #[test]
+            fn pieces_reassemble_in_any_order(
+                session in any::<u64>(),
+                packet in prop::collection::vec(any::<u8>(), 2..3000),
+                max in (FRAGMENT_HEADER + 1)..1500,
+                number in any::<u32>(),
+                seed in any::<u64>(),
+            ) {
+                let Some(pieces) = fragment(&encode(session, &packet), max, || number) else {
+                    // Only when it cannot be done in MAX_FRAGMENTS.
+                    let room = (max - FRAGMENT_HEADER).min(MAX_FRAGMENT_DATA);
+                    prop_assert!(packet.len().div_ceil(room) > MAX_FRAGMENTS);
+                    return Ok(());
+                };
+                let mut order: Vec<usize> = (0..pieces.len()).collect();
+                // A permutation from the seed (Fisher-Yates with a small LCG).
+                let mut s = seed;
+                for i in (1..order.len()).rev() {
+                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    order.swap(i, (s >> 33) as usize % (i + 1));
+                }
+                let mut r = Reassembly::default();
+                let mut out = None;
+                for &i in &order {
+                    prop_assert!(pieces[i].len() <= max);
+                    let Some((s, Relayed::Fragment(f))) = decode(&pieces[i]) else {
+                        return Err(TestCaseError::fail("a piece does not decode"));
+                    };
+                    prop_assert_eq!(s, session_id(session));
+                    prop_assert!(out.is_none());
+                    out = r.push(s, f);
+                }
+                prop_assert_eq!(out.as_deref(), Some(&packet[..]));
+                prop_assert_eq!(r.pending(), 0);
+            }
+        }
+    }
 }

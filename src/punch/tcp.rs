@@ -395,4 +395,38 @@ mod tests {
             Err(TcpPunchError::NoCandidates)
         ));
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            /// A hello made from any session's credentials reads back and proves that session
+            /// to the other side, and only with its password.
+            #[test]
+            fn hellos_round_trip(local in "[ -~]{0,100}", remote in "[ -~]{0,100}", pwd in ".{1,40}", other in ".{1,40}") {
+                let ours = Credentials {
+                    local_ufrag: local.clone(),
+                    local_pwd: other.clone(),
+                    remote_ufrag: remote.clone(),
+                    remote_pwd: pwd.clone(),
+                };
+                let theirs = Credentials {
+                    local_ufrag: remote,
+                    local_pwd: pwd.clone(),
+                    remote_ufrag: local,
+                    remote_pwd: other,
+                };
+                let bytes = hello(&ours);
+                let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                let read = rt.block_on(read_hello(&mut &bytes[..])).unwrap();
+                prop_assert!(read.verify(&theirs));
+                let mut wrong = theirs.clone();
+                wrong.local_pwd = format!("{pwd}x");
+                prop_assert!(!read.verify(&wrong));
+            }
+        }
+    }
 }

@@ -110,4 +110,25 @@ mod tests {
         let cut = &encode("home")[..7];
         assert!(matches!(read(&mut &cut[..]).await, Err(HeaderError::Io(_))));
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            /// Every valid name makes a header that reads back as it, taking exactly its bytes.
+            #[test]
+            fn every_valid_name_round_trips(name in "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", tail in prop::collection::vec(any::<u8>(), 0..8)) {
+                let mut bytes = encode(&name);
+                let len = bytes.len();
+                bytes.extend_from_slice(&tail);
+                let mut r = &bytes[..];
+                let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                prop_assert_eq!(rt.block_on(read(&mut r)).unwrap(), name);
+                prop_assert_eq!(bytes.len() - r.len(), len);
+            }
+        }
+    }
 }
