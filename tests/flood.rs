@@ -5,7 +5,7 @@
 //! 1. A relayed pair (A and B behind `easy` NATs with every packet between them dropped, so
 //!    their bytes go through S) moves data, SHA-256 checked, to measure its throughput.
 //! 2. For [`FLOOD`], two flooding hosts on the internet send S, all at once: QUIC Initials
-//!    from 256 source ports, STUN requests (the agent's own and bare 20-byte ones), junk
+//!    from 256 source ports (512 distinct ones, each sent from many ports), STUN requests (the agent's own and bare 20-byte ones), junk
 //!    datagrams, TCP connections that say nothing, TCP connections that send the preamble one
 //!    byte a second, and registrations with a wrong token (each a full handshake). Every
 //!    generator is bounded in rate, count and time (`tests/common/flood.rs`).

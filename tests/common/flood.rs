@@ -140,9 +140,10 @@ async fn udp_flood(to: SocketAddr, load: Load, mut make: Payload) -> anyhow::Res
 }
 
 /// Genuine QUIC Initial packets (a new connection's first datagram, 1200 bytes), never
-/// followed up. Made ahead (building one costs a TLS ClientHello, far more than sending it)
-/// and each sent from every socket in turn: to S each (address, connection ID) is a new
-/// attempt.
+/// followed up. 512 are made ahead (building one costs a TLS ClientHello, far more than
+/// sending it) and each is sent from every socket in turn. quinn knows a pending attempt by
+/// its connection ID alone, so a copy that arrives while S still holds the first is taken
+/// as part of that attempt; copies arriving after S has answered are new attempts.
 pub async fn initials(to: SocketAddr, load: Load) -> anyhow::Result<Tally> {
     const MADE: usize = 512;
     let identity = Identity::ephemeral()?;
