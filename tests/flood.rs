@@ -24,15 +24,18 @@
 
 mod common;
 
+// Only this test floods; the other test binaries need not compile the generators.
+#[path = "common/flood.rs"]
+mod flood;
 #[path = "lab_paths/support.rs"]
 mod support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::flood::{self, Load, Tally};
 use common::natlab::{self, Lab, Nat, Shaping};
 use common::{Place, Relay, RelayOpts};
+use flood::{Load, Tally};
 use support::{block_peer, run_heavy, Conn, Pace, PeerTraffic, Service, Tunnel};
 
 /// How long the flood lasts.

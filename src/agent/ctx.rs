@@ -11,7 +11,7 @@ use super::activity::Activity;
 use super::registration::Registered;
 use super::relay::RelaySessions;
 use crate::proto::{Candidate, CandidateKind, Fingerprint, MAX_CANDIDATES};
-use crate::punch::candidates::{host_candidates, Families};
+use crate::punch::candidates::{host_candidates, interleave, Families};
 use crate::punch::StunRouter;
 use crate::tunnel::Identity;
 
@@ -130,28 +130,5 @@ impl Ctx {
             .local()
             .map(Families::of)
             .unwrap_or(Families::V4)
-    }
-}
-
-/// `a` and `b` in turn: a[0], b[0], a[1], b[1], …, then the rest of the longer.
-fn interleave<T>(a: Vec<T>, b: Vec<T>) -> Vec<T> {
-    let mut out = Vec::with_capacity(a.len() + b.len());
-    let (mut a, mut b) = (a.into_iter(), b.into_iter());
-    loop {
-        match (a.next(), b.next()) {
-            (None, None) => return out,
-            (x, y) => out.extend(x.into_iter().chain(y)),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_candidates_of_both_kinds_take_turns() {
-        assert_eq!(interleave(vec![1, 3, 5, 7], vec![2, 4]), [1, 2, 3, 4, 5, 7]);
-        assert_eq!(interleave(Vec::<u8>::new(), vec![9]), [9]);
     }
 }

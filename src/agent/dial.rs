@@ -20,7 +20,7 @@ use quinn::Connection;
 use super::ctx::Ctx;
 use super::registration::EXCHANGE_TIMEOUT;
 use crate::path::PathSocket;
-use crate::punch::candidates::Families;
+use crate::punch::candidates::{interleave, Families};
 
 /// Between the first attempts to two successive addresses of S (RFC 8305 §5's Connection
 /// Attempt Delay, its recommended 250 ms).
@@ -84,14 +84,7 @@ pub fn order(addrs: impl IntoIterator<Item = SocketAddr>) -> Vec<SocketAddr> {
             list.push(a);
         }
     }
-    let mut out = Vec::with_capacity(v6.len() + v4.len());
-    let (mut v6, mut v4) = (v6.into_iter(), v4.into_iter());
-    loop {
-        match (v6.next(), v4.next()) {
-            (None, None) => return out,
-            (a, b) => out.extend(a.into_iter().chain(b)),
-        }
-    }
+    interleave(v6, v4)
 }
 
 /// Who starts when: UDP to each address [`ATTEMPT_DELAY`] apart, TCP to each address

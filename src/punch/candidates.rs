@@ -112,9 +112,28 @@ pub fn host_candidates(local: SocketAddr) -> Vec<Candidate> {
     out
 }
 
+/// `a` and `b` in turn: a[0], b[0], a[1], b[1], …, then the rest of the longer. How two
+/// kinds of address are offered or tried without one kind crowding out the other.
+pub fn interleave<T>(a: Vec<T>, b: Vec<T>) -> Vec<T> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut a, mut b) = (a.into_iter(), b.into_iter());
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return out,
+            (x, y) => out.extend(x.into_iter().chain(y)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interleave_takes_turns_then_the_rest() {
+        assert_eq!(interleave(vec![1, 3, 5, 7], vec![2, 4]), [1, 2, 3, 4, 5, 7]);
+        assert_eq!(interleave(Vec::<u8>::new(), vec![9]), [9]);
+    }
 
     #[test]
     fn a_socket_bound_to_one_address_has_that_candidate_only() {

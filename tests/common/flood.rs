@@ -2,8 +2,8 @@
 //! ports, STUN at a high rate, junk datagrams, TCP connections that say nothing or say it
 //! slowly, registrations with a wrong token, and many honest agents from one address.
 //!
-//! Each generator runs on the caller's runtime (make it in a lab host's namespace with
-//! [`super::Place::runtime`] and every socket is there), is bounded by a count and a
+//! Each generator runs on the caller's runtime (make it in a lab host's namespace with the
+//! kit's `Place::runtime` and every socket is there), is bounded by a count and a
 //! deadline and stops by itself, and returns a [`Tally`] of what it sent and what came back,
 //! so a test can tell how many bytes S sent per byte it was sent.
 

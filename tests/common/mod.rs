@@ -26,7 +26,6 @@
 
 #![allow(dead_code)]
 
-pub mod flood;
 pub mod kit;
 #[path = "../natlab/mod.rs"]
 pub mod natlab;
