@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 use crate::agent::{AgentOptions, ExposeSpec, ForwardSpec};
-use crate::proto::{validate_name, Fingerprint};
+use crate::proto::{validate_name, Fingerprint, MAX_NAMES_PER_AGENT};
 
 /// S's address when none is given: a relay on this machine, as the README's demo runs it.
 pub const DEFAULT_SERVER: &str = "127.0.0.1:7000";
@@ -126,6 +126,15 @@ impl ConfigFile {
         }
         if exposes.is_empty() && forwards.is_empty() {
             bail!("nothing to do: add at least one [[expose]] or [[forward]] table");
+        }
+        // Refused here, where the user can act on it: S would refuse the registration, and
+        // the agent would keep asking.
+        if exposes.len() > MAX_NAMES_PER_AGENT {
+            bail!(
+                "{} [[expose]] tables: one agent may expose at most {MAX_NAMES_PER_AGENT} \
+                 names; run another agent (its own --state-dir) for the rest",
+                exposes.len()
+            );
         }
         let server = over
             .server
@@ -291,6 +300,12 @@ mod tests {
                 "nohost",
             ),
         ];
+        let too_many: String = (0..=MAX_NAMES_PER_AGENT)
+            .map(|i| format!("[[expose]]\nname=\"s{i}\"\nlocal=\"{}\"\n", 1000 + i))
+            .collect();
+        let cases = cases
+            .into_iter()
+            .chain([(too_many.as_str(), "at most 64 names")]);
         for (text, needle) in cases {
             let err = ConfigFile::parse(text)
                 .and_then(|c| c.into_options(Overrides::default()))

@@ -52,9 +52,8 @@ pub mod close {
     pub const LINK_LOST: VarInt = VarInt::from_u32(5);
 }
 
-/// The most names one agent may expose.
-pub const MAX_NAMES_PER_AGENT: usize = 64;
 pub use p2ptun::proto::MAX_CANDIDATES;
+pub use p2ptun::proto::MAX_NAMES_PER_AGENT;
 /// How long an agent may take to send a stream's first message.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a write to an agent may take before the agent is considered stuck.

@@ -246,6 +246,9 @@ pub const MAX_NAME_LEN: usize = 63;
 /// The most candidates one message may list; S refuses a message with more.
 pub const MAX_CANDIDATES: usize = 32;
 
+/// The most names one agent may expose; S refuses a registration with more.
+pub const MAX_NAMES_PER_AGENT: usize = 64;
+
 /// Checks that `name` is a service name: 1 to 63 characters of `a-z`, `0-9` and `-`, not
 /// starting or ending with `-` (a DNS label, so names can one day become hostnames).
 pub fn validate_name(name: &str) -> Result<(), String> {
