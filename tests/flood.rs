@@ -56,35 +56,6 @@ fn s_keeps_serving_under_a_flood() {
     run_heavy(flooded());
 }
 
-/// S's CPU time (user + system) and resident memory, from /proc.
-#[derive(Debug, Clone, Copy)]
-struct Usage {
-    cpu: Duration,
-    rss_kib: u64,
-}
-
-fn usage(pid: u32) -> Usage {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at the state, field 3.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15, in clock ticks of 1/100 s on Linux.
-    let cpu = Duration::from_millis((ticks(11) + ticks(12)) * 10);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    Usage { cpu, rss_kib }
-}
-
 /// Rounds on `conn` until `until`; returns the connection and the MiB/s of the whole.
 async fn transfer(mut conn: Conn, seed: u64, until: Instant) -> anyhow::Result<(Conn, f64)> {
     let start = Instant::now();
@@ -173,7 +144,6 @@ async fn flooded() {
         },
     )
     .await;
-    let pid = relay.proc().pid().expect("S's pid");
 
     // No direct path of any kind between A and B: their bytes go through S.
     block_peer(&lab, &a, b.public_ip(), PeerTraffic::UdpAndTcp);
@@ -187,7 +157,11 @@ async fn flooded() {
         support::describe_path(&path)
     );
 
-    let idle = usage(pid);
+    // S's CPU seconds and resident KiB, from the kit's reading of /proc.
+    let s_proc = t.relay().proc();
+    let cpu = || s_proc.cpu_secs().unwrap_or(0.0);
+    let rss = || s_proc.rss_kib().unwrap_or(0);
+    let idle_rss = rss();
     let (conn, before) = transfer(t.connect(), 0xF100, Instant::now() + BASELINE)
         .await
         .unwrap_or_else(|e| panic!("the transfer before the flood: {e:#}\n{}", t.reports()));
@@ -204,19 +178,19 @@ async fn flooded() {
         })
         .collect();
     let flood_start = Instant::now();
-    let cpu_before = usage(pid).cpu;
+    let cpu_before = cpu();
     let handles: Vec<_> = floods()
         .into_iter()
         .map(|(what, host, load, kind)| (what, runtimes[host].spawn(run_flood(kind, s, load))))
         .collect();
     let during = tokio::spawn(transfer(conn, 0xF200, flood_start + FLOOD));
 
-    let mut peak_rss = idle.rss_kib;
+    let mut peak_rss = idle_rss;
     let sampler = async {
         let mut peak = 0;
         while flood_start.elapsed() < FLOOD {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            peak = peak.max(usage(pid).rss_kib);
+            peak = peak.max(rss());
         }
         peak
     };
@@ -251,7 +225,7 @@ async fn flooded() {
         .await
         .expect("transfer task")
         .unwrap_or_else(|e| panic!("the transfer during the flood: {e:#}\n{}", t.reports()));
-    let cpu_flood = usage(pid).cpu.saturating_sub(cpu_before);
+    let cpu_flood = (cpu() - cpu_before).max(0.0);
     let flood_secs = flood_start.elapsed().as_secs_f64();
     let mut tallies = Vec::new();
     for (what, handle) in handles {
@@ -270,9 +244,9 @@ async fn flooded() {
     println!(
         "S during the flood: {:.2} CPU-s in {flood_secs:.1} s ({:.0}% of one core), \
          resident memory {} MiB idle, {} MiB at most",
-        cpu_flood.as_secs_f64(),
-        100.0 * cpu_flood.as_secs_f64() / flood_secs,
-        idle.rss_kib / 1024,
+        cpu_flood,
+        100.0 * cpu_flood / flood_secs,
+        idle_rss / 1024,
         peak_rss / 1024
     );
     println!(
@@ -302,7 +276,7 @@ async fn flooded() {
     t.assert_healthy("after the flood");
 
     // A thousand agents behind one address.
-    let before_crowd = usage(pid);
+    let before_crowd = rss();
     let crowd_rt = Place::from(&crowd)
         .runtime("crowd", 2)
         .expect("a runtime in the crowd's host");
@@ -317,7 +291,7 @@ async fn flooded() {
         .await
         .expect("crowd task")
         .unwrap_or_else(|e| panic!("{e:#}\n{}", t.reports()));
-    let with_crowd = usage(pid);
+    let with_crowd = rss();
     assert_eq!(agents.len(), AGENTS);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(agents.all_alive(), "S closed some of the {AGENTS} agents");
@@ -327,9 +301,9 @@ async fn flooded() {
         agents.took.as_secs_f64(),
         AGENTS as f64 / agents.took.as_secs_f64(),
         agents.refusals,
-        before_crowd.rss_kib / 1024,
-        with_crowd.rss_kib / 1024,
-        with_crowd.rss_kib.saturating_sub(before_crowd.rss_kib) as f64 / AGENTS as f64
+        before_crowd / 1024,
+        with_crowd / 1024,
+        with_crowd.saturating_sub(before_crowd) as f64 / AGENTS as f64
     );
     drop(agents);
     crowd_rt.shutdown_background();
