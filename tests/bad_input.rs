@@ -72,7 +72,7 @@ async fn a_wrong_or_missing_token_is_refused_and_the_right_one_works() {
 
     // A forwarder with a wrong token is refused too (at start, or at the latest when a
     // connection makes it talk to S).
-    let bad_port = free_tcp_port();
+    let bad_port = free_port();
     let bad_fwd = lab
         .agent("wrong-forwarder", &relay)
         .with_token(Some("nope"))
@@ -92,7 +92,7 @@ async fn a_wrong_or_missing_token_is_refused_and_the_right_one_works() {
         .agent("exposer", &relay)
         .expose(&service.target(), "home", &[]);
     let fwd_agent = lab.agent("forwarder", &relay).with_token(None);
-    let port = free_tcp_port();
+    let port = free_port();
     let mut cmd = fwd_agent.command(&["forward", "home", &port.to_string()]);
     cmd.env("P2PTUN_TOKEN", "right-token");
     let forwarder = Proc::spawn("forwarder", cmd, &lab.logs());
@@ -137,7 +137,7 @@ async fn an_unknown_name_closes_the_connection_and_the_forward_keeps_running() {
     let lab = Lab::new("unknown-name");
     let relay = lab.relay("relay", RelayOpts::default()).await;
     let fwd_agent = lab.agent("forwarder", &relay);
-    let port = free_tcp_port();
+    let port = free_port();
     // (With the global flags after the command, as the CLI allows.)
     let forwarder = fwd_agent.spawn_flags_after(&["forward", "nosuch", &port.to_string()]);
     let how = expect_closed(port, Duration::from_secs(20))
@@ -195,7 +195,7 @@ async fn a_changed_pinned_key_is_refused() {
         .to_string();
     std::fs::write(&known, text.replace(&exposer_fp, &other_fp)).expect("write known_peers");
 
-    let port = free_tcp_port();
+    let port = free_port();
     let reached_before = pair.service().accepted();
     let forwarder = pair.forward_agent.forward("home", port);
     let how = expect_closed(port, Duration::from_secs(20)).await;
@@ -223,7 +223,7 @@ async fn a_changed_pinned_key_is_refused() {
 
     // Another forwarder, with no pin, still reaches the exposer.
     let fresh = pair.forward_agent.clone().renamed(&lab, "fresh");
-    let port2 = free_tcp_port();
+    let port2 = free_port();
     let fwd2 = fresh.forward("home", port2);
     wait_tunnel(
         port2,
@@ -245,7 +245,7 @@ async fn allow_lets_in_only_the_listed_keys() {
         .agent("exposer", &relay)
         .expose(&service.target(), "home", &[&friend_fp]);
 
-    let sport = free_tcp_port();
+    let sport = free_port();
     let sfwd = stranger.forward("home", sport);
     // The stranger's connections are closed (retry while the exposer registers).
     let mut last = None;
@@ -274,7 +274,7 @@ async fn allow_lets_in_only_the_listed_keys() {
     sfwd.assert_running("being refused by --allow is a per-connection error");
     assert_eq!(service.accepted(), 0, "a stranger reached the service");
 
-    let fport = free_tcp_port();
+    let fport = free_port();
     let ffwd = friend.forward("home", fport);
     wait_tunnel(fport, &[relay.proc(), &exposer, &ffwd], TUNNEL_READY).await;
     for p in [relay.proc(), &exposer, &sfwd, &ffwd] {
@@ -331,7 +331,7 @@ async fn garbage_at_the_relay_does_not_disturb_a_transfer() {
     pair.assert_healthy("after the garbage");
 
     // S still introduces new agents.
-    let port = free_tcp_port();
+    let port = free_port();
     let fwd2 = pair
         .forward_agent
         .clone()

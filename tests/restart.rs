@@ -83,7 +83,7 @@ async fn agents_survive_a_relay_restart() {
     // A new forwarder, which has never met the exposer, reaches it through the new S: the
     // exposer has re-registered.
     let agent2 = pair.forward_agent.clone().renamed(&lab, "forwarder2");
-    let port2 = free_tcp_port();
+    let port2 = free_port();
     let forwarder2 = agent2.forward("home", port2);
     wait_tunnel(
         port2,

@@ -127,7 +127,7 @@ async fn an_openssh_session_through_the_tunnel() {
     let pubkey = std::fs::read_to_string(lab.path().join("client_ed25519.pub"))
         .expect("read the client's public key");
     let authorized = lab.write("authorized_keys", &pubkey);
-    let sshd_port = free_tcp_port();
+    let sshd_port = free_port();
     let config = lab.write(
         "sshd_config",
         &format!(

@@ -243,8 +243,8 @@ async fn half_close_is_carried_both_ways() {
 async fn a_refused_local_service_ends_only_its_stream() {
     let lab = Lab::new("refused-service");
     let service = Service::start().await;
-    let dead_port = free_tcp_port(); // nothing listens there
-                                     // Two names in each agent: "live" for the service, "live-2" for the dead port.
+    let dead_port = free_port(); // nothing listens there
+                                 // Two names in each agent: "live" for the service, "live-2" for the dead port.
     let t = Kit::new(&lab, "live")
         .in_process()
         .ready(Ready::Echo)
@@ -302,7 +302,7 @@ async fn two_agents_that_expose_and_forward_to_each_other() {
     let lab = Lab::new("mutual");
     let relay = lab.relay("relay", RelayOpts::default()).await;
     let (on_a, on_b) = (Service::start().await, Service::start().await);
-    let (to_a, to_b) = (free_tcp_port(), free_tcp_port());
+    let (to_a, to_b) = (free_port(), free_port());
     let (a, b) = (lab.agent("a", &relay), lab.agent("b", &relay));
     let expose = |name: &str, svc: &Service| UpExpose {
         name: name.into(),

@@ -42,9 +42,9 @@ use tokio::task::JoinHandle;
 
 use super::natlab::{self, netns, Host};
 use super::{
-    agent_bin, agent_status, child_env_level, find_fingerprint, free_tcp_port, free_udp_port,
-    free_udp_tcp_port, is_fingerprint, log_level, relay_bin, run_command, stun_ping,
-    try_wait_tunnel, Lab, Proc, RunOutput, Service, ONE_SHOT, RELAY_START, TUNNEL_READY,
+    agent_bin, agent_status, child_env_level, find_fingerprint, free_port, is_fingerprint,
+    log_level, relay_bin, run_command, stun_ping, try_wait_tunnel, Lab, Proc, RunOutput, Service,
+    ONE_SHOT, RELAY_START, TUNNEL_READY,
 };
 
 /// How long an agent may take to register with S.
@@ -387,11 +387,7 @@ impl Relay {
                 // S picks free ports itself.
                 None if relay.opts.in_process => (relay.addr, relay.alt),
                 None => {
-                    let port = free_udp_tcp_port();
-                    let mut alt = free_udp_port();
-                    while alt == port {
-                        alt = free_udp_port();
-                    }
+                    let (port, alt) = (free_port(), free_port());
                     let at = |p| SocketAddr::from((Ipv4Addr::LOCALHOST, p));
                     (at(port), at(alt))
                 }
@@ -1346,7 +1342,7 @@ impl<'a> Kit<'a> {
         let ports: Vec<u16> = (0..services.len())
             .map(|i| match self.first_port {
                 Some(first) => first + u16::try_from(i).expect("a few services"),
-                None => free_tcp_port(),
+                None => free_port(),
             })
             .collect();
         let exposes: Vec<UpExpose> = names

@@ -151,29 +151,39 @@ fn find_or_build_relay() -> PathBuf {
 // ---------------------------------------------------------------------------------------------
 // Ports
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-pub fn free_tcp_port() -> u16 {
-    let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind TCP 127.0.0.1:0");
-    l.local_addr().expect("local_addr").port()
-}
-
-/// A UDP port on 127.0.0.1 that was free a moment ago.
-pub fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind UDP 127.0.0.1:0");
-    s.local_addr().expect("local_addr").port()
-}
-
-/// A port free on 127.0.0.1 for both UDP and TCP (S uses the same number for both).
-pub fn free_udp_tcp_port() -> u16 {
-    for _ in 0..100 {
-        let udp =
-            std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind UDP 127.0.0.1:0");
-        let port = udp.local_addr().expect("local_addr").port();
-        if std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+/// A port on 127.0.0.1 that is free for both TCP and UDP (S uses one number for both).
+///
+/// Ports come from below the kernel's ephemeral range, one after another from a start that
+/// depends on the process id. A port the kernel handed out for `bind(0)` is free only for a
+/// moment: the next outgoing connection of any test running beside this one may take it as
+/// its source port before the process it was meant for binds it (this failed a CI run).
+/// Below the ephemeral range only explicit binds land, and within this process the counter
+/// never hands a number out twice.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Far enough below 32768 (Linux's default first ephemeral port) for a test binary's
+    // thousands of ports, and above the ports services usually bind.
+    const FIRST: u32 = 16_384;
+    const COUNT: u32 = 14_336;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(2_654_435_761) % COUNT,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..COUNT {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % COUNT) as u16;
+        let tcp = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port));
+        let udp = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, port));
+        if tcp.is_ok() && udp.is_ok() {
             return port;
         }
     }
-    panic!("no port free for both UDP and TCP on 127.0.0.1 after 100 tries");
+    panic!(
+        "no port in {FIRST}..{} is free for both UDP and TCP on 127.0.0.1",
+        FIRST + COUNT
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
