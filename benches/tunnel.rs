@@ -9,7 +9,7 @@
 //!
 //! # Topology
 //!
-//! As root, the NAT lab of `tests/natlab/` (network namespaces, kernel NATs by nftables):
+//! As root, the NAT lab of `testkit/src/natlab/` (network namespaces, kernel NATs by nftables):
 //! S (`p2ptun-relay`) in its own namespace on 203.0.113.1/.2, the exposing agent and the
 //! service behind one `easy` NAT (masquerade, 10.1.0.0/24), the forwarding agent and the
 //! clients behind another (10.2.0.0/24); no shaping. The raw-TCP comparison runs the same
@@ -59,8 +59,7 @@
 //! process (to 65,536, or to the hard limit without CAP_SYS_RESOURCE); the agents inherit
 //! it. A scale level that needs more descriptors than that is skipped and says so.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+use p2ptun_testkit as common;
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -927,16 +926,17 @@ fn open_streams(status: &Value) -> u64 {
 /// does not hold), exposing the bench's service.
 type Pair = common::Tunnel<SocketAddr>;
 
-impl Pair {
-    fn name(&self) -> &str {
-        &self.names[0]
-    }
+/// What the bench reads of a pair's agents (the kit's bundle lives in another crate).
+trait PairStatus {
+    /// The forwarder's status.
+    fn forwarder_status(&self) -> Result<Value>;
+    /// The exposer's status.
+    fn exposer_status(&self) -> Result<Value>;
+    /// The kind of the forwarder's selected path.
+    fn path_kind(&self) -> Option<String>;
+}
 
-    /// Where the clients connect (127.0.0.1 in the forwarder's namespace).
-    fn forward_addr(&self) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port()))
-    }
-
+impl PairStatus for Pair {
     fn forwarder_status(&self) -> Result<Value> {
         agent_status(&self.forward_agent.state_dir, self.forwarder.proc())
     }
@@ -945,7 +945,6 @@ impl Pair {
         agent_status(&self.expose_agent.state_dir, self.exposer.proc())
     }
 
-    /// The forwarder's path kind.
     fn path_kind(&self) -> Option<String> {
         self.forwarder_status().ok().as_ref().and_then(path_kind)
     }

@@ -4,7 +4,7 @@
 //!
 //! Run: `cargo test --release --test bad_input`.
 
-mod common;
+use p2ptun_testkit as common;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

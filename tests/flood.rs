@@ -8,7 +8,7 @@
 //!    from 256 source ports (512 distinct ones, each sent from many ports), STUN requests (the agent's own and bare 20-byte ones), junk
 //!    datagrams, TCP connections that say nothing, TCP connections that send the preamble one
 //!    byte a second, and registrations with a wrong token (each a full handshake). Every
-//!    generator is bounded in rate, count and time (`tests/common/flood.rs`).
+//!    generator is bounded in rate, count and time (`testkit/src/flood.rs`).
 //!    Meanwhile the pair keeps its transfer going, S's CPU time and memory are sampled, and a
 //!    new pair of agents (C and D) registers and connects through a name.
 //! 3. After it, 1,000 agents register from one address (a host behind one NAT: what a
@@ -22,13 +22,11 @@
 //!
 //! Needs root and nftables; skips otherwise (fails under CI=true).
 
-mod common;
+use p2ptun_testkit as common;
 
 // Only this test floods; the other test binaries need not compile the generators.
-#[path = "common/flood.rs"]
-mod flood;
-#[path = "lab_paths/support.rs"]
-mod support;
+use p2ptun_testkit::flood;
+use p2ptun_testkit::support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

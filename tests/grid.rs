@@ -33,7 +33,7 @@
 //!
 //! Needs root (network namespaces, nftables): skips otherwise, fails under `CI=true`.
 
-mod common;
+use p2ptun_testkit as common;
 
 use std::fmt::Write as _;
 use std::io::Write as _;

@@ -2,7 +2,7 @@
 //! digests, the stall detection and the helpers. If these fail, the other tests' failures say
 //! nothing about p2ptun.
 
-mod common;
+use p2ptun_testkit as common;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;

@@ -1,5 +1,5 @@
 //! p2ptun's paths in the NAT lab: real `p2ptun-relay` (S) and `p2ptun` agents in network
-//! namespaces behind kernel NATs (see `tests/natlab/mod.rs`), checked by SHA-256 of every
+//! namespaces behind kernel NATs (see `testkit/src/natlab/mod.rs`), checked by SHA-256 of every
 //! byte and by the path kinds the agents report in their status.
 //!
 //! - `keepalive_*` (issue 3): with 10 s UDP conntrack timeouts in both NATs, a direct UDP
@@ -30,10 +30,9 @@
 //! Needs root and nftables; skips otherwise (fails under CI=true). The transfer tests take a
 //! lock so that they do not share the CPU with each other (timings are measured).
 
-mod common;
+use p2ptun_testkit as common;
 
-#[path = "lab_paths/support.rs"]
-mod support;
+use p2ptun_testkit::support;
 
 use std::time::{Duration, Instant};
 

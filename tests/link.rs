@@ -1,7 +1,7 @@
 //! One link per peer agent (issue 12): every service between two agents shares it, and its
 //! paths heal. Real `p2ptun-relay` (S) and `p2ptun` agents in the NAT lab (see
-//! `tests/natlab/mod.rs`), every byte checked by SHA-256 (the service protocol of
-//! `tests/lab_paths/support.rs`), paths read from the agents' status sockets.
+//! `testkit/src/natlab/mod.rs`), every byte checked by SHA-256 (the service protocol of
+//! `testkit/src/support.rs`), paths read from the agents' status sockets.
 //!
 //! - `two_services_in_one_daemon_share_one_direct_link`: an `up -c` exposer with two
 //!   services (behind no NAT) and an `up -c` forwarder with both (behind `easy`): both
@@ -27,10 +27,9 @@
 //! Needs root and nftables (and conntrack for the NAT flush); skips otherwise (fails under
 //! CI=true). The tests take the lock of `support::heavy`: they measure times.
 
-mod common;
+use p2ptun_testkit as common;
 
-#[path = "lab_paths/support.rs"]
-mod support;
+use p2ptun_testkit::support;
 
 use std::process::Command;
 use std::sync::atomic::Ordering;

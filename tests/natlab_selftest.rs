@@ -5,8 +5,7 @@
 //!
 //! Needs root and nftables (skips otherwise, unless CI=true).
 
-#[path = "natlab/mod.rs"]
-mod natlab;
+use p2ptun_testkit::natlab;
 
 use std::collections::HashSet;
 use std::io::{self, Read, Write};

@@ -19,10 +19,9 @@
 //!
 //! Needs root, nftables and miniupnpd-nftables; skips otherwise (fails under CI=true).
 
-mod common;
+use p2ptun_testkit as common;
 
-#[path = "lab_paths/support.rs"]
-mod support;
+use p2ptun_testkit::support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! How agents reach S on the networks users are on (issue 13), with S started as an operator
 //! starts it: `p2ptun-relay` with no address flags (both families' wildcard, STUN also on
-//! the next port). Real S and agents in the NAT lab (`tests/natlab/mod.rs`), bytes checked
-//! by SHA-256 (the service of `tests/lab_paths/support.rs`).
+//! the next port). Real S and agents in the NAT lab (`testkit/src/natlab/mod.rs`), bytes checked
+//! by SHA-256 (the service of `testkit/src/support.rs`).
 //!
 //! - `netcheck_against_a_default_s_classifies_mapping`: `p2ptun netcheck --json` behind
 //!   `public`, `easy`, `hard` and a dual-stack `easy` with a home router's IPv6: S names its
@@ -16,10 +16,9 @@
 //!
 //! Needs root and nftables; skips otherwise (fails under CI=true).
 
-mod common;
+use p2ptun_testkit as common;
 
-#[path = "lab_paths/support.rs"]
-mod support;
+use p2ptun_testkit::support;
 
 use std::time::{Duration, Instant};
 

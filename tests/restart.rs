@@ -3,7 +3,7 @@
 //!
 //! Run: `cargo test --release --test restart`.
 
-mod common;
+use p2ptun_testkit as common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -8,7 +8,7 @@
 //!
 //! Run: `cargo test --release --test ssh -- --nocapture`.
 
-mod common;
+use p2ptun_testkit as common;
 
 use std::path::Path;
 use std::process::Command;

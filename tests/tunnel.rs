@@ -4,7 +4,7 @@
 //!
 //! Run: `cargo test --release --test tunnel` (debug works too, only slower).
 
-mod common;
+use p2ptun_testkit as common;
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};

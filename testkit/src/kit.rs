@@ -1508,6 +1508,16 @@ impl<Svc> Tunnel<Svc> {
         self.ports[0]
     }
 
+    /// The first service's name.
+    pub fn name(&self) -> &str {
+        &self.names[0]
+    }
+
+    /// Where clients of the first service connect: 127.0.0.1 in the forwarder's place.
+    pub fn forward_addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port()))
+    }
+
     /// The first service.
     pub fn service(&self) -> &Svc {
         &self.services[0]

@@ -3,9 +3,13 @@
 //! [`kit`] ([`Kit`] starts a [`Tunnel`]); in-process TCP services that check every byte by
 //! SHA-256; bounded waits.
 //!
-//! - Binaries: the agent is `env!("CARGO_BIN_EXE_p2ptun")`. The relay belongs to another
-//!   package of the workspace, so cargo builds its library (a dev-dependency, for S in the
-//!   test process) but not its binary for this package's tests; a test that starts S as a
+//! - Modules: [`kit`] (tunnels), [`natlab`] (NAT routers and hosts in network namespaces),
+//!   [`support`] (the NAT-lab tests' tunnels, paced transfers and drop rules), [`flood`]
+//!   (hostile traffic toward S). One crate, compiled once for every test binary.
+//! - Binaries: the agent is `p2ptun` beside the test binary's `deps` folder, which cargo
+//!   builds for the package's tests. The relay belongs to another package of the
+//!   workspace, so cargo builds its library (a dependency, for S in the test process) but
+//!   not its binary for p2ptun's tests; a test that starts S as a
 //!   process has the harness run `cargo build --workspace` (same profile, same target
 //!   directory) once per test binary, which is a no-op when `.ci/run` or the developer built
 //!   the workspace first, and keeps a developer's `cargo test` from using a stale relay.
@@ -24,11 +28,10 @@
 //! log filter (default `info`);
 //! `P2PTUN_TEST_KEEP=1` keeps every test's temp dir (a failed test's is always kept).
 
-#![allow(dead_code)]
-
+pub mod flood;
 pub mod kit;
-#[path = "../natlab/mod.rs"]
 pub mod natlab;
+pub mod support;
 
 pub use kit::*;
 
@@ -58,12 +61,23 @@ pub const ONE_SHOT: Duration = Duration::from_secs(20);
 // ---------------------------------------------------------------------------------------------
 // Binaries
 
-/// The agent binary.
+/// The agent binary: `p2ptun` beside the `deps` folder the running test binary lies in,
+/// which cargo builds before it runs the package's tests.
 pub fn agent_bin() -> PathBuf {
     match std::env::var_os("P2PTUN_TEST_AGENT_BIN") {
         Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_BIN_EXE_p2ptun")),
+        None => bin_dir().join(format!("p2ptun{}", std::env::consts::EXE_SUFFIX)),
     }
+}
+
+/// Where cargo put this profile's binaries (`target/release`): test binaries and benchmarks
+/// run from its `deps` folder.
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the path of the running test binary");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binaries lie in target/PROFILE/deps")
+        .to_path_buf()
 }
 
 /// The relay binary, built (once per test binary) if needed; see the module doc.
@@ -76,11 +90,7 @@ fn find_or_build_relay() -> PathBuf {
     if let Some(p) = std::env::var_os("P2PTUN_TEST_RELAY_BIN") {
         return PathBuf::from(p);
     }
-    let agent = PathBuf::from(env!("CARGO_BIN_EXE_p2ptun"));
-    let dir = agent
-        .parent()
-        .expect("the agent binary lies in a directory")
-        .to_path_buf();
+    let dir = bin_dir();
     let relay = dir.join(format!("p2ptun-relay{}", std::env::consts::EXE_SUFFIX));
     let profile = dir
         .file_name()
@@ -96,7 +106,7 @@ fn find_or_build_relay() -> PathBuf {
     without_cargo_target_env(&mut cmd);
     cmd.args(["build", "--quiet", "--workspace"])
         .arg("--manifest-path")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
     match profile.as_str() {
         "debug" => {}
         "release" => {

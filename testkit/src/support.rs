@@ -1,4 +1,4 @@
-//! What `tests/lab_paths.rs` needs around the NAT lab: the kit's tunnel there (S, an exposer
+//! What the NAT-lab tests (`tests/lab_paths.rs`, `link.rs`, `portmap.rs`, `reach_s.rs`, `flood.rs`) need around the NAT lab: the kit's tunnel there (S, an exposer
 //! and a forwarder in their namespaces, as processes), a checked TCP service inside the
 //! exposer's namespace, paced transfers from inside the forwarder's namespace that measure
 //! gaps in arriving bytes, the agents' status (read from their status sockets), drop rules
@@ -14,9 +14,6 @@
 //! service must have sent. EOF instead of a header ends the connection. Both sides pace
 //! their sending by a [`Pace`] shared through the test (keyed by seed), so a transfer can
 //! be made to last across events (a block, an unblock) and unpaced afterwards.
-
-// Shared by several test binaries (lab_paths, link, portmap), each using a part.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -34,8 +31,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-use crate::common::{self, DataGen, Kit, Place, Ready, Relay, RelayOpts};
+use crate as common;
 use crate::natlab::{self, Host, Lab, Nat, Shaping};
+use crate::{DataGen, Kit, Place, Ready, Relay, RelayOpts};
 
 /// The forwarder's local port (inside the forwarder's namespace, so it is always free).
 pub const FORWARD_PORT: u16 = 4000;
@@ -101,6 +99,12 @@ pub fn easy_pair(lab: &Lab) -> (Host, Host) {
 pub struct Timeline {
     start: Instant,
     events: Mutex<Vec<(f64, String)>>,
+}
+
+impl Default for Timeline {
+    fn default() -> Timeline {
+        Timeline::new()
+    }
 }
 
 impl Timeline {
@@ -803,7 +807,7 @@ impl Tunnel {
 // Status
 
 /// Reads the status of every agent of `state_dir` (see [`common::agent_status`]).
-pub use crate::common::agent_status as status;
+pub use crate::agent_status as status;
 
 /// Words of the agents' log lines about paths (see [`Tunnel::path_log`]); "stopped
 /// answering" is how the agent reports a path's death.
@@ -902,6 +906,7 @@ pub async fn sample_paths(t: &Tunnel) -> (Option<PathView>, Option<PathView>) {
 }
 
 /// Records in a [`Timeline`] each change of either agent's selected path.
+#[derive(Default)]
 pub struct PathWatch {
     forwarder: Option<String>,
     exposer: Option<String>,
@@ -910,10 +915,7 @@ pub struct PathWatch {
 impl PathWatch {
     /// Nothing seen yet: the first sample is a change.
     pub fn new() -> PathWatch {
-        PathWatch {
-            forwarder: None,
-            exposer: None,
-        }
+        PathWatch::default()
     }
 
     /// Samples every `every` until the forwarder's path is of `kind`, at most `within`;

@@ -408,6 +408,11 @@ impl Agents {
         self.held.len()
     }
 
+    /// Whether none is registered.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
     /// Whether S holds each of them still (none was closed).
     pub fn all_alive(&self) -> bool {
         self.held

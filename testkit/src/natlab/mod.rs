@@ -1,9 +1,8 @@
 //! The NAT lab: a small internet in network namespaces, with NAT routers made by the Linux
 //! kernel (nftables), so tests can prove hole punching against real NAT behaviour.
 //!
-//! The test kit includes it (`tests/common`, whose [`kit`](../common/kit.rs) starts S and
-//! agents on lab hosts): use it as `common::natlab`; a test without the kit declares
-//! `#[path = "natlab/mod.rs"] mod natlab;` (or `mod natlab;`).
+//! A module of the test kit (`p2ptun_testkit::natlab`), whose [`kit`](crate::kit) starts S
+//! and agents on lab hosts.
 //! Needs root, `ip` (iproute2) and `nft` (nftables); start every test with
 //! `if !natlab::require_root() { return; }`.
 //!
