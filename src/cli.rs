@@ -136,12 +136,42 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Round trips to the agent exposing a name, and the path each took (relay, direct UDP,
+    /// direct TCP): watch a link move from the relay to a direct path.
+    ///
+    /// Asks the agent running with this state directory (`p2ptun up`, `forward`, ...), over
+    /// its connection to the peer; with none running, starts one for the pings.
+    Ping {
+        /// The name whose exposer to ping.
+        #[arg(value_parser = parse_name)]
+        name: String,
+        /// How many pings.
+        #[arg(short = 'c', long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::agent::ping::MAX_COUNT)))]
+        count: u32,
+        /// Seconds between pings (at least 0.01).
+        #[arg(short = 'i', long, default_value = "1", value_parser = parse_interval, value_name = "SECONDS")]
+        interval: std::time::Duration,
+    },
     /// Find out what this network's NAT does to UDP, using S's two STUN addresses.
     Netcheck {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
+}
+
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    let min = crate::agent::socket::MIN_PING_INTERVAL;
+    if !(min.as_secs_f64()..=3600.0).contains(&secs) {
+        return Err(format!(
+            "the interval is {} to 3600 seconds, not {s}",
+            min.as_secs_f64()
+        ));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 fn parse_name(s: &str) -> Result<String, String> {
@@ -171,6 +201,9 @@ mod tests {
                 vec!["p2ptun", "expose", "22", "--name", "a", "--allow", "xyz"],
                 "SHA256",
             ),
+            (vec!["p2ptun", "ping", "home", "-c", "0"], "0"),
+            (vec!["p2ptun", "ping", "home", "-i", "0.001"], "0.001"),
+            (vec!["p2ptun", "ping", "home", "-i", "soon"], "soon"),
         ] {
             let err = Cli::try_parse_from(&args).unwrap_err().to_string();
             assert!(err.contains(needle), "{args:?}: {err}");

@@ -92,6 +92,16 @@ impl ConfigFile {
 
     /// The agent options this file describes, with `over` taking precedence.
     pub fn into_options(self, over: Overrides) -> anyhow::Result<AgentOptions> {
+        self.build(over, false)
+    }
+
+    /// The options of an agent that serves nothing and only asks, for a command such as
+    /// `p2ptun ping` when no agent runs: this file's (or the flags') S, token and state.
+    pub fn into_asking_options(self, over: Overrides) -> anyhow::Result<AgentOptions> {
+        self.build(over, true)
+    }
+
+    fn build(self, over: Overrides, asking_only: bool) -> anyhow::Result<AgentOptions> {
         let mut exposes = Vec::new();
         for (i, e) in self.expose.into_iter().enumerate() {
             let at = || format!("expose #{} ('{}')", i + 1, e.name);
@@ -124,7 +134,7 @@ impl ConfigFile {
             }
             forwards.push(ForwardSpec { name: f.name, bind });
         }
-        if exposes.is_empty() && forwards.is_empty() {
+        if exposes.is_empty() && forwards.is_empty() && !asking_only {
             bail!("nothing to do: add at least one [[expose]] or [[forward]] table");
         }
         // Refused here, where the user can act on it: S would refuse the registration, and

@@ -3,10 +3,11 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use p2ptun::agent;
+use p2ptun::agent::{self, ping, ping::PingRequest};
 use p2ptun::cli::{Cli, Command};
 use p2ptun::config::{default_state_dir, ConfigFile, ExposeEntry, ForwardEntry, Overrides};
 use p2ptun::tunnel::Identity;
+use tokio::sync::mpsc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -71,13 +72,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Status { json } => {
             let dir = over.state_dir.unwrap_or_else(default_state_dir);
-            let statuses = agent::status::query(&dir).await?;
+            let statuses = agent::socket::query(&dir).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&statuses)?);
             } else {
                 print!("{}", agent::status::render(&statuses));
             }
             return Ok(());
+        }
+        Command::Ping {
+            name,
+            count,
+            interval,
+        } => {
+            let req = PingRequest {
+                name,
+                count,
+                interval_ms: interval.as_millis().try_into().unwrap_or(u64::MAX),
+            };
+            return ping(req, over).await;
         }
         Command::Netcheck { json } => {
             let server = over
@@ -110,4 +123,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
     };
     agent::run(file.into_options(over)?).await
+}
+
+/// `p2ptun ping`: through the agent running with the state directory, or an agent of its
+/// own; prints each event as it comes, then a summary. Fails if no ping was answered.
+async fn ping(req: PingRequest, over: Overrides) -> anyhow::Result<()> {
+    let dir = over.state_dir.clone().unwrap_or_else(default_state_dir);
+    let (tx, mut rx) = mpsc::channel(16);
+    let print = async {
+        let mut events = Vec::new();
+        while let Some(event) = rx.recv().await {
+            // A failure to start is the command's error, said once at the end.
+            if !matches!(event, ping::PingEvent::Failed { .. }) {
+                println!("{}", ping::render(&req.name, &event));
+            }
+            events.push(event);
+        }
+        events
+    };
+    let ask = async {
+        if dir.exists() && agent::socket::ping(&dir, &req, tx.clone()).await? {
+            return anyhow::Ok(());
+        }
+        // No agent runs here: one of our own, serving nothing, for as long as the pings last.
+        let own = agent::Agent::start(ConfigFile::default().into_asking_options(over)?).await?;
+        own.ping(&req, tx).await;
+        own.shutdown().await;
+        Ok(())
+    };
+    let (asked, events) = tokio::join!(ask, print);
+    asked?;
+    println!("{}", ping::summary(&req.name, &events));
+    if let Some(ping::PingEvent::Failed { reason }) = events.last() {
+        anyhow::bail!("{reason}");
+    }
+    if !events
+        .iter()
+        .any(|e| matches!(e, ping::PingEvent::Pong { .. }))
+    {
+        anyhow::bail!("no ping to '{}' was answered", req.name);
+    }
+    Ok(())
 }

@@ -743,3 +743,39 @@ fn find_file(dir: &std::path::Path, prefix: &str) -> Option<std::path::PathBuf> 
     }
     None
 }
+
+/// `p2ptun ping` where no agent runs with the state directory starts one of its own for the
+/// pings, and every ping comes back; a name nobody exposes is a clear error, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_with_an_agent_of_its_own_and_to_a_name_nobody_exposes() {
+    let lab = Lab::new("ping");
+    let pair = Kit::new(&lab, "home").serve().await;
+    let pinger = pair.forward_agent.clone().renamed(&lab, "pinger");
+
+    let out = pinger.run(&["ping", "home", "-c", "3", "-i", "0.2"]).await;
+    let context = format!("{}\n{}\n{}", out.cmdline, out.stdout, out.stderr);
+    assert_eq!(out.code(), 0, "{context}");
+    let pongs: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("pong "))
+        .collect();
+    assert_eq!(pongs.len(), 3, "{context}");
+    assert!(
+        pongs.iter().all(|l| l.contains("from home (SHA256:")),
+        "each pong names the exposer: {context}"
+    );
+    assert!(
+        out.stdout.contains("--- home: 3 sent, 3 answered"),
+        "{context}"
+    );
+
+    let out = pinger.run(&["ping", "nobody", "-c", "1"]).await;
+    let context = format!("{}\n{}\n{}", out.cmdline, out.stdout, out.stderr);
+    assert_ne!(out.code(), 0, "{context}");
+    assert!(
+        out.stderr.contains("'nobody' is not registered on S"),
+        "the error says nobody exposes the name: {context}"
+    );
+    assert!(!out.stderr.contains("panicked"), "{context}");
+}

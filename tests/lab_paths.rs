@@ -12,6 +12,8 @@
 //! - `relay_first_*` (issue 4): the punch is held up (everything between the peers dropped),
 //!   so a large transfer starts through S; once the peers can reach each other the running
 //!   punch finds the direct UDP path and the transfer moves to it, intact.
+//! - `ping_*` (issue 15): `p2ptun ping`, asking the running forwarder, shows pongs via the
+//!   relay while the peers are blocked from each other, then via direct UDP.
 //! - `relay_sends_packets_in_pieces_*` (issue 5): with only the relay left and S's link MTU
 //!   1280, relayed packets no longer fit in one datagram; they go in pieces and arrive intact.
 //! - `netcheck_*` (issue 3): `p2ptun netcheck --json` inside a host of every NAT preset
@@ -933,6 +935,74 @@ async fn relay_first() {
         "service errors: {:?}",
         t.service().errors()
     );
+}
+
+// =============================================================================================
+// 3a. `p2ptun ping` shows the move from the relay to the direct path (issue 15)
+
+/// Pings and their interval: long enough for the punch that the unblock lets through, or
+/// the re-punch after it.
+const PING_COUNT: &str = "30";
+const PING_INTERVAL: &str = "0.5";
+
+/// `p2ptun ping NAME`, run as a user would beside the running forwarder (same state dir),
+/// asks that agent: while nothing passes between the peers the pongs come via the relay,
+/// and after the unblock via direct UDP, every ping answered.
+#[test]
+fn ping_shows_the_relay_then_the_direct_path() {
+    run_heavy(ping_relay_then_direct());
+}
+
+async fn ping_relay_then_direct() {
+    let lab = Lab::new().expect("lab");
+    let (a, b) = easy_pair(&lab);
+    block_peer(&lab, &a, b.public_ip(), PeerTraffic::UdpAndTcp);
+    let t = Tunnel::start(&lab, &a, &b, "lab-ping").await;
+    let logs = t.files.as_ref().expect("the tunnel holds its files").logs();
+    let cmd = t
+        .forward_agent
+        .command(&["ping", t.name(), "-c", PING_COUNT, "-i", PING_INTERVAL]);
+    let ping = tokio::spawn(async move {
+        common::run_command("ping", cmd, None, Duration::from_secs(60), &logs).await
+    });
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    support::unblock_peer(&lab, &a);
+    let out = ping.await.expect("the ping task");
+    let context = format!("{}\n{}\n{}", out.cmdline, out.stdout, out.stderr);
+    assert_eq!(out.code(), 0, "ping failed: {context}\n{}", t.reports());
+    let pongs: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("pong "))
+        .collect();
+    assert_eq!(
+        pongs.len().to_string(),
+        PING_COUNT,
+        "every ping answered: {context}"
+    );
+    let first_direct = pongs
+        .iter()
+        .position(|l| l.contains(" via direct UDP "))
+        .unwrap_or_else(|| panic!("no pong via direct UDP after the unblock: {context}"));
+    assert!(
+        first_direct > 0
+            && pongs[..first_direct]
+                .iter()
+                .all(|l| l.contains(" via relay ")),
+        "the pongs before the first direct one went via the relay: {context}"
+    );
+    assert!(
+        pongs[first_direct..]
+            .iter()
+            .all(|l| l.contains(" via direct UDP ")),
+        "once direct, the link stays direct: {context}"
+    );
+    let summary = out.stdout.lines().last().unwrap_or_default();
+    assert!(
+        summary.contains(&format!("direct from ping {}", first_direct + 1)),
+        "the summary names the move: {context}"
+    );
+    println!("{}", out.stdout);
 }
 
 // =============================================================================================

@@ -122,7 +122,10 @@ async fn punch_then_quic_then_a_spliced_tcp_connection_with_half_close() {
     tokio::spawn(async move {
         let conn = b_end.accept().await.unwrap().await.unwrap();
         let (send, mut recv) = conn.accept_bi().await.unwrap();
-        assert_eq!(header::read(&mut recv).await.unwrap(), "svc");
+        assert_eq!(
+            header::read(&mut recv).await.unwrap(),
+            header::Header::Service("svc".into())
+        );
         let tcp = TcpStream::connect(service_addr).await.unwrap();
         copy::splice(tcp, send, recv).await;
         // A finished stream's data is still in flight: dropping the connection would lose it.

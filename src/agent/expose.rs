@@ -12,7 +12,7 @@ use super::ctx::{Ctx, ExposeSpec};
 use super::link::Links;
 use super::registration::Registered;
 use crate::proto::{Fingerprint, Rendezvous};
-use crate::tunnel::header::{self, close, codes};
+use crate::tunnel::header::{self, close, codes, Header};
 use crate::tunnel::{copy, tls};
 
 /// How long a stream may take to name its service, and the local service to accept.
@@ -109,7 +109,9 @@ impl Exposer {
             let _ = recv.stop(VarInt::from_u32(code));
         };
         let name = match tokio::time::timeout(STREAM_SETUP, header::read(&mut recv)).await {
-            Ok(Ok(name)) => name,
+            Ok(Ok(Header::Service(name))) => name,
+            // Any peer let in may ping: the connection's --allow check has passed.
+            Ok(Ok(Header::Ping)) => return super::ping::answer(send, recv).await,
             Ok(Err(e)) => {
                 tracing::warn!(%peer, "bad stream header: {e}");
                 return refuse(&mut send, &mut recv, codes::BAD_HEADER);

@@ -5,7 +5,8 @@
 //! registered with S; [`link`] owns everything that carries traffic to each peer agent and
 //! keeps its paths healthy; [`expose`] hands S's introductions to the links and serves
 //! streams to local services; [`forward`] listens on local ports and carries each connection
-//! to a peer, whose connection [`peers`] makes. [`Agent`] runs all of it in this process.
+//! to a peer, whose connection [`peers`] makes. [`socket`] answers local commands
+//! ([`status`], [`ping`]). [`Agent`] runs all of it in this process.
 
 pub mod activity;
 pub mod backoff;
@@ -18,9 +19,11 @@ pub mod known;
 pub mod link;
 pub mod paths;
 pub mod peers;
+pub mod ping;
 pub mod registration;
 pub mod relay;
 pub mod server;
+pub mod socket;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -51,6 +54,7 @@ pub fn identity_path(state_dir: &std::path::Path) -> PathBuf {
 pub struct Agent {
     ctx: Arc<Ctx>,
     links: Arc<link::Links>,
+    peers: peers::Peers,
     control: JoinHandle<anyhow::Error>,
     tasks: Vec<JoinHandle<()>>,
     status_task: JoinHandle<anyhow::Result<()>>,
@@ -113,8 +117,16 @@ impl Agent {
         tracing::info!(id = %ctx.identity.fingerprint(), udp = ?ctx.router.socket().local().ok(), "agent started");
 
         let links = link::Links::new(ctx.clone());
-        let status_path = status::socket_path(&ctx.opts.state_dir);
-        let status_task = tokio::spawn(status::serve(ctx.clone(), links.clone(), status_path));
+        let peers = peers::Peers::new(ctx.clone(), links.clone());
+        let answers = socket::Answers {
+            ctx: ctx.clone(),
+            links: links.clone(),
+            peers: peers.clone(),
+        };
+        let status_task = tokio::spawn(socket::serve(
+            answers,
+            socket::socket_path(&ctx.opts.state_dir),
+        ));
         let control = tokio::spawn(server::run(ctx.clone(), reg_tx, events_tx));
         let exposer = expose::Exposer::new(ctx.clone(), links.clone());
         let mut tasks = Vec::new();
@@ -130,7 +142,6 @@ impl Agent {
             }));
         }
         tasks.push(tokio::spawn(exposer.accept_connections()));
-        let peers = peers::Peers::new(ctx.clone(), links.clone());
         for (spec, listener) in listeners {
             tracing::info!(name = %spec.name, local = ?listener.local_addr().ok(), "forwarding");
             tasks.push(tokio::spawn(forward::serve(peers.clone(), spec, listener)));
@@ -138,6 +149,7 @@ impl Agent {
         Ok(Agent {
             ctx,
             links,
+            peers,
             control,
             tasks,
             status_task,
@@ -149,6 +161,11 @@ impl Agent {
     /// What `p2ptun status` would show of this agent now.
     pub fn status(&self) -> status::Status {
         status::snapshot(&self.ctx, &self.links)
+    }
+
+    /// Pings the exposer of `req.name` (see [`ping`]), sending each event to `out`.
+    pub async fn ping(&self, req: &ping::PingRequest, out: mpsc::Sender<ping::PingEvent>) {
+        ping::run(&self.peers, req, out).await
     }
 
     /// Waits until the agent fails in a way retrying cannot fix (S refused its token or a

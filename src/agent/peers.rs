@@ -67,6 +67,11 @@ impl Peers {
 
     /// The connection to the exposer of `name`, made if there is none alive.
     pub async fn get(&self, name: &str) -> anyhow::Result<Connection> {
+        Ok(self.get_link(name).await?.0)
+    }
+
+    /// [`Peers::get`], and the link under the connection (which knows its path).
+    pub async fn get_link(&self, name: &str) -> anyhow::Result<(Connection, Arc<Link>)> {
         let slot = self
             .by_name
             .lock()
@@ -78,13 +83,12 @@ impl Peers {
         let mut slot = slot.lock().await;
         if let Some(live) = slot.upgrade() {
             if live.conn.close_reason().is_none() {
-                return Ok(live.conn.clone());
+                return Ok((live.conn.clone(), live.link.clone()));
             }
         }
         let live = self.connect(name).await?;
-        let conn = live.conn.clone();
         *slot = Arc::downgrade(&live);
-        Ok(conn)
+        Ok((live.conn.clone(), live.link.clone()))
     }
 
     fn live_to(&self, peer: Fingerprint) -> Option<Arc<Live>> {

@@ -1,16 +1,12 @@
 //! The agent's status: what it is connected to, over which path, and how it is doing.
 //!
-//! A running agent answers on a Unix socket in its state directory (`agent-PID.sock`, owner
-//! only); `p2ptun status` reads every such socket there and prints what they say.
+//! A running agent answers `p2ptun status` on its Unix socket ([`super::socket`]) with a
+//! [`snapshot`]; [`render`] prints what every agent of a state directory said.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
-use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub use super::activity::Role;
 use super::ctx::Ctx;
@@ -149,81 +145,6 @@ pub fn snapshot(ctx: &Ctx, links: &Links) -> Status {
         services,
         portmap: ctx.portmap.borrow().clone(),
     }
-}
-
-/// The status socket of this process in `state_dir`.
-pub fn socket_path(state_dir: &Path) -> PathBuf {
-    state_dir.join(format!("agent-{}.sock", std::process::id()))
-}
-
-/// Answers status requests on `path` until the agent stops; removes the socket then.
-pub async fn serve(ctx: Arc<Ctx>, links: Arc<Links>, path: PathBuf) -> anyhow::Result<()> {
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)
-        .with_context(|| format!("cannot create the status socket {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-    }
-    let _cleanup = RemoveOnDrop(path);
-    loop {
-        let (mut stream, _) = listener.accept().await?;
-        let body = serde_json::to_vec(&snapshot(&ctx, &links)).unwrap_or_default();
-        tokio::spawn(async move {
-            let _ = stream.write_all(&body).await;
-            let _ = stream.shutdown().await;
-        });
-    }
-}
-
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// The status sockets in `state_dir` (`agent-PID.sock`), of agents running or gone.
-pub fn sockets(state_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let entries = std::fs::read_dir(state_dir)
-        .with_context(|| format!("cannot read the state directory {}", state_dir.display()))?;
-    Ok(entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|path| {
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("agent-") && n.ends_with(".sock"))
-        })
-        .collect())
-}
-
-/// Reads the status of every agent running with `state_dir`. Sockets of agents that are
-/// gone are removed.
-pub async fn query(state_dir: &Path) -> anyhow::Result<Vec<Status>> {
-    let mut out = Vec::new();
-    for path in sockets(state_dir)? {
-        let read = async {
-            let mut s = tokio::net::UnixStream::connect(&path).await?;
-            let mut body = Vec::new();
-            s.read_to_end(&mut body).await?;
-            Ok::<_, std::io::Error>(body)
-        };
-        match tokio::time::timeout(std::time::Duration::from_secs(3), read).await {
-            Ok(Ok(body)) => out.push(
-                serde_json::from_slice(&body)
-                    .with_context(|| format!("malformed status from {}", path.display()))?,
-            ),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                let _ = std::fs::remove_file(&path);
-            }
-            Ok(Err(e)) => tracing::warn!("{}: {e}", path.display()),
-            Err(_) => tracing::warn!("{}: no answer", path.display()),
-        }
-    }
-    Ok(out)
 }
 
 /// Renders statuses as a human-readable table.

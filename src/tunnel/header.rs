@@ -1,6 +1,7 @@
 //! The header that opens every forwarded stream: which service the stream is for.
 //!
 //! Layout: the 4 bytes `P2PT`, a version byte (1), a length byte, then the service name.
+//! A length of 0 (no valid name is empty) opens a ping stream instead (`p2ptun ping`).
 //! The exposer answers a header it cannot serve by resetting the stream with one of the
 //! [`codes`], which the forwarder turns into a message.
 
@@ -61,6 +62,23 @@ pub enum HeaderError {
     Io(#[from] std::io::Error),
 }
 
+/// What a stream is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Header {
+    /// The service of this name.
+    Service(String),
+    /// A round trip: the exposer sends back what the stream carries (see
+    /// [`crate::agent::ping`]).
+    Ping,
+}
+
+/// The header of a ping stream.
+pub fn encode_ping() -> Vec<u8> {
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(&[VERSION, 0]);
+    out
+}
+
 /// The header for a stream to service `name`.
 pub fn encode(name: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(6 + name.len());
@@ -71,18 +89,21 @@ pub fn encode(name: &str) -> Vec<u8> {
     out
 }
 
-/// Reads a header and returns the service name.
-pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<String, HeaderError> {
+/// Reads a header.
+pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Header, HeaderError> {
     let mut fixed = [0u8; 6];
     r.read_exact(&mut fixed).await?;
     if &fixed[..4] != MAGIC || fixed[4] != VERSION {
         return Err(HeaderError::BadMagic);
     }
+    if fixed[5] == 0 {
+        return Ok(Header::Ping);
+    }
     let mut name = vec![0u8; fixed[5] as usize];
     r.read_exact(&mut name).await?;
     let name = String::from_utf8(name).map_err(|_| HeaderError::BadName("not UTF-8".into()))?;
     validate_name(&name).map_err(HeaderError::BadName)?;
-    Ok(name)
+    Ok(Header::Service(name))
 }
 
 #[cfg(test)]
@@ -92,7 +113,12 @@ mod tests {
     #[tokio::test]
     async fn round_trips() {
         let bytes = encode("home");
-        assert_eq!(read(&mut &bytes[..]).await.unwrap(), "home");
+        assert_eq!(
+            read(&mut &bytes[..]).await.unwrap(),
+            Header::Service("home".into())
+        );
+        let ping = encode_ping();
+        assert_eq!(read(&mut &ping[..]).await.unwrap(), Header::Ping);
     }
 
     #[tokio::test]
@@ -126,7 +152,7 @@ mod tests {
                 bytes.extend_from_slice(&tail);
                 let mut r = &bytes[..];
                 let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-                prop_assert_eq!(rt.block_on(read(&mut r)).unwrap(), name);
+                prop_assert_eq!(rt.block_on(read(&mut r)).unwrap(), Header::Service(name));
                 prop_assert_eq!(bytes.len() - r.len(), len);
             }
         }

@@ -862,10 +862,12 @@ pub const STATUS_WAIT: Duration = Duration::from_secs(3);
 pub fn agent_status_blocking(state_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
     use std::io::Read as _;
     let mut out = Vec::new();
-    for path in p2ptun::agent::status::sockets(state_dir)? {
+    for path in p2ptun::agent::socket::sockets(state_dir)? {
         let mut body = Vec::new();
         let mut sock = std::os::unix::net::UnixStream::connect(&path)
             .with_context(|| format!("connecting to {}", path.display()))?;
+        // Saying nothing and closing our side asks for the status.
+        sock.shutdown(std::net::Shutdown::Write)?;
         sock.set_read_timeout(Some(STATUS_WAIT))?;
         sock.read_to_end(&mut body)
             .with_context(|| format!("{}: no answer", path.display()))?;
