@@ -96,6 +96,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        Command::Release { name } => {
+            let opts = ConfigFile::default().connection_options(over)?;
+            let server = opts.server.clone();
+            agent::release(opts, &name).await?;
+            println!("released '{name}': any key may claim it on {server} now");
+            return Ok(());
+        }
         Command::Up { config } => ConfigFile::load(&config)?,
         Command::Expose { local, name, allow } => ConfigFile {
             expose: vec![ExposeEntry { name, local, allow }],
