@@ -128,6 +128,14 @@ pub enum Command {
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
     },
+    /// Give a name back to S so that another key can claim it. Only the key that claimed
+    /// it can (this --state-dir's), and not while an agent with that key exposes it: stop
+    /// that agent first.
+    Release {
+        /// The name to give back.
+        #[arg(value_parser = parse_name)]
+        name: String,
+    },
     /// Print this agent's identity fingerprint (what `--allow` takes).
     Id,
     /// Show the running agents of this state directory: peers, paths, RTTs, streams.
@@ -197,6 +205,8 @@ mod tests {
                 vec!["p2ptun", "expose", "22", "--name", "Bad Name"],
                 "Bad Name",
             ),
+            (vec!["p2ptun", "release", "a_b"], "a_b"),
+            (vec!["p2ptun", "release", "Home"], "Home"),
             (
                 vec!["p2ptun", "expose", "22", "--name", "a", "--allow", "xyz"],
                 "SHA256",

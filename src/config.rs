@@ -91,19 +91,9 @@ impl ConfigFile {
     }
 
     /// The agent options this file describes, with `over` taking precedence.
-    pub fn into_options(self, over: Overrides) -> anyhow::Result<AgentOptions> {
-        self.build(over, false)
-    }
-
-    /// The options of an agent that serves nothing and only asks, for a command such as
-    /// `p2ptun ping` when no agent runs: this file's (or the flags') S, token and state.
-    pub fn into_asking_options(self, over: Overrides) -> anyhow::Result<AgentOptions> {
-        self.build(over, true)
-    }
-
-    fn build(self, over: Overrides, asking_only: bool) -> anyhow::Result<AgentOptions> {
+    pub fn into_options(mut self, over: Overrides) -> anyhow::Result<AgentOptions> {
         let mut exposes = Vec::new();
-        for (i, e) in self.expose.into_iter().enumerate() {
+        for (i, e) in std::mem::take(&mut self.expose).into_iter().enumerate() {
             let at = || format!("expose #{} ('{}')", i + 1, e.name);
             validate_name(&e.name)
                 .map_err(anyhow::Error::msg)
@@ -121,7 +111,7 @@ impl ConfigFile {
             });
         }
         let mut forwards = Vec::new();
-        for (i, f) in self.forward.into_iter().enumerate() {
+        for (i, f) in std::mem::take(&mut self.forward).into_iter().enumerate() {
             let at = || format!("forward #{} ('{}')", i + 1, f.name);
             validate_name(&f.name)
                 .map_err(anyhow::Error::msg)
@@ -134,7 +124,7 @@ impl ConfigFile {
             }
             forwards.push(ForwardSpec { name: f.name, bind });
         }
-        if exposes.is_empty() && forwards.is_empty() && !asking_only {
+        if exposes.is_empty() && forwards.is_empty() {
             bail!("nothing to do: add at least one [[expose]] or [[forward]] table");
         }
         // Refused here, where the user can act on it: S would refuse the registration, and
@@ -146,6 +136,17 @@ impl ConfigFile {
                 exposes.len()
             );
         }
+        Ok(AgentOptions {
+            exposes,
+            forwards,
+            ..self.connection_options(over)?
+        })
+    }
+
+    /// The options for talking to S and nothing else (`p2ptun release`, and `p2ptun ping`
+    /// when no agent runs): this file's S, token, state and socket, with `over` taking
+    /// precedence, and no services.
+    pub fn connection_options(self, over: Overrides) -> anyhow::Result<AgentOptions> {
         let server = over
             .server
             .or(self.server)
@@ -163,8 +164,8 @@ impl ConfigFile {
                 .bind
                 .or(self.bind)
                 .unwrap_or(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0)),
-            exposes,
-            forwards,
+            exposes: Vec::new(),
+            forwards: Vec::new(),
             portmap: over.portmap.or(self.portmap).unwrap_or_default(),
         })
     }

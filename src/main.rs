@@ -109,6 +109,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        Command::Release { name } => {
+            let opts = ConfigFile::default().connection_options(over)?;
+            let server = opts.server.clone();
+            agent::release(opts, &name).await?;
+            println!("released '{name}': any key may claim it on {server} now");
+            return Ok(());
+        }
         Command::Up { config } => ConfigFile::load(&config)?,
         Command::Expose { local, name, allow } => ConfigFile {
             expose: vec![ExposeEntry { name, local, allow }],
@@ -146,7 +153,7 @@ async fn ping(req: PingRequest, over: Overrides) -> anyhow::Result<()> {
             return anyhow::Ok(());
         }
         // No agent runs here: one of our own, serving nothing, for as long as the pings last.
-        let own = agent::Agent::start(ConfigFile::default().into_asking_options(over)?).await?;
+        let own = agent::Agent::start(ConfigFile::default().connection_options(over)?).await?;
         own.ping(&req, tx).await;
         own.shutdown().await;
         Ok(())

@@ -1,6 +1,7 @@
 //! Bad input of every kind gets a clear error and disturbs nothing else: wrong tokens, taken
 //! names, unknown names, a changed pinned key, an `--allow` that excludes the forwarder,
-//! garbage datagrams and malformed control messages at S, bad config files and bad flags.
+//! garbage datagrams and malformed control messages at S, bad config files and bad flags, a
+//! release by a key that does not hold the name.
 //!
 //! Run: `cargo test --release --test bad_input`.
 
@@ -130,6 +131,69 @@ async fn a_name_held_by_another_key_is_refused() {
         .expect("the owner's tunnel after the refused claim");
     assert_eq!(other.accepted(), 0, "the thief's service was reached");
     pair.assert_healthy("after a refused claim");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_owner_releases_a_name_and_then_another_key_exposes_it() {
+    let lab = Lab::new("release");
+    let relay = lab.relay("relay", RelayOpts::default()).await;
+    let (first, second) = (Service::start().await, Service::start().await);
+    let a = lab.agent("a", &relay);
+    let b = lab.agent("b", &relay);
+
+    let exposer = a.expose(&first.target(), "home", &[]);
+    exposer
+        .wait_log_any(&["registered with S exposing home"], TUNNEL_READY)
+        .await
+        .unwrap_or_else(|| panic!("A should register 'home'\n{}", exposer.brief()));
+    // While A exposes it, even A may not release it.
+    a.run(&["release", "home"])
+        .await
+        .assert_clean_failure(&["home", "exposed right now", "stop"]);
+    exposer.interrupt();
+    assert!(
+        exposer.wait_exit(GIVE_UP).await.is_some(),
+        "{}",
+        exposer.brief()
+    );
+    relay
+        .proc()
+        .wait_log_any(&["agent went offline"], GIVE_UP)
+        .await
+        .unwrap_or_else(|| panic!("S should see A leave\n{}", relay.proc().brief()));
+
+    // B has a key of its own (without one, `release` says the state dir holds no names).
+    b.id().await;
+    b.run(&["release", "home"]).await.assert_clean_failure(&[
+        "home",
+        "another identity",
+        "only the key that claimed it",
+    ]);
+    let released = a.run(&["release", "home"]).await;
+    assert_eq!(released.code(), 0, "{}", released.describe());
+    assert!(
+        released.stdout.contains("released 'home'"),
+        "{}",
+        released.describe()
+    );
+    a.run(&["release", "home"])
+        .await
+        .assert_clean_failure(&["nobody holds the name 'home'"]);
+
+    let exposer_b = b.expose(&second.target(), "home", &[]);
+    let port = free_port();
+    let forwarder = lab.agent("c", &relay).forward("home", port);
+    wait_tunnel(port, &[relay.proc(), &exposer_b, &forwarder], TUNNEL_READY).await;
+    assert!(
+        second.accepted() > 0,
+        "the forward should reach B's service"
+    );
+    assert_eq!(
+        first.accepted(),
+        0,
+        "A's service was reached after A released 'home'"
+    );
+    relay.proc().assert_no_panic();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

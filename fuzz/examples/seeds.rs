@@ -141,6 +141,14 @@ fn control(dir: &Path) {
                 candidates: candidates(),
             },
         ),
+        (
+            "release",
+            ClientMsg::Release {
+                version: PROTOCOL_VERSION,
+                token: Some("s3cret".into()),
+                name: "home".into(),
+            },
+        ),
     ];
     let server = [
         (
@@ -160,6 +168,12 @@ fn control(dir: &Path) {
             },
         ),
         ("candidates_updated", ServerMsg::CandidatesUpdated),
+        (
+            "released",
+            ServerMsg::Released {
+                name: "home".into(),
+            },
+        ),
         (
             "error",
             ServerMsg::Error(ErrorMsg {

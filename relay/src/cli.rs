@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::config::{ConfigError, FileConfig, RelayConfig, TlsFiles};
+use crate::config::{ConfigError, FileConfig, RelayConfig, TlsFiles, EXPIRY_DAYS};
 
 const CONFIG_HELP: &str = "\
 Configuration file keys (TOML; all optional; relay/relay.example.toml documents them):
@@ -23,6 +23,7 @@ Configuration file keys (TOML; all optional; relay/relay.example.toml documents 
   relay_session_rate = 100000000     as --relay-session-rate
   relay_rate_per_ip = 200000000      as --relay-rate-per-ip
   relay_idle_timeout = 600           as --relay-idle-timeout
+  name_expiry_days = 365             as --name-expiry-days (default: names never expire)
 
 Logging: RUST_LOG (default: info), e.g. RUST_LOG=p2ptun_relay=debug.";
 
@@ -103,6 +104,20 @@ pub struct Cli {
     /// told and ask for a new one when they need it) [default: 600].
     #[arg(long, value_name = "SECS")]
     pub relay_idle_timeout: Option<u64>,
+
+    /// Days a name may go unused (its owner not registered with it) before S gives it up
+    /// for any key to claim; checked at start, hourly, and when another key claims it
+    /// [default: names never expire].
+    #[arg(long, value_name = "DAYS", value_parser = parse_days, allow_hyphen_values = true)]
+    pub name_expiry_days: Option<u64>,
+}
+
+/// A day count of at least 1; negative and zero ones get the same message as in the file.
+fn parse_days(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(days) if days >= 1 => Ok(days),
+        _ => Err(format!("must be {EXPIRY_DAYS}")),
+    }
 }
 
 impl Cli {
@@ -149,6 +164,9 @@ impl Cli {
         }
         if let Some(secs) = self.relay_idle_timeout {
             config.relay.idle_timeout = Duration::from_secs(secs);
+        }
+        if let Some(days) = self.name_expiry_days {
+            config.name_expiry_days = Some(days);
         }
     }
 }
@@ -249,6 +267,29 @@ mod tests {
                 .to_string();
             assert!(
                 err.contains("invalid value") && err.contains("--relay-idle-timeout"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_name_expiry_flag_overrides_the_file_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("relay.toml");
+        std::fs::write(&file, "name_expiry_days = 30\n").unwrap();
+        let config = |args: &[&str]| {
+            let mut all = vec!["p2ptun-relay", "-c", file.to_str().unwrap()];
+            all.extend(args);
+            Cli::try_parse_from(all).map(|c| c.into_config().unwrap().name_expiry_days)
+        };
+        assert_eq!(config(&[]).unwrap(), Some(30));
+        assert_eq!(config(&["--name-expiry-days", "7"]).unwrap(), Some(7));
+        for bad in ["0", "-3", "1.5", "never"] {
+            let err = config(&["--name-expiry-days", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("--name-expiry-days") && err.contains("at least 1"),
                 "{bad}: {err}"
             );
         }

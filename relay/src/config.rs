@@ -154,7 +154,14 @@ pub struct RelayConfig {
     pub limits: Limits,
     /// What relaying may cost.
     pub relay: RelayBudgets,
+    /// Days a name may go unused by its owner before S gives it up for anyone to claim;
+    /// `None` keeps names for good (see [`crate::names`]).
+    pub name_expiry_days: Option<u64>,
 }
+
+/// What `name_expiry_days` takes, for the file's and the flag's errors alike.
+pub const EXPIRY_DAYS: &str = "a whole number of days, at least 1, such as 365 (leave it out \
+                               for names that never expire)";
 
 impl Default for RelayConfig {
     fn default() -> Self {
@@ -168,6 +175,7 @@ impl Default for RelayConfig {
             metrics: None,
             limits: Limits::default(),
             relay: RelayBudgets::default(),
+            name_expiry_days: None,
         }
     }
 }
@@ -185,6 +193,7 @@ impl fmt::Debug for RelayConfig {
             .field("metrics", &self.metrics)
             .field("limits", &self.limits)
             .field("relay", &self.relay)
+            .field("name_expiry_days", &self.name_expiry_days)
             .finish()
     }
 }
@@ -211,8 +220,14 @@ impl RelayConfig {
         Some(SocketAddr::new(listen.ip(), port))
     }
 
+    /// How long a name may go unused before S gives it up, if ever.
+    pub fn name_expiry(&self) -> Option<Duration> {
+        self.name_expiry_days
+            .map(|days| Duration::from_secs(days.saturating_mul(86_400)))
+    }
+
     /// Checks what types alone cannot: limits of at least 1, tokens that are not empty, a
-    /// usable alternate STUN address.
+    /// usable alternate STUN address, a name expiry of at least a day.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let limits = [
             ("max_connections", self.limits.max_connections),
@@ -254,6 +269,13 @@ impl RelayConfig {
             return Err(ConfigError::Invalid {
                 key: "relay_idle_timeout",
                 problem: "must be at least 1 (second)".into(),
+            });
+        }
+        // 0 would give up every name its owner is not exposing at this very moment.
+        if self.name_expiry_days == Some(0) {
+            return Err(ConfigError::Invalid {
+                key: "name_expiry_days",
+                problem: format!("must be {EXPIRY_DAYS}, not 0"),
             });
         }
         if self.tokens.iter().any(|t| t.trim().is_empty()) {
@@ -342,6 +364,9 @@ pub struct FileConfig {
     /// See [`RelayBudgets::idle_timeout`], in seconds.
     #[serde(default, deserialize_with = "de_relay_idle_timeout")]
     pub relay_idle_timeout: Option<u64>,
+    /// See [`RelayConfig::name_expiry_days`].
+    #[serde(default, deserialize_with = "de_name_expiry_days")]
+    pub name_expiry_days: Option<u64>,
 }
 
 const ADDR: &str = "an IP address and port in quotes, such as \"0.0.0.0:7000\" or \"[::]:7000\"";
@@ -392,6 +417,7 @@ field_readers! {
     de_relay_session_rate: u64 = "relay_session_rate", BYTE_RATE;
     de_relay_rate_per_ip: u64 = "relay_rate_per_ip", BYTE_RATE;
     de_relay_idle_timeout: u64 = "relay_idle_timeout", SECONDS;
+    de_name_expiry_days: u64 = "name_expiry_days", EXPIRY_DAYS;
 }
 
 impl FileConfig {
@@ -484,6 +510,7 @@ impl FileConfig {
                     .relay_idle_timeout
                     .map_or(defaults.relay.idle_timeout, Duration::from_secs),
             },
+            name_expiry_days: self.name_expiry_days,
         })
     }
 }
@@ -519,6 +546,7 @@ mod tests {
             relay_session_rate = 2000
             relay_rate_per_ip = 3000
             relay_idle_timeout = 30
+            name_expiry_days = 90
             "#,
         )
         .unwrap();
@@ -557,6 +585,8 @@ mod tests {
                 idle_timeout: Duration::from_secs(30)
             }
         );
+        assert_eq!(config.name_expiry_days, Some(90));
+        assert_eq!(config.name_expiry(), Some(Duration::from_secs(90 * 86_400)));
     }
 
     #[test]
@@ -665,6 +695,17 @@ mod tests {
             );
         }
 
+        for bad in ["0", "-3", "\"never\"", "1.5"] {
+            let err = parse(&format!("name_expiry_days = {bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("`name_expiry_days` must be a whole number of days, at least 1"),
+                "{bad}: {err}"
+            );
+        }
+        assert_eq!(parse("").unwrap().name_expiry(), None);
+
         let err = parse("tokens = [\"\"]").unwrap_err().to_string();
         assert!(err.contains("`tokens`"), "{err}");
 
@@ -704,6 +745,7 @@ mod tests {
         assert!(config.tls.is_some());
         assert_eq!(config.limits, Limits::default());
         assert_eq!(config.relay, RelayBudgets::default());
+        assert!(config.name_expiry_days.is_some());
     }
 
     #[test]

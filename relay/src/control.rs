@@ -1,5 +1,6 @@
 //! One agent's control connection: its registration stream (Register, then S's pushes of
-//! Incoming and RelayClosed), its request streams (one Connect each), and the relayed
+//! Incoming and RelayClosed), its request streams (one Connect, UpdateCandidates or Release
+//! each; Release needs no registration), and the relayed
 //! packets it sends (handed to [`crate::forward`]). Everything an agent does wrong is
 //! answered on the stream it did it on; only a broken registration stream ends the
 //! connection, and nothing here can affect another agent's.
@@ -12,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use p2ptun::path::canonical;
 use p2ptun::proto::relay as wire;
@@ -277,7 +278,81 @@ async fn handle_stream(session: Arc<Session>, mut send: SendStream, mut recv: Re
             };
             let _ = write_and_finish(&mut send, &answer).await;
         }
+        ClientMsg::Release {
+            version,
+            token,
+            name,
+        } => {
+            let answer = match release(&session, version, token.as_deref(), &name) {
+                Ok(()) => ServerMsg::Released { name },
+                Err(err) => {
+                    session.shared.metrics.error(err.code);
+                    tracing::info!(
+                        agent = %session.fingerprint,
+                        %name,
+                        code = ?err.code,
+                        error = %err,
+                        "release refused"
+                    );
+                    ServerMsg::Error(err)
+                }
+            };
+            let _ = write_and_finish(&mut send, &answer).await;
+        }
     }
+}
+
+/// Gives `name` back on behalf of this connection's key, which must hold it and must not be
+/// exposing it right now (see [`crate::names::NameRegistry::release`] for why).
+fn release(
+    session: &Session,
+    version: u32,
+    token: Option<&str>,
+    name: &str,
+) -> Result<(), ErrorMsg> {
+    check_version_and_token(session, version, token)?;
+    validate_name(name).map_err(|e| error(ErrorCode::InvalidName, e))?;
+    let shared = &session.shared;
+    let mut names = shared.names();
+    // Under the names lock, as registering claims and lists together: a registration of
+    // this key cannot slip in between the check and the release.
+    let exposed = shared
+        .directory()
+        .exposing(name)
+        .is_some_and(|agent| agent.fingerprint == session.fingerprint);
+    names
+        .release(name, session.fingerprint, exposed)
+        .map_err(|e| match e {
+            NamesError::Unknown(_) => error(
+                ErrorCode::UnknownName,
+                format!(
+                    "nobody holds the name '{name}' on this server; there is nothing to release"
+                ),
+            ),
+            NamesError::Taken(_) => error(
+                ErrorCode::NameTaken,
+                format!(
+                    "the name '{name}' is held by another identity on this server; only the key \
+                     that claimed it can release it (run `p2ptun release` with that agent's \
+                     --state-dir)"
+                ),
+            ),
+            NamesError::InUse(_) => error(
+                ErrorCode::BadRequest,
+                format!(
+                    "the name '{name}' is exposed right now by an agent with this key; stop \
+                     that agent (or take '{name}' out of its config), then release it"
+                ),
+            ),
+            other => {
+                tracing::error!(error = %other, "cannot save a released name");
+                error(ErrorCode::Internal, "S could not save the release")
+            }
+        })?;
+    drop(names);
+    Metrics::inc(&shared.metrics.names_released_total);
+    tracing::info!(agent = %session.fingerprint, %name, "name released by its owner");
+    Ok(())
 }
 
 /// Replaces the registered agent's candidates (a port mapping it got after registering).
@@ -302,26 +377,34 @@ struct RegisterRequest {
     nat: NatMapping,
 }
 
-/// Checks a registration and puts the agent online.
-fn register(
+/// Checks what every request that may come before registering carries.
+fn check_version_and_token(
     session: &Session,
-    req: RegisterRequest,
-) -> Result<(u64, mpsc::Receiver<ServerMsg>, SocketAddr), ErrorMsg> {
-    if req.version != PROTOCOL_VERSION {
+    version: u32,
+    token: Option<&str>,
+) -> Result<(), ErrorMsg> {
+    if version != PROTOCOL_VERSION {
         return Err(error(
             ErrorCode::BadVersion,
             format!(
                 "this S speaks protocol version {PROTOCOL_VERSION} and the agent speaks \
-                 version {}; upgrade the older of the two",
-                req.version
+                 version {version}; upgrade the older of the two"
             ),
         ));
     }
     session
         .shared
         .tokens
-        .check(req.token.as_deref())
-        .map_err(|e| error(ErrorCode::BadToken, e.to_string()))?;
+        .check(token)
+        .map_err(|e| error(ErrorCode::BadToken, e.to_string()))
+}
+
+/// Checks a registration and puts the agent online.
+fn register(
+    session: &Session,
+    req: RegisterRequest,
+) -> Result<(u64, mpsc::Receiver<ServerMsg>, SocketAddr), ErrorMsg> {
+    check_version_and_token(session, req.version, req.token.as_deref())?;
     let mut names: Vec<String> = Vec::with_capacity(req.names.len());
     for name in req.names {
         validate_name(&name).map_err(|e| error(ErrorCode::InvalidName, e))?;
@@ -352,10 +435,10 @@ fn register(
         )
     })?;
     let fingerprint = session.fingerprint;
-    session
-        .shared
-        .names()
-        .claim(&names, fingerprint)
+    // Held until the agent is listed: a Release of this key sees both or neither.
+    let mut claims = session.shared.names();
+    let expired = claims
+        .claim(&names, fingerprint, SystemTime::now())
         .map_err(|e| match e {
             NamesError::Taken(name) => error(
                 ErrorCode::NameTaken,
@@ -370,6 +453,10 @@ fn register(
                 error(ErrorCode::Internal, "S could not save the name claim")
             }
         })?;
+    Metrics::add(
+        &session.shared.metrics.names_expired_total,
+        expired.len() as u64,
+    );
 
     let (push, push_rx) = mpsc::channel(PUSH_QUEUE);
     let registration = session.shared.next_registration();
@@ -389,6 +476,7 @@ fn register(
             .shared
             .directory()
             .insert(fingerprint, registration, names.clone(), agent);
+    drop(claims);
     if let Some(old) = replaced {
         old.conn.close(
             close::REPLACED,

@@ -3,7 +3,7 @@
 //!
 //! Generic over what is kept per agent so that the bookkeeping is tested without QUIC.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use p2ptun::proto::Fingerprint;
@@ -93,6 +93,11 @@ impl<T> Directory<T> {
         self.agents.get(fp).map(|e| Arc::clone(&e.agent))
     }
 
+    /// Every name exposed right now.
+    pub fn names(&self) -> HashSet<String> {
+        self.by_name.keys().cloned().collect()
+    }
+
     /// Agents online.
     pub fn len(&self) -> usize {
         self.agents.len()
@@ -128,6 +133,7 @@ mod tests {
         assert_eq!(old.as_deref(), Some(&"first"));
         assert_eq!(dir.exposing("home").as_deref(), Some(&"second"));
         assert!(dir.exposing("web").is_none());
+        assert_eq!(dir.names(), HashSet::from(["home".to_string()]));
         // The first connection ends after being replaced: nothing changes.
         assert!(!dir.remove(&fp(1), 1));
         assert_eq!(dir.len(), 1);

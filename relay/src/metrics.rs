@@ -119,6 +119,10 @@ pub struct Metrics {
     pub registrations_total: AtomicU64,
     /// Sessions made (introductions).
     pub sessions_total: AtomicU64,
+    /// Names their owners gave back (`p2ptun release`).
+    pub names_released_total: AtomicU64,
+    /// Names given up after going unused for `name_expiry_days`.
+    pub names_expired_total: AtomicU64,
     /// STUN requests answered.
     pub stun_answered_total: AtomicU64,
     /// STUN datagrams dropped for their source's rate.
@@ -151,7 +155,7 @@ pub struct Gauges {
     pub handshakes_pending: u64,
     /// Registered agents connected now.
     pub agents_online: u64,
-    /// Names ever claimed.
+    /// Names held now.
     pub names_claimed: u64,
     /// Relay sessions held.
     pub relay_sessions: u64,
@@ -160,7 +164,12 @@ pub struct Gauges {
 impl Metrics {
     /// Adds one to `counter` (one of this struct's public fields).
     pub fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+        Self::add(counter, 1);
+    }
+
+    /// Adds `n` to `counter` (one of this struct's public fields).
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Counts a refused connection.
@@ -222,8 +231,17 @@ impl Metrics {
         metric(
             "names_claimed",
             "gauge",
-            "Names claimed by an identity (claims are permanent).",
+            "Names held by an identity now.",
             &[("", gauges.names_claimed)],
+        );
+        metric(
+            "names_freed_total",
+            "counter",
+            "Names given up: by their owners, or for going unused for name_expiry_days.",
+            &[
+                ("{reason=\"released\"}", get(&self.names_released_total)),
+                ("{reason=\"expired\"}", get(&self.names_expired_total)),
+            ],
         );
         metric(
             "connections_total",
@@ -474,6 +492,10 @@ mod tests {
             "p2ptun_relay_connections_refused_total{limit=\"max_unregistered_per_ip\"} 1"
         ));
         assert!(text.contains("# TYPE p2ptun_relay_stun_requests_total counter"));
+        Metrics::inc(&m.names_expired_total);
+        let text = m.render(Gauges::default());
+        assert!(text.contains("p2ptun_relay_names_freed_total{reason=\"expired\"} 1\n"));
+        assert!(text.contains("p2ptun_relay_names_freed_total{reason=\"released\"} 0\n"));
         m.relayed(RelayOutcome::Forwarded, 1200);
         m.relayed(Dropped::SourceRate.into(), 1200);
         m.relay_closed(CloseCause::Idle);

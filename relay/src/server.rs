@@ -24,7 +24,7 @@ use crate::identity::{ServerIdentity, ServerIdentityError};
 use crate::limits::{Admission, ConnLimits, ConnSlot};
 use crate::links::{self, Claim, Links, TcpLink};
 use crate::metrics::{self, Gauges, Metrics};
-use crate::names::{NameRegistry, NamesError};
+use crate::names::{NameRegistry, NamesError, SWEEP_INTERVAL};
 use crate::shared::Shared;
 use crate::stun_server::StunServer;
 use crate::tcp::TcpFront;
@@ -126,7 +126,14 @@ impl Relay {
             source,
         })?;
         let identity = ServerIdentity::load(config.tls.as_ref(), &config.state_dir)?;
-        let names = NameRegistry::load(&config.state_dir)?;
+        let names = NameRegistry::load(
+            &config.state_dir,
+            config.name_expiry(),
+            std::time::SystemTime::now(),
+        )?;
+        if let Some(days) = config.name_expiry_days {
+            tracing::info!("names unused for {days} days are given up (name_expiry_days)");
+        }
         let fingerprint = identity.fingerprint;
 
         let own_identity = identity.own;
@@ -283,6 +290,7 @@ impl Relay {
         let mut background = JoinSet::new();
         background.spawn(stun.run());
         background.spawn(forward::sweep(Arc::clone(&shared)));
+        background.spawn(sweep_names(Arc::clone(&shared)));
         let front = TcpFront {
             socket,
             links: Arc::clone(&links),
@@ -293,11 +301,15 @@ impl Relay {
         if let Some(listener) = metrics_listener {
             let (shared, limits) = (Arc::clone(&shared), Arc::clone(&limits));
             background.spawn(metrics::serve(listener, move || {
+                // One lock at a time: the names lock is taken before the directory's
+                // elsewhere, never after it.
+                let names_claimed = shared.names().len() as u64;
+                let agents_online = shared.directory().len() as u64;
                 shared.metrics.render(Gauges {
                     connections: limits.total().into(),
                     handshakes_pending: limits.pending().into(),
-                    agents_online: shared.directory().len() as u64,
-                    names_claimed: shared.names.lock().map(|n| n.len()).unwrap_or(0) as u64,
+                    agents_online,
+                    names_claimed,
                     relay_sessions: shared.relay().len() as u64,
                 })
             }));
@@ -320,6 +332,17 @@ impl Relay {
         endpoint.close(close::SHUTDOWN, b"S is shutting down");
         // Lets the close frames go out; agents learn at once instead of by timeout.
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    }
+}
+
+/// Sweeps the names ([`Shared::sweep_names`]) at start, before the first agent can have
+/// registered for long, and every [`SWEEP_INTERVAL`] after.
+async fn sweep_names(shared: Arc<Shared>) {
+    let mut every = tokio::time::interval(SWEEP_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        shared.sweep_names(std::time::SystemTime::now());
     }
 }
 

@@ -6,7 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use p2ptun::path::canonical;
 use p2ptun::proto::relay as wire;
@@ -121,9 +121,27 @@ impl Shared {
         self.directory.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Who owns which name (the lock is never held across an await).
+    /// Who owns which name (the lock is never held across an await). Whoever holds both
+    /// takes this one first, then [`Shared::directory`]'s.
     pub(crate) fn names(&self) -> MutexGuard<'_, NameRegistry> {
         self.names.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the use of every name exposed now and gives up the names unused for longer
+    /// than the expiry ([`NameRegistry::expire`]), at `now`.
+    ///
+    /// The exposed names are read before the registry is locked, not under it: a name
+    /// registered in between was recorded as used by its claim, so it cannot expire.
+    pub fn sweep_names(&self, now: SystemTime) {
+        let exposed = self.directory().names();
+        let swept = self.names().expire(now, |name| exposed.contains(name));
+        match swept {
+            Ok(expired) => Metrics::add(&self.metrics.names_expired_total, expired.len() as u64),
+            Err(e) => tracing::error!(
+                error = %e,
+                "cannot save the names' last uses and expiries; trying again at the next sweep"
+            ),
+        }
     }
 }
 

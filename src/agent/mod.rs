@@ -216,6 +216,46 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     }
 }
 
+/// Runs `p2ptun release NAME`: gives `name` back to S with the key of `opts.state_dir`.
+///
+/// Takes no lock on the state directory and registers nothing, so it can run beside the
+/// agent of that directory; S refuses while that agent exposes `name`.
+pub async fn release(opts: AgentOptions, name: &str) -> anyhow::Result<()> {
+    let id_path = identity_path(&opts.state_dir);
+    // A key made now would own nothing: the user gave the wrong state directory.
+    anyhow::ensure!(
+        id_path.exists(),
+        "{} holds no identity, so it holds no names; pass the --state-dir of the agent \
+         that exposed '{name}'",
+        opts.state_dir.display()
+    );
+    let identity =
+        Identity::load_or_create(&id_path).context("cannot load this agent's identity")?;
+    let udp = bind_udp(opts.bind)
+        .with_context(|| format!("cannot bind the UDP socket at {}", opts.bind))?;
+    let (socket, stun_rx) = PathSocket::from_std(udp, Policy::KnownOnly)
+        .with_context(|| format!("cannot use the UDP socket at {}", opts.bind))?;
+    let router = StunRouter::start(socket.clone(), stun_rx);
+    let endpoint =
+        endpoint::make_endpoint(socket, None, None).context("cannot start the QUIC endpoint")?;
+    // The parts of a Ctx that only a running agent fills stay empty.
+    let ctx = Ctx {
+        opts,
+        identity,
+        endpoint,
+        router,
+        registration: watch::channel(None).1,
+        activity: activity::Activity::default(),
+        relays: Arc::default(),
+        tcp: None,
+        portmap: watch::channel(Vec::new()).1,
+    };
+    let released = server::release(&ctx, name).await;
+    // Lets the close frame go out, so S forgets the connection at once.
+    let _ = tokio::time::timeout(Duration::from_secs(1), ctx.endpoint.wait_idle()).await;
+    released
+}
+
 /// Takes the state directory's lock for as long as the returned file lives.
 ///
 /// Two agents with one state directory would share one identity, and S keeps one registration

@@ -73,19 +73,8 @@ impl Registered {
         }
     }
 
-    /// One request on a stream of its own, and S's one answer.
     async fn request(&self, msg: &ClientMsg) -> anyhow::Result<ServerMsg> {
-        let exchange = async {
-            let (mut send, mut recv) = self.conn.open_bi().await?;
-            write_frame(&mut send, msg).await?;
-            let _ = send.finish();
-            read_frame::<ServerMsg, _>(&mut recv)
-                .await?
-                .ok_or_else(|| anyhow!("S closed the request without an answer"))
-        };
-        tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
-            .await
-            .map_err(|_| anyhow!("S did not answer within {}s", EXCHANGE_TIMEOUT.as_secs()))?
+        request(&self.conn, msg).await
     }
 
     /// `local` (this agent's own candidates) with the addresses S observed added.
@@ -109,6 +98,21 @@ impl Registered {
         }));
         out
     }
+}
+
+/// One request to S on a stream of its own on `conn`, and S's one answer.
+pub async fn request(conn: &Connection, msg: &ClientMsg) -> anyhow::Result<ServerMsg> {
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_frame(&mut send, msg).await?;
+        let _ = send.finish();
+        read_frame::<ServerMsg, _>(&mut recv)
+            .await?
+            .ok_or_else(|| anyhow!("S closed the request without an answer"))
+    };
+    tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
+        .await
+        .map_err(|_| anyhow!("S did not answer within {}s", EXCHANGE_TIMEOUT.as_secs()))?
 }
 
 /// An answer a request did not expect: S's error, or a protocol mix-up.

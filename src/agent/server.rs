@@ -194,9 +194,16 @@ pub async fn run(
     }
 }
 
-/// One attempt: reach S (racing its addresses over UDP and TCP), verify it, register.
-/// Returns the registration and the stream on which S pushes introductions.
+/// One attempt: reach S, verify it, register. Returns the registration and the stream on
+/// which S pushes introductions.
 async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlError> {
+    let (dialed, addrs) = reach(ctx).await?;
+    register_on(ctx, dialed, &addrs).await
+}
+
+/// A control connection to S, racing its addresses over UDP and TCP; returns it and all of
+/// S's addresses. S is not verified yet.
+async fn reach(ctx: &Ctx) -> Result<(Dialed, Vec<SocketAddr>), ControlError> {
     let retry = ControlError::Retry;
     let addrs = dial::resolve(&ctx.opts.server, ctx.families())
         .await
@@ -211,7 +218,41 @@ async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlE
                 ctx.opts.server
             ))
         })?;
-    register_on(ctx, dialed, &addrs).await
+    Ok((dialed, addrs))
+}
+
+/// Gives `name` back to S (`p2ptun release`) on a control connection of its own that never
+/// registers: registering would replace a running agent of this key at S.
+pub async fn release(ctx: &Ctx, name: &str) -> anyhow::Result<()> {
+    let (dialed, _) = reach(ctx).await?;
+    verify_server(ctx, &dialed.conn, host_part(&ctx.opts.server))?;
+    let msg = ClientMsg::Release {
+        version: PROTOCOL_VERSION,
+        token: ctx.opts.token.clone(),
+        name: name.to_owned(),
+    };
+    let answer = super::registration::request(&dialed.conn, &msg).await;
+    dialed.conn.close(0u32.into(), b"done");
+    match answer.with_context(|| format!("cannot release '{name}'"))? {
+        ServerMsg::Released { name: n } if n == name => Ok(()),
+        ServerMsg::Error(e) => Err(release_refused(name, e)),
+        other => bail!("S answered the release of '{name}' with {other:?}"),
+    }
+}
+
+/// S's refusal of a release, with what the user can do about it.
+fn release_refused(name: &str, e: ErrorMsg) -> anyhow::Error {
+    match e.code {
+        ErrorCode::BadToken => {
+            anyhow!("S refused the token: {e} (pass the right one with --token or P2PTUN_TOKEN)")
+        }
+        // An S that predates releasing cannot read the request at all.
+        ErrorCode::BadRequest if e.message.contains("unknown variant") => anyhow!(
+            "this S does not know how to release names (it is older than this agent); \
+             upgrade S to release '{name}'"
+        ),
+        _ => anyhow!("S refused to release '{name}': {e}"),
+    }
 }
 
 fn client_config(ctx: &Ctx) -> Result<quinn::ClientConfig, ControlError> {

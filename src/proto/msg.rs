@@ -5,6 +5,12 @@
 //! keeps that stream open to push [`ServerMsg::Incoming`] to the agent when someone forwards
 //! to one of its names. Every other request ([`ClientMsg::Connect`]) goes on a stream of its
 //! own and gets exactly one answer, and so does [`ClientMsg::UpdateCandidates`].
+//!
+//! [`ClientMsg::Release`] needs no registration: `p2ptun release` sends it on a connection
+//! of its own (registering would replace a running agent of the same key) and hangs up after
+//! the one answer. An S older than it answers [`ErrorCode::BadRequest`] ("unknown variant"),
+//! as it does any message it cannot read, which the agent turns into "upgrade S"; that is
+//! why adding it did not change [`super::PROTOCOL_VERSION`].
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -49,6 +55,17 @@ pub enum ClientMsg {
         /// All of the agent's candidates, as in [`ClientMsg::Register`].
         candidates: Vec<Candidate>,
     },
+    /// Give a name back so that another key can claim it. Only the key that holds the name
+    /// (the one presented in this connection's TLS handshake) may, and not while one of its
+    /// registrations exposes the name. S answers [`ServerMsg::Released`].
+    Release {
+        /// [`super::PROTOCOL_VERSION`] of the agent.
+        version: u32,
+        /// The shared secret S may require, as in [`ClientMsg::Register`].
+        token: Option<String>,
+        /// The name to give back.
+        name: String,
+    },
 }
 
 /// A message from S to an agent.
@@ -77,6 +94,11 @@ pub enum ServerMsg {
     },
     /// Answer to [`ClientMsg::UpdateCandidates`].
     CandidatesUpdated,
+    /// Answer to [`ClientMsg::Release`]: the name is free for anyone to claim.
+    Released {
+        /// The name given back.
+        name: String,
+    },
     /// The request failed.
     Error(ErrorMsg),
 }
@@ -218,13 +240,14 @@ pub enum ErrorCode {
     BadVersion,
     /// The token is missing or wrong.
     BadToken,
-    /// A claimed name is held by another identity.
+    /// A claimed name, or one asked to be released, is held by another identity.
     NameTaken,
     /// A name is not a valid name.
     InvalidName,
-    /// Nobody exposes the requested name right now.
+    /// Nobody exposes the requested name right now (for a release: nobody holds it).
     UnknownName,
-    /// The request is malformed or out of order.
+    /// The request is malformed or out of order (for a release: the name is exposed right
+    /// now by an agent of the releasing key).
     BadRequest,
     /// Too many requests or connections from this source.
     RateLimited,
@@ -291,6 +314,28 @@ mod tests {
             r#"{"type":"connect","name":"home","candidates":[{"kind":"host","addr":"10.0.0.2:4000"}],"nat":{"mapping":"sequential","step":2}}"#
         );
         assert_eq!(serde_json::from_str::<ClientMsg>(&json).unwrap(), msg);
+    }
+
+    #[test]
+    fn release_and_its_answer_have_a_stable_readable_form() {
+        let msg = ClientMsg::Release {
+            version: 3,
+            token: None,
+            name: "home".into(),
+        };
+        let json = serde_json::to_string(&msg).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"release","version":3,"token":null,"name":"home"}"#
+        );
+        assert_eq!(serde_json::from_str::<ClientMsg>(&json).unwrap(), msg);
+        let answer = ServerMsg::Released {
+            name: "home".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&answer).unwrap(),
+            r#"{"type":"released","name":"home"}"#
+        );
     }
 
     #[test]
@@ -437,6 +482,13 @@ mod tests {
                     }
                 }),
                 candidates().prop_map(|candidates| ClientMsg::UpdateCandidates { candidates }),
+                (any::<u32>(), prop::option::of(".{0,12}"), ".{0,20}").prop_map(
+                    |(version, token, name)| ClientMsg::Release {
+                        version,
+                        token,
+                        name
+                    }
+                ),
             ]
         }
 
@@ -459,6 +511,7 @@ mod tests {
                 (any::<u64>(), ".{0,20}")
                     .prop_map(|(session, reason)| ServerMsg::RelayClosed { session, reason }),
                 Just(ServerMsg::CandidatesUpdated),
+                ".{0,20}".prop_map(|name| ServerMsg::Released { name }),
                 (code, ".{0,20}")
                     .prop_map(|(code, message)| ServerMsg::Error(ErrorMsg { code, message })),
             ]
