@@ -142,6 +142,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Shell completions and man pages.
+    #[command(flatten)]
+    Doc(crate::gendoc::DocCommand),
 }
 
 fn parse_name(s: &str) -> Result<String, String> {
