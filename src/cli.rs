@@ -166,6 +166,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Shell completions and man pages.
+    #[command(flatten)]
+    Doc(crate::gendoc::DocCommand),
 }
 
 fn parse_interval(s: &str) -> Result<std::time::Duration, String> {

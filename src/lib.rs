@@ -11,10 +11,14 @@
 //! - [`portmap`]: port mappings on the gateway (UPnP IGD, NAT-PMP, PCP) as candidates.
 //! - [`tunnel`]: identities, TLS, the QUIC endpoint, stream headers and byte copying.
 //! - [`agent`]: `expose`, `forward` and `up` orchestration, reconnects and status.
+//!
+//! Beside them, [`cli`] is the agent's command line and [`gendoc`] the completions and man
+//! pages both binaries generate from theirs.
 
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod gendoc;
 pub mod path;
 pub mod portmap;
 pub mod proto;

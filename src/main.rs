@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory as _, Parser};
 use p2ptun::agent::{self, ping, ping::PingRequest};
 use p2ptun::cli::{Cli, Command};
 use p2ptun::config::{default_state_dir, ConfigFile, ExposeEntry, ForwardEntry, Overrides};
@@ -64,6 +64,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         portmap,
     };
     let file = match cli.command {
+        Command::Doc(doc) => return doc.run(Cli::command()),
         Command::Id => {
             let dir = over.state_dir.unwrap_or_else(default_state_dir);
             let id = Identity::load_or_create(&agent::identity_path(&dir))?;

@@ -42,9 +42,14 @@ Logging: RUST_LOG (default: info), e.g. RUST_LOG=p2ptun_relay=debug.";
     version,
     about,
     long_about,
-    after_long_help = CONFIG_HELP
+    after_long_help = CONFIG_HELP,
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
+    /// Print completions or man pages instead of running S.
+    #[command(subcommand)]
+    pub doc: Option<p2ptun::gendoc::DocCommand>,
+
     /// A TOML configuration file (its keys are listed at the end of --help).
     #[arg(short = 'c', long = "config", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -122,6 +127,7 @@ fn parse_days(s: &str) -> Result<u64, String> {
 
 impl Cli {
     /// The configuration these flags ask for: the file's (if any), with flags on top.
+    /// A [`Cli::doc`] subcommand is not looked at.
     pub fn into_config(self) -> Result<RelayConfig, ConfigError> {
         let file = match &self.config {
             Some(path) => FileConfig::load(path)?,

@@ -4,7 +4,7 @@ use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{CommandFactory as _, Parser};
 use p2ptun_relay::cli::Cli;
 use tracing_subscriber::EnvFilter;
 
@@ -25,6 +25,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(doc) = &cli.doc {
+        return doc.run(Cli::command());
+    }
     let config = cli.into_config().context("invalid configuration")?;
     if config.tokens.is_empty() {
         eprintln!(
