@@ -128,9 +128,10 @@ pub enum Command {
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
     },
-    /// Give a name back to S so that another key can claim it. Only the key that claimed
-    /// it can (this --state-dir's), and not while an agent with that key exposes it: stop
-    /// that agent first.
+    /// Give a name back to S so that another key can claim it.
+    ///
+    /// Only the key that claimed it can (this --state-dir's), and not while an agent with
+    /// that key exposes it: stop that agent first.
     Release {
         /// The name to give back.
         #[arg(value_parser = parse_name)]
@@ -144,10 +145,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Round trips to the agent exposing a name, and the path each took (relay, direct UDP,
-    /// direct TCP): watch a link move from the relay to a direct path.
+    /// Round trips to the agent exposing a name, and the path each took.
     ///
-    /// Asks the agent running with this state directory (`p2ptun up`, `forward`, ...), over
+    /// Each line names the path (relay, direct UDP, direct TCP), so a link's move from the
+    /// relay to a direct path shows. Asks the agent running with this state directory (`p2ptun up`, `forward`, ...), over
     /// its connection to the peer; with none running, starts one for the pings.
     Ping {
         /// The name whose exposer to ping.
