@@ -128,6 +128,13 @@ pub enum Command {
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
     },
+    /// Make the running `p2ptun up` of this state directory read its config file again.
+    ///
+    /// Services added, removed or changed start and stop; the others and their connections
+    /// go on. A file that cannot be applied (an error in it, a port in use, a name another
+    /// key holds) is refused whole, with the reason, and nothing changes. SIGHUP and saving
+    /// the file do the same.
+    Reload,
     /// Give a name back to S so that another key can claim it.
     ///
     /// Only the key that claimed it can (this --state-dir's), and not while an agent with

@@ -117,7 +117,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("released '{name}': any key may claim it on {server} now");
             return Ok(());
         }
-        Command::Up { config } => ConfigFile::load(&config)?,
+        Command::Reload => {
+            let dir = over.state_dir.unwrap_or_else(default_state_dir);
+            println!("reloaded: {}", agent::socket::reload(&dir).await?);
+            return Ok(());
+        }
+        Command::Up { config } => {
+            let opts = ConfigFile::load(&config)?.into_options(over.clone())?;
+            let source = agent::services::Source { path: config, over };
+            return agent::run(opts, Some(source)).await;
+        }
         Command::Expose { local, name, allow } => ConfigFile {
             expose: vec![ExposeEntry { name, local, allow }],
             ..Default::default()
@@ -130,7 +139,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ..Default::default()
         },
     };
-    agent::run(file.into_options(over)?).await
+    agent::run(file.into_options(over)?, None).await
 }
 
 /// `p2ptun ping`: through the agent running with the state directory, or an agent of its

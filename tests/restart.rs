@@ -135,3 +135,136 @@ async fn agents_survive_a_relay_restart() {
     pair.assert_healthy("after S restarted");
     forwarder2.assert_no_panic();
 }
+
+/// `p2ptun up` takes a changed file without a restart (issue 15): while a connection to
+/// service A is kept busy, B is added on both agents (by `p2ptun reload`, and by saving the
+/// file), changed to another local service (SIGHUP) and removed; a broken file is refused
+/// with its error. A's connection never notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_changes_services_while_a_connection_goes_on() {
+    let lab = Lab::new("reload");
+    let relay = lab.relay("relay", RelayOpts::default()).await;
+    let (svc_a, svc_b, svc_b2) = (
+        Service::start().await,
+        Service::start().await,
+        Service::start().await,
+    );
+    let exposer = lab.agent("exposer", &relay);
+    let forwarder = lab.agent("forwarder", &relay);
+    let (port_a, port_b) = (free_port(), free_port());
+    let exposes = |list: &[(&str, &Service)]| -> Vec<UpExpose> {
+        list.iter()
+            .map(|(name, svc)| UpExpose {
+                name: name.to_string(),
+                local: svc.target(),
+                allow: Vec::new(),
+            })
+            .collect()
+    };
+    let forwards = |list: &[(&str, u16)]| -> Vec<UpForward> {
+        list.iter()
+            .map(|(name, port)| UpForward {
+                name: name.to_string(),
+                local: port.to_string(),
+            })
+            .collect()
+    };
+    let write = |agent: &common::Agent, config: String| {
+        std::fs::write(agent.config_path(), config).expect("write the config file")
+    };
+    let exp = exposer.up(&exposes(&[("svc-a", &svc_a)]), &[]);
+    let fwd = forwarder.up(&[], &forwards(&[("svc-a", port_a)]));
+    let procs = [relay.proc(), &exp, &fwd];
+    wait_tunnel(port_a, &procs, TUNNEL_READY).await;
+
+    // A's connection, busy all along.
+    let mut conn = EchoConn::open(port_a).await.expect("open A's connection");
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                conn.ping(4096, Duration::from_secs(10))
+                    .await
+                    .map_err(|e| e.context(format!("A's round {}", conn.rounds())))?;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            anyhow::Ok(conn.rounds())
+        })
+    };
+
+    // B added: the exposer by `p2ptun reload`, the forwarder by saving its file.
+    write(
+        &exposer,
+        exposer.up_config(&exposes(&[("svc-a", &svc_a), ("svc-b", &svc_b)]), &[]),
+    );
+    let out = exposer.run(&["reload"]).await;
+    assert_eq!(out.code(), 0, "{}\n{}", out.stdout, out.stderr);
+    assert!(out.stdout.starts_with("reloaded: "), "{}", out.stdout);
+    write(
+        &forwarder,
+        forwarder.up_config(&[], &forwards(&[("svc-a", port_a), ("svc-b", port_b)])),
+    );
+    wait_tunnel(port_b, &procs, TUNNEL_READY).await;
+    assert!(svc_b.accepted() > 0, "B's connections reach B's service");
+
+    // B changed to another local service, by SIGHUP.
+    write(
+        &exposer,
+        exposer.up_config(&exposes(&[("svc-a", &svc_a), ("svc-b", &svc_b2)]), &[]),
+    );
+    exp.signal(libc::SIGHUP);
+    assert!(
+        exp.wait_log_any(&["reloaded (SIGHUP)"], Duration::from_secs(10))
+            .await
+            .is_some(),
+        "the exposer logs the reload on SIGHUP\n{}",
+        exp.brief()
+    );
+    echo_once(port_b, Duration::from_secs(10))
+        .await
+        .expect("B after the change");
+    assert!(
+        svc_b2.accepted() > 0,
+        "B's new connections reach the new service"
+    );
+
+    // B removed on the forwarder: its port closes.
+    write(
+        &forwarder,
+        forwarder.up_config(&[], &forwards(&[("svc-a", port_a)])),
+    );
+    let out = forwarder.run(&["reload"]).await;
+    assert_eq!(out.code(), 0, "{}\n{}", out.stdout, out.stderr);
+    within(
+        "B's port to close once B is removed",
+        Duration::from_secs(10),
+        async {
+            while connect(port_b).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        },
+    )
+    .await;
+
+    // A broken file: refused, with its error, and nothing changes.
+    write(&exposer, "[[expose]\nname = \"svc-a\"\n".to_owned());
+    let out = exposer.run(&["reload"]).await;
+    assert_ne!(out.code(), 0, "a broken file is refused\n{}", out.stdout);
+    assert!(
+        out.stderr.contains("is refused") && out.stderr.contains("TOML"),
+        "the refusal says what is wrong: {}",
+        out.stderr
+    );
+
+    stop.store(true, Ordering::SeqCst);
+    let rounds = busy
+        .await
+        .expect("A's task")
+        .unwrap_or_else(|e| panic!("A's connection failed during the reloads: {e:#}"));
+    assert!(rounds > 10, "A's connection carried {rounds} rounds");
+    for p in procs {
+        p.assert_no_panic();
+    }
+}

@@ -142,6 +142,12 @@ fn control(dir: &Path) {
             },
         ),
         (
+            "update_names",
+            ClientMsg::UpdateNames {
+                names: vec!["home".into(), "web".into()],
+            },
+        ),
+        (
             "release",
             ClientMsg::Release {
                 version: PROTOCOL_VERSION,

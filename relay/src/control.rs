@@ -1,5 +1,5 @@
 //! One agent's control connection: its registration stream (Register, then S's pushes of
-//! Incoming and RelayClosed), its request streams (one Connect, UpdateCandidates or Release
+//! Incoming and RelayClosed), its request streams (one Connect, UpdateCandidates, UpdateNames or Release
 //! each; Release needs no registration), and the relayed
 //! packets it sends (handed to [`crate::forward`]). Everything an agent does wrong is
 //! answered on the stream it did it on; only a broken registration stream ends the
@@ -268,6 +268,19 @@ async fn handle_stream(session: Arc<Session>, mut send: SendStream, mut recv: Re
             };
             let _ = write_and_finish(&mut send, &answer).await;
         }
+        ClientMsg::UpdateNames { names } => {
+            let answer = match update_names(&session, names) {
+                Ok(names) => {
+                    tracing::info!(agent = %session.fingerprint, ?names, "names updated");
+                    ServerMsg::NamesUpdated
+                }
+                Err(err) => {
+                    session.shared.metrics.error(err.code);
+                    ServerMsg::Error(err)
+                }
+            };
+            let _ = write_and_finish(&mut send, &answer).await;
+        }
         ClientMsg::UpdateCandidates { candidates } => {
             let answer = match update_candidates(&session, candidates) {
                 Ok(()) => ServerMsg::CandidatesUpdated,
@@ -399,14 +412,10 @@ fn check_version_and_token(
         .map_err(|e| error(ErrorCode::BadToken, e.to_string()))
 }
 
-/// Checks a registration and puts the agent online.
-fn register(
-    session: &Session,
-    req: RegisterRequest,
-) -> Result<(u64, mpsc::Receiver<ServerMsg>, SocketAddr), ErrorMsg> {
-    check_version_and_token(session, req.version, req.token.as_deref())?;
-    let mut names: Vec<String> = Vec::with_capacity(req.names.len());
-    for name in req.names {
+/// `names` without repeats, each valid, at most [`MAX_NAMES_PER_AGENT`].
+fn checked_names(raw: Vec<String>) -> Result<Vec<String>, ErrorMsg> {
+    let mut names: Vec<String> = Vec::with_capacity(raw.len());
+    for name in raw {
         validate_name(&name).map_err(|e| error(ErrorCode::InvalidName, e))?;
         if !names.contains(&name) {
             names.push(name);
@@ -421,24 +430,18 @@ fn register(
             ),
         ));
     }
-    check_candidates(&req.candidates)?;
-    // Before the names are claimed: an agent S cannot take must not hold names either.
-    session.slot.register().map_err(|why| {
-        session.shared.metrics.refused(why);
-        error(
-            ErrorCode::RateLimited,
-            format!(
-                "S serves as many agents from this address as it may (`{}`); try another \
-                 S, or ask its operator to raise the limit",
-                why.label()
-            ),
-        )
-    })?;
-    let fingerprint = session.fingerprint;
-    // Held until the agent is listed: a Release of this key sees both or neither.
-    let mut claims = session.shared.names();
+    Ok(names)
+}
+
+/// Claims `names` for this connection's key in `claims` (held by the caller until the
+/// agent's listing matches, so a Release of the key sees both or neither).
+fn claim(
+    session: &Session,
+    claims: &mut crate::names::NameRegistry,
+    names: &[String],
+) -> Result<(), ErrorMsg> {
     let expired = claims
-        .claim(&names, fingerprint, SystemTime::now())
+        .claim(names, session.fingerprint, SystemTime::now())
         .map_err(|e| match e {
             NamesError::Taken(name) => error(
                 ErrorCode::NameTaken,
@@ -457,6 +460,59 @@ fn register(
         &session.shared.metrics.names_expired_total,
         expired.len() as u64,
     );
+    Ok(())
+}
+
+/// A registered agent's new set of names (a reloaded `p2ptun up`).
+fn update_names(session: &Session, names: Vec<String>) -> Result<Vec<String>, ErrorMsg> {
+    let Some((registration, _)) = session.registered() else {
+        return Err(error(
+            ErrorCode::BadRequest,
+            "UpdateNames before Register: register first and wait for Registered",
+        ));
+    };
+    let names = checked_names(names)?;
+    let mut claims = session.shared.names();
+    claim(session, &mut claims, &names)?;
+    let listed =
+        session
+            .shared
+            .directory()
+            .set_names(&session.fingerprint, registration, names.clone());
+    drop(claims);
+    if !listed {
+        return Err(error(
+            ErrorCode::BadRequest,
+            "this connection's registration was replaced; send UpdateNames on the new one",
+        ));
+    }
+    Ok(names)
+}
+
+/// Checks a registration and puts the agent online.
+fn register(
+    session: &Session,
+    req: RegisterRequest,
+) -> Result<(u64, mpsc::Receiver<ServerMsg>, SocketAddr), ErrorMsg> {
+    check_version_and_token(session, req.version, req.token.as_deref())?;
+    let names = checked_names(req.names)?;
+    check_candidates(&req.candidates)?;
+    // Before the names are claimed: an agent S cannot take must not hold names either.
+    session.slot.register().map_err(|why| {
+        session.shared.metrics.refused(why);
+        error(
+            ErrorCode::RateLimited,
+            format!(
+                "S serves as many agents from this address as it may (`{}`); try another \
+                 S, or ask its operator to raise the limit",
+                why.label()
+            ),
+        )
+    })?;
+    let fingerprint = session.fingerprint;
+    // Held until the agent is listed: a Release of this key sees both or neither.
+    let mut claims = session.shared.names();
+    claim(session, &mut claims, &names)?;
 
     let (push, push_rx) = mpsc::channel(PUSH_QUEUE);
     let registration = session.shared.next_registration();

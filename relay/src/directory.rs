@@ -65,6 +65,32 @@ impl<T> Directory<T> {
         old
     }
 
+    /// Replaces the names `fingerprint` is online under, if `registration` is still its
+    /// current one. Returns whether it did.
+    pub fn set_names(
+        &mut self,
+        fingerprint: &Fingerprint,
+        registration: u64,
+        names: Vec<String>,
+    ) -> bool {
+        let Some(entry) = self.agents.get_mut(fingerprint) else {
+            return false;
+        };
+        if entry.registration != registration {
+            return false;
+        }
+        let old = std::mem::replace(&mut entry.names, names.clone());
+        for name in old {
+            if self.by_name.get(&name) == Some(fingerprint) {
+                self.by_name.remove(&name);
+            }
+        }
+        for name in names {
+            self.by_name.insert(name, *fingerprint);
+        }
+        true
+    }
+
     /// Takes `fingerprint` offline if `registration` is still its current one (a replaced
     /// registration ending must not take its successor offline). Returns whether it did.
     pub fn remove(&mut self, fingerprint: &Fingerprint, registration: u64) -> bool {
@@ -140,5 +166,29 @@ mod tests {
         assert!(dir.remove(&fp(1), 2));
         assert!(dir.exposing("home").is_none());
         assert!(dir.is_empty());
+    }
+
+    #[test]
+    fn new_names_replace_the_old_only_for_the_current_registration() {
+        let mut dir = Directory::default();
+        dir.insert(fp(1), 1, vec!["home".into(), "web".into()], Arc::new("a"));
+        assert!(
+            !dir.set_names(&fp(1), 0, vec!["mail".into()]),
+            "a stale registration"
+        );
+        assert!(
+            !dir.set_names(&fp(2), 1, vec!["mail".into()]),
+            "an agent not online"
+        );
+        assert_eq!(dir.names().len(), 2);
+        assert!(dir.set_names(&fp(1), 1, vec!["web".into(), "mail".into()]));
+        assert!(dir.exposing("home").is_none());
+        assert_eq!(dir.exposing("mail").as_deref(), Some(&"a"));
+        assert_eq!(
+            dir.names(),
+            HashSet::from(["web".to_string(), "mail".to_string()])
+        );
+        assert!(dir.remove(&fp(1), 1));
+        assert!(dir.names().is_empty());
     }
 }

@@ -48,7 +48,7 @@ pub struct AgentOptions {
     pub state_dir: PathBuf,
     /// Where the agent's UDP socket binds.
     pub bind: SocketAddr,
-    /// Services to expose.
+    /// Services to expose at start; [`Ctx::exposes`] holds them once the agent runs.
     pub exposes: Vec<ExposeSpec>,
     /// Ports to forward.
     pub forwards: Vec<ForwardSpec>,
@@ -58,8 +58,11 @@ pub struct AgentOptions {
 
 /// What every part of a running agent shares.
 pub struct Ctx {
-    /// The options it runs with.
+    /// The options it runs with (its services are in `exposes` and [`super::services`]).
     pub opts: AgentOptions,
+    /// The services exposed now: what the agent started with, replaced when `up` reloads
+    /// its file ([`super::services::Services`] is the one writer).
+    pub exposes: watch::Sender<Vec<ExposeSpec>>,
     /// Its identity.
     pub identity: Identity,
     /// The quinn endpoint on its socket.
@@ -83,6 +86,24 @@ pub struct Ctx {
 pub const LOCAL_CANDIDATES: usize = MAX_CANDIDATES - 4;
 
 impl Ctx {
+    /// The exposed service called `name`, now.
+    pub fn expose(&self, name: &str) -> Option<ExposeSpec> {
+        self.exposes
+            .borrow()
+            .iter()
+            .find(|e| e.name == name)
+            .cloned()
+    }
+
+    /// The names exposed now.
+    pub fn expose_names(&self) -> Vec<String> {
+        self.exposes
+            .borrow()
+            .iter()
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
     /// This agent's own candidates: its interfaces with the UDP port and with the TCP port,
     /// and the gateway's port mappings of both.
     ///

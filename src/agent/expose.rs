@@ -8,7 +8,7 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::net::TcpStream;
 
 use super::activity::Role;
-use super::ctx::{Ctx, ExposeSpec};
+use super::ctx::Ctx;
 use super::link::Links;
 use super::registration::Registered;
 use crate::proto::{Fingerprint, Rendezvous};
@@ -31,14 +31,10 @@ impl Exposer {
         Exposer { ctx, links }
     }
 
-    fn spec(&self, name: &str) -> Option<&ExposeSpec> {
-        self.ctx.opts.exposes.iter().find(|e| e.name == name)
-    }
-
     /// Hands an introduction S pushed to the forwarder's link, which punches toward it (and
     /// opens the relay session at once, if S relays).
     pub async fn introduced(&self, rv: Rendezvous, reg: Arc<Registered>) {
-        if self.spec(&rv.name).is_none() {
+        if self.ctx.expose(&rv.name).is_none() {
             tracing::warn!(name = %rv.name, "S introduced a forwarder for a name not exposed here");
             return;
         }
@@ -69,8 +65,8 @@ impl Exposer {
         };
         let allowed = self
             .ctx
-            .opts
             .exposes
+            .borrow()
             .iter()
             .any(|e| e.allow.is_empty() || e.allow.contains(&peer));
         if !allowed {
@@ -118,7 +114,7 @@ impl Exposer {
             }
             Err(_) => return refuse(&mut send, &mut recv, codes::BAD_HEADER),
         };
-        let Some(spec) = self.spec(&name) else {
+        let Some(spec) = self.ctx.expose(&name) else {
             tracing::warn!(%peer, %name, "stream for a name not exposed here");
             return refuse(&mut send, &mut recv, codes::UNKNOWN_SERVICE);
         };

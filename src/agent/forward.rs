@@ -7,8 +7,10 @@ use super::ctx::ForwardSpec;
 use super::peers::Peers;
 use crate::tunnel::{copy, header};
 
-/// Accepts local connections for `spec` until the listener fails.
-pub async fn serve(peers: Peers, spec: ForwardSpec, listener: TcpListener) {
+/// Accepts local connections for `spec` until the task is aborted (a reload that removes or
+/// changes the forward; the connections it accepted go on). The listener is shared so that
+/// a reload that changes only the name keeps the port open throughout.
+pub async fn serve(peers: Peers, spec: ForwardSpec, listener: std::sync::Arc<TcpListener>) {
     loop {
         match listener.accept().await {
             Ok((tcp, from)) => {

@@ -5,8 +5,8 @@
 //! registered with S; [`link`] owns everything that carries traffic to each peer agent and
 //! keeps its paths healthy; [`expose`] hands S's introductions to the links and serves
 //! streams to local services; [`forward`] listens on local ports and carries each connection
-//! to a peer, whose connection [`peers`] makes. [`socket`] answers local commands
-//! ([`status`], [`ping`]). [`Agent`] runs all of it in this process.
+//! to a peer, whose connection [`peers`] makes; [`services`] holds which are running and
+//! reloads them. [`socket`] answers local commands ([`status`], [`ping`], reload). [`Agent`] runs all of it in this process.
 
 pub mod activity;
 pub mod backoff;
@@ -23,6 +23,7 @@ pub mod ping;
 pub mod registration;
 pub mod relay;
 pub mod server;
+pub mod services;
 pub mod socket;
 pub mod status;
 
@@ -55,6 +56,7 @@ pub struct Agent {
     ctx: Arc<Ctx>,
     links: Arc<link::Links>,
     peers: peers::Peers,
+    services: Arc<services::Services>,
     control: JoinHandle<anyhow::Error>,
     tasks: Vec<JoinHandle<()>>,
     status_task: JoinHandle<anyhow::Result<()>>,
@@ -67,6 +69,15 @@ impl Agent {
     /// S, exposes and forwards in the background. Fails at once on what the user must fix
     /// (a port in use, a state directory another agent holds).
     pub async fn start(opts: AgentOptions) -> anyhow::Result<Agent> {
+        Agent::start_from(opts, None).await
+    }
+
+    /// As [`Agent::start`], for options read from `source`, which the agent reads again to
+    /// reload ([`services`]).
+    pub async fn start_from(
+        mut opts: AgentOptions,
+        source: Option<services::Source>,
+    ) -> anyhow::Result<Agent> {
         let identity = Identity::load_or_create(&identity_path(&opts.state_dir))
             .context("cannot load this agent's identity")?;
         let lock = lock_state_dir(&opts.state_dir)?;
@@ -103,8 +114,10 @@ impl Agent {
 
         let (reg_tx, reg_rx) = watch::channel(None);
         let (events_tx, mut events) = mpsc::channel(64);
+        let exposes = watch::Sender::new(std::mem::take(&mut opts.exposes));
         let ctx = Arc::new(Ctx {
             opts,
+            exposes,
             identity,
             endpoint,
             router,
@@ -118,10 +131,12 @@ impl Agent {
 
         let links = link::Links::new(ctx.clone());
         let peers = peers::Peers::new(ctx.clone(), links.clone());
+        let services = services::Services::start(ctx.clone(), peers.clone(), listeners, source);
         let answers = socket::Answers {
             ctx: ctx.clone(),
             links: links.clone(),
             peers: peers.clone(),
+            services: services.clone(),
         };
         let status_task = tokio::spawn(socket::serve(
             answers,
@@ -142,14 +157,12 @@ impl Agent {
             }));
         }
         tasks.push(tokio::spawn(exposer.accept_connections()));
-        for (spec, listener) in listeners {
-            tracing::info!(name = %spec.name, local = ?listener.local_addr().ok(), "forwarding");
-            tasks.push(tokio::spawn(forward::serve(peers.clone(), spec, listener)));
-        }
+        tasks.push(tokio::spawn(services.clone().watch()));
         Ok(Agent {
             ctx,
             links,
             peers,
+            services,
             control,
             tasks,
             status_task,
@@ -191,6 +204,7 @@ impl Agent {
             self.keeper.shutdown(wait),
         );
         self.control.abort();
+        self.services.stop().await;
         for task in &self.tasks {
             task.abort();
         }
@@ -200,9 +214,10 @@ impl Agent {
     }
 }
 
-/// Runs an agent until Ctrl-C, or until an error that retrying cannot fix.
-pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
-    let mut agent = Agent::start(opts).await?;
+/// Runs an agent until Ctrl-C, or until an error that retrying cannot fix; one started from
+/// a file (`source`) reloads it on SIGHUP, when it changes, and on `p2ptun reload`.
+pub async fn run(opts: AgentOptions, source: Option<services::Source>) -> anyhow::Result<()> {
+    let mut agent = Agent::start_from(opts, source).await?;
     tokio::select! {
         fatal = agent.failed() => {
             agent.shutdown().await;
@@ -241,6 +256,7 @@ pub async fn release(opts: AgentOptions, name: &str) -> anyhow::Result<()> {
     // The parts of a Ctx that only a running agent fills stay empty.
     let ctx = Ctx {
         opts,
+        exposes: watch::Sender::new(Vec::new()),
         identity,
         endpoint,
         router,

@@ -73,6 +73,15 @@ impl Registered {
         }
     }
 
+    /// Replaces the names S lists this agent under (a reloaded `p2ptun up`); S refuses, and
+    /// keeps the old ones, if another key holds one of them.
+    pub async fn update_names(&self, names: Vec<String>) -> anyhow::Result<()> {
+        match self.request(&ClientMsg::UpdateNames { names }).await? {
+            ServerMsg::NamesUpdated => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn request(&self, msg: &ClientMsg) -> anyhow::Result<ServerMsg> {
         request(&self.conn, msg).await
     }

@@ -336,7 +336,7 @@ async fn register_on(
         let msg = ClientMsg::Register {
             version: PROTOCOL_VERSION,
             token: ctx.opts.token.clone(),
-            names: ctx.opts.exposes.iter().map(|e| e.name.clone()).collect(),
+            names: ctx.expose_names(),
             candidates: registered_with.clone(),
             nat,
         };
@@ -355,8 +355,9 @@ async fn register_on(
             tracing::info!(
                 %server, %observed, ?observed_other, ?nat, over = ?carrier, id = %ctx.identity.fingerprint(),
                 "registered with S{}",
-                if ctx.opts.exposes.is_empty() { String::new() } else {
-                    format!(" exposing {}", ctx.opts.exposes.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", "))
+                match ctx.expose_names() {
+                    names if names.is_empty() => String::new(),
+                    names => format!(" exposing {}", names.join(", ")),
                 }
             );
             Ok((

@@ -21,6 +21,7 @@ use super::ctx::Ctx;
 use super::link::Links;
 use super::peers::Peers;
 use super::ping::{self, PingEvent, PingRequest};
+use super::services::Services;
 use super::status::{snapshot, Status};
 
 /// How long the agent waits for a request line before it answers with the status.
@@ -43,6 +44,18 @@ pub enum Request {
     Status,
     /// Pings to a name's exposer, answered as they come.
     Ping(PingRequest),
+    /// Read the config file again and apply it (`p2ptun up` only).
+    Reload,
+}
+
+/// The answer to [`Request::Reload`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reloaded {
+    /// Applied: what changed.
+    Applied(String),
+    /// Refused, and the running services are as they were: why.
+    Error(String),
 }
 
 /// The status socket of this process in `state_dir`.
@@ -59,6 +72,8 @@ pub struct Answers {
     pub links: Arc<Links>,
     /// Its connections to exposers, for pings.
     pub peers: Peers,
+    /// Its services, to reload.
+    pub services: Arc<Services>,
 }
 
 /// Answers requests on `path` until the agent stops; removes the socket then.
@@ -111,6 +126,21 @@ async fn answer(answers: &Answers, stream: UnixStream) -> anyhow::Result<()> {
                     break;
                 }
             }
+        }
+        Ok(Request::Reload) => {
+            let answer = match answers.services.reload().await {
+                Ok(change) => {
+                    tracing::info!("reloaded (p2ptun reload): {change}");
+                    Reloaded::Applied(change.to_string())
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "reload (p2ptun reload) refused, the running services are unchanged: {e:#}"
+                    );
+                    Reloaded::Error(format!("{e:#}"))
+                }
+            };
+            write.write_all(&serde_json::to_vec(&answer)?).await?;
         }
         Err(e) => {
             let body = serde_json::json!({ "error": format!("{e:#}") });
@@ -253,6 +283,33 @@ pub async fn ping(
         }
     }
     Ok(true)
+}
+
+/// Asks the agent running with `state_dir` to reload its config file: what changed, or an
+/// error saying why nothing did.
+pub async fn reload(state_dir: &Path) -> anyhow::Result<String> {
+    for path in sockets(state_dir)? {
+        let Some(mut stream) = send(&path, &Request::Reload).await? else {
+            continue;
+        };
+        let mut body = Vec::new();
+        stream
+            .read_to_end(&mut body)
+            .await
+            .context("reading the agent's answer")?;
+        return match serde_json::from_slice::<Reloaded>(&body) {
+            Ok(Reloaded::Applied(change)) => Ok(change),
+            Ok(Reloaded::Error(why)) => bail!("{why}"),
+            Err(_) => bail!(
+                "the running agent does not know `reload` (restart it to upgrade): {}",
+                String::from_utf8_lossy(&body)
+            ),
+        };
+    }
+    bail!(
+        "no p2ptun agent is running with the state directory {} (see `p2ptun status`)",
+        state_dir.display()
+    )
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 //! [`ClientMsg::Register`]; S answers [`ServerMsg::Registered`] (or [`ServerMsg::Error`]) and
 //! keeps that stream open to push [`ServerMsg::Incoming`] to the agent when someone forwards
 //! to one of its names. Every other request ([`ClientMsg::Connect`]) goes on a stream of its
-//! own and gets exactly one answer, and so does [`ClientMsg::UpdateCandidates`].
+//! own and gets exactly one answer, and so do [`ClientMsg::UpdateCandidates`] and
+//! [`ClientMsg::UpdateNames`].
 //!
 //! [`ClientMsg::Release`] needs no registration: `p2ptun release` sends it on a connection
 //! of its own (registering would replace a running agent of the same key) and hangs up after
@@ -55,6 +56,14 @@ pub enum ClientMsg {
         /// All of the agent's candidates, as in [`ClientMsg::Register`].
         candidates: Vec<Candidate>,
     },
+    /// Replaces the names of this connection's registration (a reloaded `p2ptun up`): new
+    /// names are claimed as at registration, names left out stop being exposed (they stay
+    /// this key's). S answers [`ServerMsg::NamesUpdated`], or refuses and keeps the old
+    /// names (a name another key holds).
+    UpdateNames {
+        /// Every name the agent exposes now, as in [`ClientMsg::Register`].
+        names: Vec<String>,
+    },
     /// Give a name back so that another key can claim it. Only the key that holds the name
     /// (the one presented in this connection's TLS handshake) may, and not while one of its
     /// registrations exposes the name. S answers [`ServerMsg::Released`].
@@ -94,6 +103,8 @@ pub enum ServerMsg {
     },
     /// Answer to [`ClientMsg::UpdateCandidates`].
     CandidatesUpdated,
+    /// Answer to [`ClientMsg::UpdateNames`].
+    NamesUpdated,
     /// Answer to [`ClientMsg::Release`]: the name is free for anyone to claim.
     Released {
         /// The name given back.

@@ -790,13 +790,17 @@ impl Agent {
         t
     }
 
-    /// Writes `config` next to the logs and starts `p2ptun up -c FILE [FLAGS]`.
-    pub fn up_with(&self, config: &str) -> Proc {
-        let file = self
-            .logs
+    /// The config file [`Agent::up_with`] writes and `up` reads (next to the logs).
+    pub fn config_path(&self) -> PathBuf {
+        self.logs
             .parent()
             .expect("logs dir has a parent")
-            .join(format!("{}.toml", self.label));
+            .join(format!("{}.toml", self.label))
+    }
+
+    /// Writes `config` next to the logs and starts `p2ptun up -c FILE [FLAGS]`.
+    pub fn up_with(&self, config: &str) -> Proc {
+        let file = self.config_path();
         fs::write(&file, config).expect("write config");
         let mut cmd = self.program();
         cmd.arg("up").arg("-c").arg(&file).args(&self.flags);

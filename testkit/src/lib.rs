@@ -487,6 +487,11 @@ impl Proc {
     /// Sends SIGINT (what Ctrl-C sends), if the process has not been reaped yet; follow with
     /// [`Proc::wait_exit`].
     pub fn interrupt(&self) {
+        self.signal(libc::SIGINT);
+    }
+
+    /// Sends signal `sig` (e.g. `libc::SIGHUP`), if the process has not been reaped yet.
+    pub fn signal(&self, sig: i32) {
         // The locks in the order `exit_status` takes them: while both are held and no status
         // was recorded, the child has not been reaped, so its PID is still its own.
         let status = self.status.lock().expect("lock");
@@ -499,7 +504,7 @@ impl Proc {
             // SAFETY: kill(2) on our own child, still running and unreaped (above), with a
             // plain signal number.
             unsafe {
-                libc::kill(pid, libc::SIGINT);
+                libc::kill(pid, sig);
             }
         }
     }

@@ -1,0 +1,353 @@
+//! The services an agent runs, and changes to them: the names it exposes (which S lists it
+//! under, kept in [`Ctx::exposes`]) and one listener task per forward.
+//!
+//! `p2ptun up` reloads its file through here — on SIGHUP, when the file changes, or on
+//! `p2ptun reload` — and a new set is applied whole or not at all: every new port is bound
+//! and S has accepted the new names before anything running changes, so a port in use, a
+//! name another key holds or a broken file leaves the running set as it was. What did not
+//! change keeps running, and no stream ends: streams already carried are tasks of their own.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+
+use super::ctx::{AgentOptions, Ctx, ExposeSpec, ForwardSpec};
+use super::forward;
+use super::peers::Peers;
+use crate::config::{ConfigFile, Overrides};
+
+/// How often the config file is looked at for a change.
+const FILE_POLL: Duration = Duration::from_secs(2);
+
+/// Where `up` read its services, to read them again.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// The config file.
+    pub path: PathBuf,
+    /// The flags and environment, which take precedence over the file.
+    pub over: Overrides,
+}
+
+impl Source {
+    /// The options the file describes now.
+    pub fn read(&self) -> anyhow::Result<AgentOptions> {
+        ConfigFile::load(&self.path)?.into_options(self.over.clone())
+    }
+}
+
+struct Forward {
+    spec: ForwardSpec,
+    listener: Arc<TcpListener>,
+    task: JoinHandle<()>,
+}
+
+/// The running services of one agent.
+pub struct Services {
+    ctx: Arc<Ctx>,
+    peers: Peers,
+    source: Option<Source>,
+    /// Also what makes changes one at a time.
+    forwards: Mutex<Vec<Forward>>,
+}
+
+/// What a reload changed, by service.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Services started (`expose NAME`, `forward NAME on ADDR`).
+    pub added: Vec<String>,
+    /// Services stopped.
+    pub removed: Vec<String>,
+    /// Services whose settings changed.
+    pub changed: Vec<String>,
+    /// Settings in the file that only a restart applies.
+    pub need_restart: Vec<&'static str>,
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        for (what, list) in [
+            ("added", &self.added),
+            ("removed", &self.removed),
+            ("changed", &self.changed),
+        ] {
+            if !list.is_empty() {
+                parts.push(format!("{what} {}", list.join(", ")));
+            }
+        }
+        if parts.is_empty() {
+            parts.push("no service changed".to_owned());
+        }
+        if !self.need_restart.is_empty() {
+            parts.push(format!(
+                "not applied until a restart: {}",
+                self.need_restart.join(", ")
+            ));
+        }
+        f.write_str(&parts.join("; "))
+    }
+}
+
+impl Services {
+    /// Starts a listener task for each of `listeners` (bound by the caller, so that a port
+    /// in use fails the start); the exposes are `ctx`'s.
+    pub fn start(
+        ctx: Arc<Ctx>,
+        peers: Peers,
+        listeners: Vec<(ForwardSpec, TcpListener)>,
+        source: Option<Source>,
+    ) -> Arc<Services> {
+        let forwards = listeners
+            .into_iter()
+            .map(|(spec, listener)| {
+                tracing::info!(name = %spec.name, local = ?listener.local_addr().ok(), "forwarding");
+                spawn_forward(&peers, spec, Arc::new(listener))
+            })
+            .collect();
+        Arc::new(Services {
+            ctx,
+            peers,
+            source,
+            forwards: Mutex::new(forwards),
+        })
+    }
+
+    /// Where the services come from, if a file.
+    pub fn source(&self) -> Option<&Source> {
+        self.source.as_ref()
+    }
+
+    /// Reads the file again and applies it; an error (and nothing changed) if the file is
+    /// broken or cannot be applied, or if the agent was not started from a file.
+    pub async fn reload(&self) -> anyhow::Result<Change> {
+        let source = self.source.as_ref().context(
+            "this agent was not started from a config file (`p2ptun up -c FILE`); restart it \
+             with the new flags instead",
+        )?;
+        let new = source
+            .read()
+            .with_context(|| format!("the new {} is refused", source.path.display()))?;
+        let mut change = self
+            .apply(new.exposes.clone(), new.forwards.clone())
+            .await
+            .with_context(|| format!("the new {} is refused", source.path.display()))?;
+        change.need_restart = restart_only(&self.ctx.opts, &new);
+        Ok(change)
+    }
+
+    /// Makes `exposes` and `forwards` the running set, all or nothing.
+    pub async fn apply(
+        &self,
+        exposes: Vec<ExposeSpec>,
+        forwards: Vec<ForwardSpec>,
+    ) -> anyhow::Result<Change> {
+        let mut running = self.forwards.lock().await;
+        let mut change = Change::default();
+
+        // First what can fail: the new ports, then S's word on the new names.
+        let mut listeners = Vec::with_capacity(forwards.len());
+        for spec in &forwards {
+            let listener = match matching(&running, spec) {
+                Some(i) => Arc::clone(&running[i].listener),
+                None => Arc::new(TcpListener::bind(spec.bind).await.with_context(|| {
+                    format!("cannot listen on {} for forward '{}'", spec.bind, spec.name)
+                })?),
+            };
+            listeners.push(listener);
+        }
+        let old_exposes = self.ctx.exposes.borrow().clone();
+        let names: Vec<String> = exposes.iter().map(|e| e.name.clone()).collect();
+        let old_names: Vec<String> = old_exposes.iter().map(|e| e.name.clone()).collect();
+        if names != old_names {
+            // Not registered now: the next registration carries the new names.
+            let registration = self.ctx.registration.borrow().clone();
+            if let Some(reg) = registration {
+                reg.update_names(names.clone())
+                    .await
+                    .context("S refused the new names")?;
+            }
+        }
+
+        // Then the changes, which cannot fail.
+        for e in &exposes {
+            match old_exposes.iter().find(|o| o.name == e.name) {
+                None => change.added.push(format!("expose {}", e.name)),
+                Some(o) if o != e => change.changed.push(format!("expose {}", e.name)),
+                Some(_) => {}
+            }
+        }
+        for o in &old_exposes {
+            if !exposes.iter().any(|e| e.name == o.name) {
+                change.removed.push(format!("expose {}", o.name));
+            }
+        }
+        self.ctx.exposes.send_replace(exposes);
+
+        let mut next = Vec::with_capacity(forwards.len());
+        for (spec, listener) in forwards.into_iter().zip(listeners) {
+            let label = format!("forward {} on {}", spec.name, spec.bind);
+            match matching(&running, &spec) {
+                Some(i) if running[i].spec == spec => {
+                    next.push(running.swap_remove(i));
+                    continue;
+                }
+                Some(i) => {
+                    running.swap_remove(i).task.abort();
+                    change.changed.push(label);
+                }
+                None => change.added.push(label),
+            }
+            next.push(spawn_forward(&self.peers, spec, listener));
+        }
+        for gone in running.drain(..) {
+            gone.task.abort();
+            change
+                .removed
+                .push(format!("forward {} on {}", gone.spec.name, gone.spec.bind));
+        }
+        *running = next;
+        Ok(change)
+    }
+
+    /// Stops every listener (the agent is stopping).
+    pub async fn stop(&self) {
+        for f in self.forwards.lock().await.iter() {
+            f.task.abort();
+        }
+    }
+
+    /// Reloads on SIGHUP and when the file changes, logging what each reload did, until the
+    /// task is aborted. Nothing to do for an agent not started from a file.
+    pub async fn watch(self: Arc<Self>) {
+        let Some(path) = self.source.as_ref().map(|s| s.path.clone()) else {
+            return;
+        };
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("no reload on SIGHUP: {e}");
+                None
+            }
+        };
+        let mut seen = stamp(&path);
+        let mut poll = tokio::time::interval(FILE_POLL);
+        loop {
+            let why = tokio::select! {
+                Some(()) = async { hangup.as_mut()?.recv().await } => "SIGHUP",
+                _ = poll.tick() => {
+                    let now = stamp(&path);
+                    // A file being replaced is missing for a moment: wait for the new one.
+                    if now.is_none() || now == seen {
+                        continue;
+                    }
+                    seen = now;
+                    "the file changed"
+                }
+            };
+            match self.reload().await {
+                Ok(change) => tracing::info!(file = %path.display(), "reloaded ({why}): {change}"),
+                Err(e) => tracing::warn!(
+                    file = %path.display(),
+                    "reload ({why}) refused, the running services are unchanged: {e:#}"
+                ),
+            }
+        }
+    }
+}
+
+/// The running forward `spec` takes the place of: the same one, or one on the same port (a
+/// port chosen by the system, 0, is never the same port).
+fn matching(running: &[Forward], spec: &ForwardSpec) -> Option<usize> {
+    running.iter().position(|f| f.spec == *spec).or_else(|| {
+        running
+            .iter()
+            .position(|f| spec.bind.port() != 0 && f.spec.bind == spec.bind)
+    })
+}
+
+fn spawn_forward(peers: &Peers, spec: ForwardSpec, listener: Arc<TcpListener>) -> Forward {
+    let task = tokio::spawn(forward::serve(
+        peers.clone(),
+        spec.clone(),
+        Arc::clone(&listener),
+    ));
+    Forward {
+        spec,
+        listener,
+        task,
+    }
+}
+
+/// The file's modification time and length: a change of either is an edit.
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// The settings of `new` that differ from `running` and that a running agent cannot take
+/// on (its socket, identity and S are made once).
+fn restart_only(running: &AgentOptions, new: &AgentOptions) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if running.server != new.server {
+        out.push("server");
+    }
+    if running.token != new.token {
+        out.push("token");
+    }
+    if running.server_fingerprint != new.server_fingerprint {
+        out.push("server_fingerprint");
+    }
+    if running.state_dir != new.state_dir {
+        out.push("state_dir");
+    }
+    if running.bind != new.bind {
+        out.push("bind");
+    }
+    if running.portmap != new.portmap {
+        out.push("portmap");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_reads_as_a_sentence() {
+        assert_eq!(Change::default().to_string(), "no service changed");
+        let change = Change {
+            added: vec!["expose web".into(), "forward web on 127.0.0.1:4001".into()],
+            removed: vec!["expose old".into()],
+            changed: vec![],
+            need_restart: vec!["server"],
+        };
+        assert_eq!(
+            change.to_string(),
+            "added expose web, forward web on 127.0.0.1:4001; removed expose old; not \
+             applied until a restart: server"
+        );
+    }
+
+    #[test]
+    fn settings_a_running_agent_cannot_take_are_named() {
+        let base = ConfigFile::parse("[[forward]]\nname = \"a\"\nlocal = \"4000\"\n")
+            .unwrap()
+            .into_options(Overrides::default())
+            .unwrap();
+        assert!(restart_only(&base, &base.clone()).is_empty());
+        let moved = AgentOptions {
+            server: "203.0.113.9:7000".into(),
+            portmap: crate::portmap::Mode::Off,
+            ..base.clone()
+        };
+        assert_eq!(restart_only(&base, &moved), ["server", "portmap"]);
+    }
+}
