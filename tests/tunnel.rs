@@ -343,3 +343,105 @@ async fn two_agents_that_expose_and_forward_to_each_other() {
         p.assert_no_panic();
     }
 }
+
+/// S's status page (`GET /` on its metrics address), as a real browser renders it: a headless
+/// Chromium loads it while a tunnel is up that has carried bytes, and its DOM must show the
+/// exposer (fingerprint and name) and the relay session S opened for the introduction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_the_tunnel_in_a_browser() {
+    let has_chromium = std::process::Command::new("chromium")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_chromium {
+        skip_or_fail("chromium not installed");
+        return;
+    }
+    let lab = Lab::new("status-page");
+    let metrics_port = free_port();
+    let pair = Kit::new(&lab, "home")
+        .in_process()
+        .relay_opts(RelayOpts {
+            extra_args: vec!["--metrics".into(), format!("127.0.0.1:{metrics_port}")],
+            ..RelayOpts::default()
+        })
+        .ready(Ready::Echo)
+        .serve()
+        .await;
+    // The agents' connection starts on the relay (S opens the session before either agent
+    // hears of the other) and moves to a direct path once one is confirmed, so on loopback
+    // too its handshake and first packets go through S: the session's count is not zero.
+    transfer_via(pair.port(), Mode::Duplex, (1, MIB), (2, MIB))
+        .await
+        .unwrap_or_else(|e| panic!("transfer: {e:#}\n{}", pair.reports()));
+    let fingerprint = |dir: &std::path::Path| {
+        p2ptun::tunnel::identity::Identity::load_or_create(&p2ptun::agent::identity_path(dir))
+            .expect("the agent's identity")
+            .fingerprint()
+            .to_string()
+    };
+    let exposer = fingerprint(&pair.expose_agent.state_dir);
+    let forwarder = fingerprint(&pair.forward_agent.state_dir);
+
+    let started = Instant::now();
+    let mut chromium = tokio::process::Command::new("chromium");
+    chromium
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=3000",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            lab.path().join("chromium").display()
+        ))
+        .args(["--dump-dom", &format!("http://127.0.0.1:{metrics_port}/")])
+        .kill_on_drop(true);
+    let out = within(
+        "chromium to dump the page",
+        Duration::from_secs(60),
+        chromium.output(),
+    )
+    .await
+    .expect("run chromium");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    println!(
+        "chromium dumped the page in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let context = || {
+        format!(
+            "chromium's DOM:\n{dom}\nits stderr:\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            pair.reports()
+        )
+    };
+    assert!(out.status.success(), "chromium failed\n{}", context());
+    for needle in [
+        "p2ptun S: status".to_string(),
+        format!("<code>{exposer}</code>"),
+        format!("<td>{}</td>", pair.name()),
+        "<span class=\"live\">live</span>".to_string(),
+        "Relay sessions (1)".to_string(),
+        format!("<td><code>{forwarder}</code></td><td><code>{exposer}</code>"),
+    ] {
+        assert!(
+            dom.contains(&needle),
+            "{needle:?} is not on the page\n{}",
+            context()
+        );
+    }
+    // The session's bytes, as the page shows them (`data-bytes`), and S's total.
+    let relayed: u64 = dom
+        .split("data-bytes=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count on the page\n{}", context()));
+    println!("the page shows {relayed} bytes relayed for the session");
+    assert!(relayed > 0, "nothing relayed\n{}", context());
+    pair.assert_healthy("after the status page was read");
+}

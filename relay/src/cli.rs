@@ -87,7 +87,8 @@ pub struct Cli {
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
-    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9100).
+    /// Serve Prometheus metrics (/metrics) and a status page (/, /status.json) over HTTP on this
+    /// address (e.g. 127.0.0.1:9100; it lists agents and their addresses: keep it private).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
 

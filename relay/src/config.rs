@@ -148,7 +148,7 @@ pub struct RelayConfig {
     pub tokens: Vec<String>,
     /// A certificate to present instead of S's self-made identity.
     pub tls: Option<TlsFiles>,
-    /// Where to serve Prometheus metrics over HTTP, if anywhere.
+    /// Where to serve Prometheus metrics and the status page over HTTP, if anywhere.
     pub metrics: Option<SocketAddr>,
     /// Resource limits.
     pub limits: Limits,

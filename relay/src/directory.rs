@@ -124,6 +124,14 @@ impl<T> Directory<T> {
         self.by_name.keys().cloned().collect()
     }
 
+    /// Every online agent with the names it exposes (for the status page).
+    pub fn list(&self) -> Vec<(Fingerprint, Vec<String>, Arc<T>)> {
+        self.agents
+            .iter()
+            .map(|(fp, e)| (*fp, e.names.clone(), Arc::clone(&e.agent)))
+            .collect()
+    }
+
     /// Agents online.
     pub fn len(&self) -> usize {
         self.agents.len()
@@ -160,6 +168,12 @@ mod tests {
         assert_eq!(dir.exposing("home").as_deref(), Some(&"second"));
         assert!(dir.exposing("web").is_none());
         assert_eq!(dir.names(), HashSet::from(["home".to_string()]));
+        let listed = dir.list();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (listed[0].0, &listed[0].1),
+            (fp(1), &vec!["home".to_string()])
+        );
         // The first connection ends after being replaced: nothing changes.
         assert!(!dir.remove(&fp(1), 1));
         assert_eq!(dir.len(), 1);

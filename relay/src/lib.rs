@@ -22,7 +22,8 @@
 //! - [`stun`] and [`stun_server`]: STUN answers and the sockets that carry them.
 //! - [`limits`], [`ratelimit`], [`token`]: what a stranger may make S spend, and who may
 //!   register.
-//! - [`identity`]: the certificate S presents; [`metrics`]: Prometheus counters over HTTP.
+//! - [`identity`]: the certificate S presents; [`metrics`]: Prometheus counters over HTTP;
+//!   [`status`]: the status page beside them.
 
 #![warn(missing_docs)]
 
@@ -41,6 +42,7 @@ pub mod relay;
 pub mod rendezvous;
 pub mod server;
 pub mod shared;
+pub mod status;
 pub mod stun;
 pub mod stun_server;
 pub mod tcp;

@@ -1,5 +1,7 @@
-//! S's counters and gauges, and the tiny HTTP/1.1 responder that serves them in the
-//! Prometheus text format (version 0.0.4). Deliberately minimal: one GET, one answer, close.
+//! S's counters and gauges, and the tiny HTTP/1.1 responder on the metrics address: the
+//! Prometheus text format (version 0.0.4) on `/metrics`, and the status page
+//! ([`crate::status`]) on `/` and `/status.json`. Deliberately minimal: one GET, one answer,
+//! close.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -199,10 +201,33 @@ impl Metrics {
         Self::inc(&self.relay_closed[i]);
     }
 
+    /// The value of `counter` (one of this struct's public fields).
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// Refusals so far, by the label of the limit that refused ([`Refusal::label`]).
+    pub fn refusals(&self) -> Vec<(&'static str, u64)> {
+        Refusal::ALL
+            .iter()
+            .zip(&self.refused)
+            .map(|(r, c)| (r.label(), Self::get(c)))
+            .collect()
+    }
+
+    /// Relay sessions closed so far, by the label of why ([`CloseCause::label`]).
+    pub fn relay_closed_counts(&self) -> Vec<(&'static str, u64)> {
+        CLOSE_CAUSES
+            .iter()
+            .zip(&self.relay_closed)
+            .map(|(c, n)| (c.label(), Self::get(n)))
+            .collect()
+    }
+
     /// The Prometheus text exposition of everything.
     pub fn render(&self, gauges: Gauges) -> String {
         let mut out = String::new();
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let get = Self::get;
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
             let _ = writeln!(out, "# HELP p2ptun_relay_{name} {help}");
             let _ = writeln!(out, "# TYPE p2ptun_relay_{name} {kind}");
@@ -249,10 +274,10 @@ impl Metrics {
             "QUIC connections established.",
             &[("", get(&self.connections_total))],
         );
-        let refused: Vec<(String, u64)> = Refusal::ALL
-            .iter()
-            .zip(&self.refused)
-            .map(|(r, c)| (format!("{{limit=\"{}\"}}", r.label()), get(c)))
+        let refused: Vec<(String, u64)> = self
+            .refusals()
+            .into_iter()
+            .map(|(label, n)| (format!("{{limit=\"{label}\"}}"), n))
             .collect();
         let refused: Vec<(&str, u64)> = refused.iter().map(|(l, v)| (l.as_str(), *v)).collect();
         metric(
@@ -304,10 +329,10 @@ impl Metrics {
             "Relay sessions made.",
             &[("", get(&self.relay_sessions_total))],
         );
-        let closed: Vec<(String, u64)> = CLOSE_CAUSES
-            .iter()
-            .zip(&self.relay_closed)
-            .map(|(c, n)| (format!("{{reason=\"{}\"}}", c.label()), get(n)))
+        let closed: Vec<(String, u64)> = self
+            .relay_closed_counts()
+            .into_iter()
+            .map(|(label, n)| (format!("{{reason=\"{label}\"}}"), n))
             .collect();
         let closed: Vec<(&str, u64)> = closed.iter().map(|(l, v)| (l.as_str(), *v)).collect();
         metric(
@@ -381,10 +406,34 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Scrapers served at once; more wait in the listen backlog.
 const MAX_CLIENTS: usize = 16;
 
-/// Serves `render()` on `listener` until the task is dropped.
+/// What a request on the metrics address asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    /// `GET /metrics`: the Prometheus exposition.
+    Metrics,
+    /// `GET /`: the status page, HTML.
+    Status,
+    /// `GET /status.json`: what the status page shows, as JSON.
+    StatusJson,
+}
+
+impl Page {
+    fn content_type(self) -> &'static str {
+        match self {
+            Page::Metrics => "text/plain; version=0.0.4; charset=utf-8",
+            Page::Status => "text/html; charset=utf-8",
+            Page::StatusJson => "application/json",
+        }
+    }
+}
+
+/// Renders a page; called once per request, so every answer is a fresh snapshot.
+type Render = dyn Fn(Page) -> String + Send + Sync;
+
+/// Serves `render(page)` on `listener` until the task is dropped.
 pub async fn serve<F>(listener: TcpListener, render: F)
 where
-    F: Fn() -> String + Send + Sync + 'static,
+    F: Fn(Page) -> String + Send + Sync + 'static,
 {
     let render = Arc::new(render);
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
@@ -410,10 +459,7 @@ where
     }
 }
 
-async fn respond(
-    mut stream: TcpStream,
-    render: &(dyn Fn() -> String + Send + Sync),
-) -> std::io::Result<()> {
+async fn respond(mut stream: TcpStream, render: &Render) -> std::io::Result<()> {
     let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
         Ok(head) => head?,
         Err(_) => return Ok(()),
@@ -452,22 +498,26 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
     Ok(Some(head))
 }
 
-fn route(
-    head: &[u8],
-    render: &(dyn Fn() -> String + Send + Sync),
-) -> (&'static str, &'static str, String) {
+fn route(head: &[u8], render: &Render) -> (&'static str, &'static str, String) {
     let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let mut parts = line.split_whitespace();
-    match (parts.next(), parts.next()) {
-        (Some("GET"), Some("/metrics" | "/")) => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            render(),
-        ),
-        (Some("GET"), Some(_)) => ("404 Not Found", "text/plain", "try /metrics\n".into()),
-        _ => ("405 Method Not Allowed", "text/plain", String::new()),
-    }
+    let page = match (parts.next(), parts.next()) {
+        (Some("GET"), Some(target)) => match target.split('?').next() {
+            Some("/metrics") => Page::Metrics,
+            Some("/") => Page::Status,
+            Some("/status.json") => Page::StatusJson,
+            _ => {
+                return (
+                    "404 Not Found",
+                    "text/plain",
+                    "try /metrics, / or /status.json\n".into(),
+                )
+            }
+        },
+        _ => return ("405 Method Not Allowed", "text/plain", String::new()),
+    };
+    ("200 OK", page.content_type(), render(page))
 }
 
 #[cfg(test)]
@@ -517,9 +567,15 @@ mod tests {
     async fn it_answers_over_http() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve(listener, || "x_total 1\n".to_string()));
+        let server = tokio::spawn(serve(listener, |page| match page {
+            Page::Metrics => "x_total 1\n".to_string(),
+            Page::Status => "<p>page</p>".to_string(),
+            Page::StatusJson => "{}".to_string(),
+        }));
         for (request, expect) in [
             ("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", "200 OK"),
+            ("GET / HTTP/1.1\r\n\r\n", "text/html"),
+            ("GET /status.json?x=1 HTTP/1.1\r\n\r\n", "application/json"),
             ("GET /nope HTTP/1.1\r\n\r\n", "404"),
             ("POST /metrics HTTP/1.1\r\n\r\n", "405"),
         ] {
@@ -528,7 +584,8 @@ mod tests {
             let mut answer = String::new();
             s.read_to_string(&mut answer).await.unwrap();
             assert!(
-                answer.starts_with(&format!("HTTP/1.1 {expect}")),
+                answer.starts_with(&format!("HTTP/1.1 {expect}"))
+                    || answer.contains(&format!("Content-Type: {expect}")),
                 "{answer}"
             );
             if expect == "200 OK" {

@@ -156,6 +156,15 @@ impl NameRegistry {
             .map(|c| UNIX_EPOCH + Duration::from_secs(c.last_used))
     }
 
+    /// Every claim, by name: the name, its owner and when it was last used (Unix seconds,
+    /// as recorded; see [`USE_RESOLUTION`]).
+    pub fn claims(&self) -> Vec<(String, Fingerprint, u64)> {
+        self.claims
+            .iter()
+            .map(|(name, c)| (name.clone(), c.owner, c.last_used))
+            .collect()
+    }
+
     /// How many names are claimed.
     pub fn len(&self) -> usize {
         self.claims.len()

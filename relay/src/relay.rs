@@ -134,6 +134,21 @@ pub enum NotOpened {
     Exists,
 }
 
+/// One relay session as it stands, for the status page.
+#[derive(Debug)]
+pub struct SessionView<T> {
+    /// The session ID.
+    pub id: u64,
+    /// The agent that asked for the introduction.
+    pub forwarder: Arc<T>,
+    /// The agent exposing the name it asked for.
+    pub exposer: Arc<T>,
+    /// Relay payload bytes it has carried, both ways.
+    pub bytes: u64,
+    /// How long since a packet crossed it (or since it was made).
+    pub idle: Duration,
+}
+
 /// A token bucket of bytes.
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -248,6 +263,20 @@ impl<T> Sessions<T> {
     /// Whether no session is held.
     pub fn is_empty(&self) -> bool {
         self.sessions.is_empty()
+    }
+
+    /// Every session held, as of `now`.
+    pub fn list(&self, now: Instant) -> Vec<SessionView<T>> {
+        self.sessions
+            .iter()
+            .map(|(id, s)| SessionView {
+                id: *id,
+                forwarder: Arc::clone(&s.parties[0].agent),
+                exposer: Arc::clone(&s.parties[1].agent),
+                bytes: s.used,
+                idle: now.saturating_duration_since(s.last_packet),
+            })
+            .collect()
     }
 
     /// Makes session `id` between `forwarder` (who asked) and `exposer`. If the forwarder
@@ -482,6 +511,12 @@ mod tests {
         assert_eq!(forwarded_to(s.packet(7, 2, 100, now)), "agent1");
         assert_eq!(dropped(s.packet(7, 3, 100, now)), Dropped::NotAParty);
         assert_eq!(dropped(s.packet(8, 1, 100, now)), Dropped::UnknownSession);
+        let later = now + Duration::from_secs(3);
+        let listed = s.list(later);
+        assert_eq!(listed.len(), 1);
+        let v = &listed[0];
+        assert_eq!((v.id, *v.forwarder, *v.exposer), (7, "agent1", "agent2"));
+        assert_eq!((v.bytes, v.idle), (200, Duration::from_secs(3)));
         assert_eq!(
             s.open(7, party(1, "192.0.2.1"), party(3, "192.0.2.3"), now)
                 .unwrap_err(),

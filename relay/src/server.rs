@@ -23,9 +23,10 @@ use crate::forward;
 use crate::identity::{ServerIdentity, ServerIdentityError};
 use crate::limits::{Admission, ConnLimits, ConnSlot};
 use crate::links::{self, Claim, Links, TcpLink};
-use crate::metrics::{self, Gauges, Metrics};
+use crate::metrics::{self, Gauges, Metrics, Page};
 use crate::names::{NameRegistry, NamesError, SWEEP_INTERVAL};
 use crate::shared::Shared;
+use crate::status;
 use crate::stun_server::StunServer;
 use crate::tcp::TcpFront;
 use crate::token::Tokens;
@@ -184,7 +185,7 @@ impl Relay {
 
         if let Some(listener) = &metrics_listener {
             if let Ok(addr) = listener.local_addr() {
-                tracing::info!("metrics on http://{addr}/metrics");
+                tracing::info!("metrics on http://{addr}/metrics, status page on http://{addr}/");
             }
         }
         let metrics = Arc::new(Metrics::default());
@@ -300,18 +301,22 @@ impl Relay {
         background.spawn(front.serve(tcp_listener));
         if let Some(listener) = metrics_listener {
             let (shared, limits) = (Arc::clone(&shared), Arc::clone(&limits));
-            background.spawn(metrics::serve(listener, move || {
-                // One lock at a time: the names lock is taken before the directory's
-                // elsewhere, never after it.
-                let names_claimed = shared.names().len() as u64;
-                let agents_online = shared.directory().len() as u64;
-                shared.metrics.render(Gauges {
-                    connections: limits.total().into(),
-                    handshakes_pending: limits.pending().into(),
-                    agents_online,
-                    names_claimed,
-                    relay_sessions: shared.relay().len() as u64,
-                })
+            background.spawn(metrics::serve(listener, move |page| match page {
+                Page::Metrics => {
+                    // One lock at a time: the names lock is taken before the directory's
+                    // elsewhere, never after it.
+                    let names_claimed = shared.names().len() as u64;
+                    let agents_online = shared.directory().len() as u64;
+                    shared.metrics.render(Gauges {
+                        connections: limits.total().into(),
+                        handshakes_pending: limits.pending().into(),
+                        agents_online,
+                        names_claimed,
+                        relay_sessions: shared.relay().len() as u64,
+                    })
+                }
+                Page::Status => status::render_html(&status::collect(&shared, &limits)),
+                Page::StatusJson => status::render_json(&status::collect(&shared, &limits)),
             }));
         }
         let mut connections = JoinSet::new();
