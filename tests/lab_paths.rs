@@ -1112,16 +1112,7 @@ fn expected_netcheck(nat: Nat) -> (bool, &'static str, &'static str) {
 async fn netcheck() {
     let test_start = Instant::now();
     let lab = Lab::new().expect("lab");
-    let presets = [
-        Nat::Public,
-        Nat::Easy,
-        Nat::FullCone,
-        Nat::Restricted,
-        Nat::Hard,
-        Nat::Double,
-        Nat::UdpBlocked,
-        Nat::TcpToSOnly,
-    ];
+    let presets = Nat::ALL;
     let hosts: Vec<Host> = presets
         .iter()
         .map(|&n| lab.add_host(n, Shaping::none()).expect("host"))

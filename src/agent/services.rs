@@ -118,11 +118,6 @@ impl Services {
         })
     }
 
-    /// Where the services come from, if a file.
-    pub fn source(&self) -> Option<&Source> {
-        self.source.as_ref()
-    }
-
     /// Reads the file again and applies it; an error (and nothing changed) if the file is
     /// broken or cannot be applied, or if the agent was not started from a file.
     pub async fn reload(&self) -> anyhow::Result<Change> {

@@ -1329,13 +1329,22 @@ impl EchoConn {
     /// Shuts the write side and expects the service's EOF back.
     pub async fn close(mut self) -> anyhow::Result<()> {
         self.stream.shutdown().await?;
-        let mut buf = [0u8; 16];
-        let n = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut buf))
-            .await
-            .map_err(|_| anyhow!("no EOF within 10 s after shutting down the write side"))??;
-        ensure!(n == 0, "unexpected bytes after shutdown");
-        Ok(())
+        expect_eof(&mut self.stream).await
     }
+}
+
+/// After shutting down a connection's write side: the service's EOF within 10 s, with no
+/// byte before it.
+pub async fn expect_eof<R: AsyncRead + Unpin>(r: &mut R) -> anyhow::Result<()> {
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), r.read(&mut buf))
+        .await
+        .map_err(|_| anyhow!("no EOF within 10 s after shutting down the write side"))??;
+    ensure!(
+        n == 0,
+        "{n} unexpected bytes after shutting down the write side"
+    );
+    Ok(())
 }
 
 /// One echo round trip on a new connection, all within `wait`.

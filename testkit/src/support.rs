@@ -550,12 +550,7 @@ impl Conn {
     /// Ends the connection: shuts the write side and expects the service's EOF.
     pub async fn close(mut self) -> anyhow::Result<()> {
         self.w.shutdown().await?;
-        let mut buf = [0u8; 16];
-        let n = tokio::time::timeout(Duration::from_secs(10), self.r.read(&mut buf))
-            .await
-            .map_err(|_| anyhow!("no EOF within 10 s after shutting down the write side"))??;
-        ensure!(n == 0, "{n} unexpected bytes after the last round");
-        Ok(())
+        common::expect_eof(&mut self.r).await
     }
 }
 
