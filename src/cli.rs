@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{parse_bind, parse_target};
 use crate::proto::{validate_name, Fingerprint};
 
-/// Peer-to-peer port forwarding: reach a TCP service behind NAT, directly.
+/// Peer-to-peer port forwarding: reach a TCP or UDP service behind NAT, directly.
 ///
 /// On the machine with the service:   p2ptun expose 22 --name home{n}
 /// On the machine that wants it:      p2ptun forward home 2222{n}
@@ -100,11 +100,16 @@ impl Global {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Expose a local TCP service under a name.
+    /// Expose a local TCP service (with --udp, a UDP service) under a name.
     Expose {
         /// The service: a port on 127.0.0.1, or HOST:PORT.
         #[arg(value_parser = parse_target, value_name = "PORT | HOST:PORT")]
         local: String,
+        /// The service is UDP: each client of the forward becomes a flow of datagrams, and
+        /// this side opens a socket toward the service per flow. The forwarder needs --udp
+        /// too.
+        #[arg(long)]
+        udp: bool,
         /// The name forwarders will ask for (lowercase letters, digits, '-').
         #[arg(long, short = 'n', value_parser = parse_name)]
         name: String,
@@ -113,7 +118,8 @@ pub enum Command {
         #[arg(long, value_name = "FINGERPRINT")]
         allow: Vec<Fingerprint>,
     },
-    /// Listen on a local port and carry each connection to a name.
+    /// Listen on a local port and carry each connection (with --udp, each client's
+    /// datagrams) to a name.
     Forward {
         /// The name to reach.
         #[arg(value_parser = parse_name)]
@@ -121,6 +127,11 @@ pub enum Command {
         /// Where to listen: a port on 127.0.0.1, or IP:PORT.
         #[arg(value_parser = parse_bind, value_name = "PORT | BIND:PORT")]
         local: SocketAddr,
+        /// Forward UDP: listen on a UDP socket and carry each client's datagrams as QUIC
+        /// datagrams (unreliable, never held up by a lost packet) to a UDP service exposed
+        /// with --udp.
+        #[arg(long)]
+        udp: bool,
     },
     /// Run every expose and forward of a config file (see config.example.toml).
     Up {

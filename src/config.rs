@@ -7,8 +7,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
-use crate::agent::{AgentOptions, ExposeSpec, ForwardSpec};
+use crate::agent::{AgentOptions, ExposeSpec, ForwardSpec, Protocol};
 use crate::proto::{validate_name, Fingerprint, MAX_NAMES_PER_AGENT};
+use crate::tunnel::flow::FlowLimits;
+
+/// The longest idle timeout a UDP service may have: a day.
+pub const MAX_IDLE_TIMEOUT_SECS: u64 = 86_400;
+
+/// The most flows a UDP service may allow: each is a QUIC stream, and a peer connection
+/// takes 16,384 at once, which its TCP streams share.
+pub const MAX_FLOWS: u64 = 8192;
 
 /// S's address when none is given: a relay on this machine, as the README's demo runs it.
 pub const DEFAULT_SERVER: &str = "127.0.0.1:7000";
@@ -48,6 +56,13 @@ pub struct ExposeEntry {
     /// Fingerprints allowed to use it.
     #[serde(default)]
     pub allow: Vec<Fingerprint>,
+    /// `"tcp"` (the default) or `"udp"`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// UDP only: seconds without a datagram after which a flow ends.
+    pub idle_timeout_secs: Option<u64>,
+    /// UDP only: the most flows open at once.
+    pub max_flows: Option<u64>,
 }
 
 /// One `[[forward]]` table.
@@ -58,6 +73,13 @@ pub struct ForwardEntry {
     pub name: String,
     /// `PORT` or `IP:PORT` to listen on.
     pub local: String,
+    /// `"tcp"` (the default) or `"udp"`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// UDP only: seconds without a datagram after which a flow ends.
+    pub idle_timeout_secs: Option<u64>,
+    /// UDP only: the most flows open at once.
+    pub max_flows: Option<u64>,
 }
 
 /// Settings that flags and environment variables give, overriding the file.
@@ -104,10 +126,14 @@ impl ConfigFile {
             let local = parse_target(&e.local)
                 .map_err(anyhow::Error::msg)
                 .with_context(at)?;
+            let flows =
+                flow_limits(e.protocol, e.idle_timeout_secs, e.max_flows).with_context(at)?;
             exposes.push(ExposeSpec {
                 name: e.name,
                 local,
                 allow: e.allow,
+                protocol: e.protocol,
+                flows,
             });
         }
         let mut forwards = Vec::new();
@@ -119,10 +145,21 @@ impl ConfigFile {
             let bind = parse_bind(&f.local)
                 .map_err(anyhow::Error::msg)
                 .with_context(at)?;
-            if bind.port() != 0 && forwards.iter().any(|x: &ForwardSpec| x.bind == bind) {
-                bail!("{}: {bind} is used by another forward", at());
+            let flows =
+                flow_limits(f.protocol, f.idle_timeout_secs, f.max_flows).with_context(at)?;
+            if bind.port() != 0
+                && forwards
+                    .iter()
+                    .any(|x: &ForwardSpec| x.bind == bind && x.protocol == f.protocol)
+            {
+                bail!("{}: {} {bind} is used by another forward", at(), f.protocol);
             }
-            forwards.push(ForwardSpec { name: f.name, bind });
+            forwards.push(ForwardSpec {
+                name: f.name,
+                bind,
+                protocol: f.protocol,
+                flows,
+            });
         }
         if exposes.is_empty() && forwards.is_empty() {
             bail!("nothing to do: add at least one [[expose]] or [[forward]] table");
@@ -169,6 +206,39 @@ impl ConfigFile {
             portmap: over.portmap.or(self.portmap).unwrap_or_default(),
         })
     }
+}
+
+/// The flow settings of a service of `protocol`: the defaults, or what the file says (which
+/// only a UDP service may say).
+fn flow_limits(
+    protocol: Protocol,
+    idle_timeout_secs: Option<u64>,
+    max_flows: Option<u64>,
+) -> anyhow::Result<FlowLimits> {
+    if protocol == Protocol::Tcp {
+        for (key, set) in [
+            ("idle_timeout_secs", idle_timeout_secs.is_some()),
+            ("max_flows", max_flows.is_some()),
+        ] {
+            if set {
+                bail!("{key} applies to UDP services only; add protocol = \"udp\" or remove it");
+            }
+        }
+    }
+    let mut limits = FlowLimits::default();
+    if let Some(secs) = idle_timeout_secs {
+        if !(1..=MAX_IDLE_TIMEOUT_SECS).contains(&secs) {
+            bail!("idle_timeout_secs = {secs}: give 1 to {MAX_IDLE_TIMEOUT_SECS} seconds");
+        }
+        limits.idle_timeout = std::time::Duration::from_secs(secs);
+    }
+    if let Some(max) = max_flows {
+        if !(1..=MAX_FLOWS).contains(&max) {
+            bail!("max_flows = {max}: give 1 to {MAX_FLOWS}");
+        }
+        limits.max_flows = max;
+    }
+    Ok(limits)
 }
 
 /// Where state lives by default: `$XDG_STATE_HOME/p2ptun`, else `~/.local/state/p2ptun`, else
@@ -282,6 +352,42 @@ mod tests {
         assert_eq!(opts.token.as_deref(), Some("t2"));
         assert_eq!(opts.exposes[0].local, "127.0.0.1:22");
         assert_eq!(opts.forwards[0].bind, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(opts.forwards[0].protocol, Protocol::Tcp);
+    }
+
+    #[test]
+    fn udp_services_take_flow_settings() {
+        let text = r#"
+            [[expose]]
+            name = "dns"
+            local = "53"
+            protocol = "udp"
+            idle_timeout_secs = 5
+            [[forward]]
+            name = "dns"
+            local = "5353"
+            protocol = "udp"
+            max_flows = 10
+            [[forward]]
+            name = "web"
+            local = "5353"
+        "#;
+        let opts = ConfigFile::parse(text)
+            .unwrap()
+            .into_options(Overrides::default())
+            .unwrap();
+        assert_eq!(opts.exposes[0].protocol, Protocol::Udp);
+        assert_eq!(
+            opts.exposes[0].flows.idle_timeout,
+            std::time::Duration::from_secs(5)
+        );
+        assert_eq!(
+            opts.exposes[0].flows.max_flows,
+            FlowLimits::DEFAULT_MAX_FLOWS
+        );
+        assert_eq!(opts.forwards[0].flows.max_flows, 10);
+        // TCP and UDP on one port number are two forwards.
+        assert_eq!(opts.forwards[1].protocol, Protocol::Tcp);
     }
 
     #[test]
@@ -309,6 +415,27 @@ mod tests {
             (
                 "server = \"nohost\"\n[[forward]]\nname=\"a\"\nlocal=\"1\"",
                 "nohost",
+            ),
+            (
+                "[[forward]]\nname=\"a\"\nlocal=\"1\"\nprotocol=\"sctp\"",
+                "sctp",
+            ),
+            (
+                "[[forward]]\nname=\"a\"\nlocal=\"1\"\nmax_flows=3",
+                "UDP services only",
+            ),
+            (
+                "[[expose]]\nname=\"a\"\nlocal=\"1\"\nprotocol=\"udp\"\nidle_timeout_secs=0",
+                "idle_timeout_secs = 0",
+            ),
+            (
+                "[[forward]]\nname=\"a\"\nlocal=\"1\"\nprotocol=\"udp\"\nmax_flows=100000",
+                "max_flows = 100000",
+            ),
+            (
+                "[[forward]]\nname=\"a\"\nlocal=\"1\"\nprotocol=\"udp\"\n\
+                 [[forward]]\nname=\"b\"\nlocal=\"1\"\nprotocol=\"udp\"",
+                "udp 127.0.0.1:1 is used by another forward",
             ),
         ];
         let too_many: String = (0..=MAX_NAMES_PER_AGENT)

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory as _, Parser};
+use p2ptun::agent::Protocol;
 use p2ptun::agent::{self, ping, ping::PingRequest};
 use p2ptun::cli::{Cli, Command};
 use p2ptun::config::{default_state_dir, ConfigFile, ExposeEntry, ForwardEntry, Overrides};
@@ -127,14 +128,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let source = agent::services::Source { path: config, over };
             return agent::run(opts, Some(source)).await;
         }
-        Command::Expose { local, name, allow } => ConfigFile {
-            expose: vec![ExposeEntry { name, local, allow }],
+        Command::Expose {
+            local,
+            name,
+            allow,
+            udp,
+        } => ConfigFile {
+            expose: vec![ExposeEntry {
+                name,
+                local,
+                allow,
+                protocol: protocol(udp),
+                idle_timeout_secs: None,
+                max_flows: None,
+            }],
             ..Default::default()
         },
-        Command::Forward { name, local } => ConfigFile {
+        Command::Forward { name, local, udp } => ConfigFile {
             forward: vec![ForwardEntry {
                 name,
                 local: local.to_string(),
+                protocol: protocol(udp),
+                idle_timeout_secs: None,
+                max_flows: None,
             }],
             ..Default::default()
         },
@@ -181,4 +197,13 @@ async fn ping(req: PingRequest, over: Overrides) -> anyhow::Result<()> {
         anyhow::bail!("no ping to '{}' was answered", req.name);
     }
     Ok(())
+}
+
+/// The protocol of a service given `--udp` or not.
+fn protocol(udp: bool) -> Protocol {
+    if udp {
+        Protocol::Udp
+    } else {
+        Protocol::Tcp
+    }
 }

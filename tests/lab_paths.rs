@@ -14,6 +14,10 @@
 //!   punch finds the direct UDP path and the transfer moves to it, intact.
 //! - `ping_*` (issue 15): `p2ptun ping`, asking the running forwarder, shows pongs via the
 //!   relay while the peers are blocked from each other, then via direct UDP.
+//! - `udp_service_*` (issue 15): a UDP echo service through `expose --udp` / `forward
+//!   --udp` on three pairs at once, one on each path kind (direct UDP, direct TCP with UDP
+//!   between the peers dropped, the relay with UDP and TCP dropped); every echo SHA-checked
+//!   and every missing datagram accounted for by the agents' counts.
 //! - `relay_sends_packets_in_pieces_*` (issue 5): with only the relay left and S's link MTU
 //!   1280, relayed packets no longer fit in one datagram; they go in pieces and arrive intact.
 //! - `netcheck_*` (issue 3): `p2ptun netcheck --json` inside a host of every NAT preset
@@ -39,6 +43,7 @@ use p2ptun_testkit::support;
 use std::time::{Duration, Instant};
 
 use common::natlab;
+use common::udp::{Accounting, UdpClient, UdpEcho};
 use natlab::{Host, Lab, Nat, Shaping};
 use support::{
     block_peer, describe_path, easy_pair, heavy, iface_bytes, mib, peer_block_rules, run_heavy,
@@ -1003,6 +1008,128 @@ async fn ping_relay_then_direct() {
         "the summary names the move: {context}"
     );
     println!("{}", out.stdout);
+}
+
+// =============================================================================================
+// 3a. UDP services over every path kind (issue 15)
+
+/// Datagrams echoed over each path kind.
+const UDP_COUNT: u64 = 1000;
+
+/// A UDP echo service behind `expose --udp`, reached through `forward --udp`, over each kind
+/// of path at once: three easy × easy pairs with one S, the first with nothing blocked
+/// (direct UDP), the second with UDP between the peers dropped (direct TCP), the third with
+/// UDP and TCP between them dropped (the relay). On each, once the forwarder reports that
+/// path, 1,000 datagrams of 1,000 bytes go through with every echo SHA-checked, and every
+/// one missing is accounted for by the agents' counts.
+#[test]
+fn udp_service_echoes_over_direct_udp_direct_tcp_and_the_relay() {
+    run_heavy(udp_over_each_path());
+}
+
+async fn udp_over_each_path() {
+    let lab = Lab::new().expect("lab");
+    let files = common::Lab::new("lab-udp-paths");
+    let relay = support::start_relay(&lab, &files).await;
+    let mut pairs = Vec::new();
+    for (kind, block) in [
+        ("direct_udp", None),
+        ("direct_tcp", Some(PeerTraffic::Udp)),
+        ("relay", Some(PeerTraffic::UdpAndTcp)),
+    ] {
+        let (a, b) = easy_pair(&lab);
+        if let Some(what) = block {
+            block_peer(&lab, &a, b.public_ip(), what);
+        }
+        pairs.push((kind, a, b));
+    }
+    let (udp, tcp, relayed) = tokio::join!(
+        udp_on_path(&files, &relay, &pairs[0]),
+        udp_on_path(&files, &relay, &pairs[1]),
+        udp_on_path(&files, &relay, &pairs[2]),
+    );
+    for summary in [udp, tcp, relayed] {
+        println!("{summary}");
+    }
+}
+
+/// Echoes [`UDP_COUNT`] datagrams through a UDP tunnel from `pair`'s B to its A once the
+/// forwarder is on the pair's path kind; a summary of what happened.
+async fn udp_on_path(
+    files: &common::Lab,
+    relay: &common::Relay,
+    pair: &(&str, Host, Host),
+) -> String {
+    let (kind, a, b) = pair;
+    let (here, there) = (common::Place::from(a), common::Place::from(b));
+    let label = kind.replace('_', "-");
+    let t = support::kit(a, b, files)
+        .named(&format!("echo-{label}"))
+        .server(relay)
+        .labels(&format!("exposer-{label}"), &format!("forwarder-{label}"))
+        .udp()
+        .start(vec![UdpEcho::start(&here)])
+        .await;
+    let client = UdpClient::open(&there, support::FORWARD_PORT)
+        .await
+        .expect("a UDP client in B");
+    let hello = client
+        .wait_echo(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{kind}: {e:#}\n{}", t.reports()));
+    let Some((path, at)) = t.wait_path(kind, Duration::from_secs(30), SAMPLE).await else {
+        panic!(
+            "{kind}: the forwarder never reported {kind}\n{}\n{}",
+            t.status_dump().await,
+            t.reports()
+        );
+    };
+    let started = Instant::now();
+    let round = client
+        .round(0x0DA7_A000, UDP_COUNT, 1000, 16, Duration::from_secs(2))
+        .await
+        .unwrap_or_else(|e| panic!("{kind}: {e:#}\n{}", t.reports()));
+    let took = started.elapsed();
+    assert_eq!(
+        (round.corrupt, round.duplicate),
+        (0, 0),
+        "{kind}: {round:?}"
+    );
+    assert!(
+        round.received * 100 >= round.sent * 95,
+        "{kind}: more than 5% lost: {round:?}\n{}",
+        t.reports()
+    );
+    let after = t.forwarder_path().await;
+    assert_eq!(
+        after.as_ref().map(|p| p.kind.as_str()),
+        Some(*kind),
+        "{kind}: the path changed during the round: {}",
+        describe_path(&after)
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let total = hello + round;
+    let counts = Accounting::read(
+        &t.forward_agent.state_dir,
+        &t.expose_agent.state_dir,
+        t.name(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{kind}: {e:#}"));
+    let svc = t.service();
+    let losses = counts
+        .follow(total.sent, svc.received(), svc.echoed(), total.received)
+        .unwrap_or_else(|e| panic!("{kind}: {e:#}\n{}", t.reports()));
+    t.assert_healthy(kind);
+    format!(
+        "{kind} ({}, {:.1} s after the forwarder started): {} of {} echoed in {:.2} s; \
+         missing: {losses:?}",
+        path.remote,
+        at.duration_since(t.forwarder_started).as_secs_f64(),
+        total.received,
+        total.sent,
+        took.as_secs_f64()
+    )
 }
 
 // =============================================================================================

@@ -157,7 +157,7 @@ async fn reload_changes_services_while_a_connection_goes_on() {
             .map(|(name, svc)| UpExpose {
                 name: name.to_string(),
                 local: svc.target(),
-                allow: Vec::new(),
+                ..UpExpose::default()
             })
             .collect()
     };
@@ -166,6 +166,7 @@ async fn reload_changes_services_while_a_connection_goes_on() {
             .map(|(name, port)| UpForward {
                 name: name.to_string(),
                 local: port.to_string(),
+                ..UpForward::default()
             })
             .collect()
     };

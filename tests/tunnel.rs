@@ -1,14 +1,19 @@
 //! End-to-end tunnel tests: S and two agents on 127.0.0.1, every byte checked by SHA-256.
-//! They run inside the test process (the kit's `Kit::in_process`): what is tested here is
-//! the tunnel, not the command line, so no process is started.
+//! Most run inside the test process (the kit's `Kit::in_process`): what is tested there is
+//! the tunnel, not the command line. The UDP services' tests start `p2ptun expose --udp` and
+//! `p2ptun forward --udp` (or `up` files) as a user would; the DNS one needs dnsmasq and
+//! dig (Debian's dnsmasq-base and bind9-dnsutils) and says SKIPPED without them (fails
+//! under CI=true).
 //!
 //! Run: `cargo test --release --test tunnel` (debug works too, only slower).
 
 use p2ptun_testkit as common;
 
+use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::udp::{Accounting, EchoRound, UdpClient, UdpEcho};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -307,11 +312,12 @@ async fn two_agents_that_expose_and_forward_to_each_other() {
     let expose = |name: &str, svc: &Service| UpExpose {
         name: name.into(),
         local: format!("127.0.0.1:{}", svc.port()),
-        allow: Vec::new(),
+        ..UpExpose::default()
     };
     let forward = |name: &str, port: u16| UpForward {
         name: name.into(),
         local: format!("127.0.0.1:{port}"),
+        ..UpForward::default()
     };
     let a_proc = a.up(&[expose("on-a", &on_a)], &[forward("on-b", to_b)]);
     let b_proc = b.up(&[expose("on-b", &on_b)], &[forward("on-a", to_a)]);
@@ -349,13 +355,7 @@ async fn two_agents_that_expose_and_forward_to_each_other() {
 /// exposer (fingerprint and name) and the relay session S opened for the introduction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_the_tunnel_in_a_browser() {
-    let has_chromium = std::process::Command::new("chromium")
-        .arg("--version")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_chromium {
+    if !installed("chromium", "--version") {
         skip_or_fail("chromium not installed");
         return;
     }
@@ -444,4 +444,214 @@ async fn the_status_page_shows_the_tunnel_in_a_browser() {
     println!("the page shows {relayed} bytes relayed for the session");
     assert!(relayed > 0, "nothing relayed\n{}", context());
     pair.assert_healthy("after the status page was read");
+}
+
+// ---------------------------------------------------------------------------------------------
+// UDP services
+
+/// A UDP echo service through `expose --udp` and `forward --udp`: three clients at once
+/// (three flows), 2,000 datagrams each, every echo checked by SHA-256, and every datagram
+/// that did not come back accounted for by the two agents' counts. A datagram larger than
+/// the tunnel carries is dropped whole, counted and logged, and the flow goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_echo_through_the_tunnel_every_datagram_accounted_for() {
+    const PER_CLIENT: u64 = 2000;
+    let lab = Lab::new("udp-echo");
+    let here = Place::here();
+    let t = Kit::new(&lab, "echo")
+        .udp()
+        .start(vec![UdpEcho::start(&here)])
+        .await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(
+            UdpClient::open(&here, t.port())
+                .await
+                .expect("a UDP client"),
+        );
+    }
+    let mut total = EchoRound::default();
+    for c in &clients {
+        let hello = c
+            .wait_echo(TUNNEL_READY)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", t.reports()));
+        total = total + hello;
+    }
+    let started = Instant::now();
+    let (a, b, c) = tokio::join!(
+        clients[0].round(0x0DA7_0000, PER_CLIENT, 1000, 32, Duration::from_secs(2)),
+        clients[1].round(0x1DA7_0000, PER_CLIENT, 1000, 32, Duration::from_secs(2)),
+        clients[2].round(0x2DA7_0000, PER_CLIENT, 1000, 32, Duration::from_secs(2)),
+    );
+    let rounds: Vec<EchoRound> = [a, b, c]
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("{e:#}\n{}", t.reports())))
+        .collect();
+    println!(
+        "3 x {PER_CLIENT} datagrams of 1000 bytes echoed in {:.2} s: {rounds:?}",
+        started.elapsed().as_secs_f64()
+    );
+    for r in &rounds {
+        assert_eq!((r.corrupt, r.duplicate), (0, 0), "{r:?}\n{}", t.reports());
+        // Loopback loses nothing by itself; a few may go where the agents' queues overflow,
+        // and the accounting below must then name them.
+        assert!(
+            r.received * 100 >= r.sent * 99,
+            "{r:?}: more than 1% lost\n{}",
+            t.reports()
+        );
+        total = total + *r;
+    }
+
+    // Larger than any path's datagram (the end-to-end MTU is at most 1400 bytes).
+    clients[0].send(&[0x55; 1500]).await.expect("send");
+    total.sent += 1;
+    assert_eq!(clients[0].recv(Duration::from_millis(500)).await, None);
+    t.forwarder
+        .proc()
+        .wait_log_any(
+            &["dropping a UDP datagram of 1500 bytes"],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_or_else(|| panic!("no log line for the datagram too large\n{}", t.reports()));
+    let after = clients[0].wait_echo(Duration::from_secs(5)).await;
+    total = total
+        + after.unwrap_or_else(|e| panic!("the flow stopped after the large datagram: {e:#}"));
+
+    // The counts at rest: everything sent has been delivered or dropped by now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let counts = Accounting::read(
+        &t.forward_agent.state_dir,
+        &t.expose_agent.state_dir,
+        t.name(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", t.reports()));
+    let svc = t.service();
+    let losses = counts
+        .follow(total.sent, svc.received(), svc.echoed(), total.received)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", t.reports()));
+    println!(
+        "{} of {} datagrams did not come back: {losses:?}",
+        total.lost(),
+        total.sent
+    );
+    assert_eq!(
+        losses.first(),
+        Some(&("forwarder dropped (too large)", 1)),
+        "{counts:#?}"
+    );
+    assert_eq!(
+        (counts.forwarder.open, counts.forwarder.total),
+        (3, 3),
+        "{counts:#?}"
+    );
+    assert_eq!(
+        (counts.exposer.open, counts.exposer.total),
+        (3, 3),
+        "{counts:#?}"
+    );
+    t.assert_healthy("after the UDP rounds");
+}
+
+/// A real DNS server behind `expose --udp`: dnsmasq on 127.0.0.1 answers `dig` through
+/// `forward --udp`, with its answer for the name it holds and NXDOMAIN for another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_server_answers_dig_through_a_udp_forward() {
+    if !installed("dnsmasq", "--version") || !installed("dig", "-v") {
+        skip_or_fail("dnsmasq and dig are not installed (Debian: dnsmasq-base, bind9-dnsutils)");
+        return;
+    }
+    let lab = Lab::new("udp-dns");
+    let dns_port = free_port();
+    let mut dnsmasq = Command::new("dnsmasq");
+    dnsmasq.args([
+        "--keep-in-foreground",
+        "--log-facility=-",
+        "--log-queries",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--listen-address=127.0.0.1",
+        "--pid-file=",
+        "--address=/printer.p2ptun.test/203.0.113.7",
+        "--address=/p2ptun.test/",
+        &format!("--port={dns_port}"),
+    ]);
+    if is_root() {
+        // Its default user (`dnsmasq`) comes with Debian's full package, not dnsmasq-base.
+        dnsmasq.args(["--user=nobody", "--group=nogroup"]);
+    }
+    let dns = Proc::spawn("dnsmasq", dnsmasq, &lab.logs());
+    let t = Kit::new(&lab, "dns")
+        .udp()
+        .start(vec![format!("127.0.0.1:{dns_port}")])
+        .await;
+    let dig = |name: &'static str| {
+        let mut cmd = Command::new("dig");
+        cmd.args([
+            "@127.0.0.1",
+            "-p",
+            &t.port().to_string(),
+            "+tries=1",
+            "+time=5",
+            name,
+            "A",
+        ]);
+        cmd
+    };
+    // The first query opens the flow (and the peer connection); dig waits 5 s for it.
+    let mut answer = None;
+    let deadline = Instant::now() + TUNNEL_READY;
+    while answer.is_none() && Instant::now() < deadline {
+        let out = run_command(
+            "dig",
+            dig("printer.p2ptun.test"),
+            None,
+            Duration::from_secs(10),
+            &lab.logs(),
+        )
+        .await;
+        if out.code() == 0 && out.stdout.contains("status: NOERROR") {
+            answer = Some(out.stdout);
+        }
+    }
+    let answer = answer.unwrap_or_else(|| {
+        panic!(
+            "no answer to dig through the tunnel\n{}\n{}",
+            dns.report(),
+            t.reports()
+        )
+    });
+    assert!(
+        answer.contains("printer.p2ptun.test.\t0\tIN\tA\t203.0.113.7")
+            || answer
+                .lines()
+                .any(|l| l.starts_with("printer.p2ptun.test.") && l.ends_with("203.0.113.7")),
+        "dig's answer lacks the A record:\n{answer}"
+    );
+    let other = run_command(
+        "dig",
+        dig("scanner.p2ptun.test"),
+        None,
+        Duration::from_secs(10),
+        &lab.logs(),
+    )
+    .await;
+    assert!(
+        other.stdout.contains("status: NXDOMAIN"),
+        "dig of a name dnsmasq does not hold:\n{}",
+        other.describe()
+    );
+    dns.assert_running("after the queries");
+    assert!(
+        dns.log()
+            .contains("query[A] printer.p2ptun.test from 127.0.0.1"),
+        "dnsmasq did not log the query\n{}",
+        dns.report()
+    );
+    t.assert_healthy("after dig");
 }

@@ -1,5 +1,6 @@
 //! What the agent's parts record as they work, for status to report: each peer's live
-//! connection and the services it carries, and each service's stream counters.
+//! connection and the services it carries, each TCP service's stream counters and each UDP
+//! service's flow counters.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,12 +9,14 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::proto::Fingerprint;
+use crate::tunnel::flow::FlowStats;
 
 /// Live facts the agent's parts record for status.
 #[derive(Debug, Default)]
 pub struct Activity {
     pub(super) peers: Mutex<HashMap<Fingerprint, PeerEntry>>,
     pub(super) services: Mutex<BTreeMap<(Role, String), Arc<Counters>>>,
+    pub(super) flows: Mutex<BTreeMap<(Role, String), Arc<FlowStats>>>,
 }
 
 #[derive(Debug)]
@@ -92,5 +95,15 @@ impl Activity {
         counters.open.fetch_add(1, Ordering::Relaxed);
         counters.total.fetch_add(1, Ordering::Relaxed);
         StreamGuard(counters)
+    }
+
+    /// The flow counters of UDP service `name`.
+    pub fn flow_stats(&self, role: Role, name: &str) -> Arc<FlowStats> {
+        self.flows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((role, name.to_owned()))
+            .or_default()
+            .clone()
     }
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::activity::Activity;
@@ -13,7 +14,30 @@ use super::relay::RelaySessions;
 use crate::proto::{Candidate, CandidateKind, Fingerprint, MAX_CANDIDATES};
 use crate::punch::candidates::{host_candidates, interleave, Families};
 use crate::punch::StunRouter;
+use crate::tunnel::flow::{Demuxes, FlowLimits};
 use crate::tunnel::Identity;
+
+/// What a service carries.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP connections, each a QUIC stream.
+    #[default]
+    Tcp,
+    /// UDP datagrams, in flows per client (see [`crate::tunnel::flow`]).
+    Udp,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
 
 /// A local service to expose.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +48,10 @@ pub struct ExposeSpec {
     pub local: String,
     /// Forwarders allowed to use it; empty allows every agent S introduces.
     pub allow: Vec<Fingerprint>,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// How its flows are kept, if it is UDP.
+    pub flows: FlowLimits,
 }
 
 /// A local port to forward to a name.
@@ -33,6 +61,20 @@ pub struct ForwardSpec {
     pub name: String,
     /// Where to listen locally.
     pub bind: SocketAddr,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// How its flows are kept, if it is UDP.
+    pub flows: FlowLimits,
+}
+
+impl ForwardSpec {
+    /// How logs and messages name it: `forward NAME on ADDR` (`udp ADDR` for UDP).
+    pub fn label(&self) -> String {
+        match self.protocol {
+            Protocol::Tcp => format!("forward {} on {}", self.name, self.bind),
+            Protocol::Udp => format!("forward {} on udp {}", self.name, self.bind),
+        }
+    }
 }
 
 /// Everything an agent needs to run.
@@ -79,6 +121,8 @@ pub struct Ctx {
     pub tcp: Option<Arc<crate::punch::tcp::TcpPunch>>,
     /// The port mappings the gateway granted (empty until, unless, one is).
     pub portmap: watch::Receiver<Vec<crate::portmap::Mapping>>,
+    /// The datagram readers of the peer connections that carry UDP flows.
+    pub demuxes: Demuxes,
 }
 
 /// The most candidates of the agent's own: [`MAX_CANDIDATES`] less room for the addresses S

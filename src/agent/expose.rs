@@ -1,5 +1,6 @@
 //! `expose`: handing S's introductions to the forwarders' links, accepting the forwarder's
-//! connection, and serving each of its streams from the local service the header names.
+//! connection, and serving each of its streams from the local service the header names (a
+//! UDP service's flows are [`super::udp`]'s).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +9,7 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::net::TcpStream;
 
 use super::activity::Role;
-use super::ctx::Ctx;
+use super::ctx::{Ctx, Protocol};
 use super::link::Links;
 use super::registration::Registered;
 use crate::proto::{Fingerprint, Rendezvous};
@@ -104,16 +105,18 @@ impl Exposer {
             let _ = send.reset(VarInt::from_u32(code));
             let _ = recv.stop(VarInt::from_u32(code));
         };
-        let name = match tokio::time::timeout(STREAM_SETUP, header::read(&mut recv)).await {
-            Ok(Ok(Header::Service(name))) => name,
-            // Any peer let in may ping: the connection's --allow check has passed.
-            Ok(Ok(Header::Ping)) => return super::ping::answer(send, recv).await,
-            Ok(Err(e)) => {
-                tracing::warn!(%peer, "bad stream header: {e}");
-                return refuse(&mut send, &mut recv, codes::BAD_HEADER);
-            }
-            Err(_) => return refuse(&mut send, &mut recv, codes::BAD_HEADER),
-        };
+        let (name, protocol) =
+            match tokio::time::timeout(STREAM_SETUP, header::read(&mut recv)).await {
+                Ok(Ok(Header::Service(name))) => (name, Protocol::Tcp),
+                Ok(Ok(Header::Flow(name))) => (name, Protocol::Udp),
+                // Any peer let in may ping: the connection's --allow check has passed.
+                Ok(Ok(Header::Ping)) => return super::ping::answer(send, recv).await,
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, "bad stream header: {e}");
+                    return refuse(&mut send, &mut recv, codes::BAD_HEADER);
+                }
+                Err(_) => return refuse(&mut send, &mut recv, codes::BAD_HEADER),
+            };
         let Some(spec) = self.ctx.expose(&name) else {
             tracing::warn!(%peer, %name, "stream for a name not exposed here");
             return refuse(&mut send, &mut recv, codes::UNKNOWN_SERVICE);
@@ -121,6 +124,13 @@ impl Exposer {
         if !spec.allow.is_empty() && !spec.allow.contains(&peer) {
             tracing::warn!(%peer, %name, "forwarder not in this name's --allow list");
             return refuse(&mut send, &mut recv, codes::NOT_ALLOWED);
+        }
+        if spec.protocol != protocol {
+            tracing::warn!(%peer, %name, "a {protocol} stream for a {} service (one side lacks --udp?)", spec.protocol);
+            return refuse(&mut send, &mut recv, codes::WRONG_PROTOCOL);
+        }
+        if protocol == Protocol::Udp {
+            return super::udp::expose_flow(&self.ctx, conn, peer, spec, send, recv).await;
         }
         let activity = &self.ctx.activity;
         activity.peer_connected(peer, Role::Expose, &name, conn);

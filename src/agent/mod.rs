@@ -5,7 +5,8 @@
 //! registered with S; [`link`] owns everything that carries traffic to each peer agent and
 //! keeps its paths healthy; [`expose`] hands S's introductions to the links and serves
 //! streams to local services; [`forward`] listens on local ports and carries each connection
-//! to a peer, whose connection [`peers`] makes; [`services`] holds which are running and
+//! to a peer, whose connection [`peers`] makes, and [`udp`] does both for UDP services;
+//! [`services`] holds which are running and
 //! reloads them. [`socket`] answers local commands ([`status`], [`ping`], reload). [`Agent`] runs all of it in this process.
 
 pub mod activity;
@@ -26,6 +27,7 @@ pub mod server;
 pub mod services;
 pub mod socket;
 pub mod status;
+pub mod udp;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,7 +38,7 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-pub use ctx::{AgentOptions, Ctx, ExposeSpec, ForwardSpec};
+pub use ctx::{AgentOptions, Ctx, ExposeSpec, ForwardSpec, Protocol};
 
 use crate::path::{PathSocket, Policy};
 use crate::proto::ALPN_PEER;
@@ -84,10 +86,7 @@ impl Agent {
         // Bind the local ports first: a port in use is the user's to fix, now.
         let mut listeners = Vec::new();
         for f in &opts.forwards {
-            let listener = tokio::net::TcpListener::bind(f.bind)
-                .await
-                .with_context(|| format!("cannot listen on {} for forward '{}'", f.bind, f.name))?;
-            listeners.push((f.clone(), listener));
+            listeners.push((f.clone(), services::Listener::bind(f).await?));
         }
         let udp = bind_udp(opts.bind)
             .with_context(|| format!("cannot bind the UDP socket at {}", opts.bind))?;
@@ -126,6 +125,7 @@ impl Agent {
             relays: Arc::default(),
             tcp,
             portmap: keeper.mappings(),
+            demuxes: Default::default(),
         });
         tracing::info!(id = %ctx.identity.fingerprint(), udp = ?ctx.router.socket().local().ok(), "agent started");
 
@@ -265,6 +265,7 @@ pub async fn release(opts: AgentOptions, name: &str) -> anyhow::Result<()> {
         relays: Arc::default(),
         tcp: None,
         portmap: watch::channel(Vec::new()).1,
+        demuxes: Default::default(),
     };
     let released = server::release(&ctx, name).await;
     // Lets the close frame go out, so S forgets the connection at once.

@@ -1,5 +1,6 @@
 //! The services an agent runs, and changes to them: the names it exposes (which S lists it
-//! under, kept in [`Ctx::exposes`]) and one listener task per forward.
+//! under, kept in [`Ctx::exposes`]) and one listener task per forward (a TCP listener, or
+//! for UDP a socket).
 //!
 //! `p2ptun up` reloads its file through here — on SIGHUP, when the file changes, or on
 //! `p2ptun reload` — and a new set is applied whole or not at all: every new port is bound
@@ -13,13 +14,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
-use super::ctx::{AgentOptions, Ctx, ExposeSpec, ForwardSpec};
+use super::ctx::{AgentOptions, Ctx, ExposeSpec, ForwardSpec, Protocol};
 use super::forward;
 use super::peers::Peers;
+use super::udp;
 use crate::config::{ConfigFile, Overrides};
 
 /// How often the config file is looked at for a change.
@@ -41,9 +43,42 @@ impl Source {
     }
 }
 
+/// What a forward listens with. Shared so that a reload that changes only a forward's name
+/// or settings keeps its port open throughout.
+#[derive(Clone)]
+pub enum Listener {
+    /// A TCP forward's listener.
+    Tcp(Arc<TcpListener>),
+    /// A UDP forward's socket.
+    Udp(Arc<UdpSocket>),
+}
+
+impl Listener {
+    /// Binds what `spec` listens with: a port in use is an error naming the forward.
+    pub async fn bind(spec: &ForwardSpec) -> anyhow::Result<Listener> {
+        let bound = match spec.protocol {
+            Protocol::Tcp => TcpListener::bind(spec.bind)
+                .await
+                .map(|l| Listener::Tcp(Arc::new(l))),
+            Protocol::Udp => UdpSocket::bind(spec.bind)
+                .await
+                .map(|s| Listener::Udp(Arc::new(s))),
+        };
+        bound.with_context(|| format!("cannot listen on {} for {}", spec.bind, spec.label()))
+    }
+
+    /// The address it is bound to.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr(),
+            Listener::Udp(s) => s.local_addr(),
+        }
+    }
+}
+
 struct Forward {
     spec: ForwardSpec,
-    listener: Arc<TcpListener>,
+    listener: Listener,
     task: JoinHandle<()>,
 }
 
@@ -100,14 +135,14 @@ impl Services {
     pub fn start(
         ctx: Arc<Ctx>,
         peers: Peers,
-        listeners: Vec<(ForwardSpec, TcpListener)>,
+        listeners: Vec<(ForwardSpec, Listener)>,
         source: Option<Source>,
     ) -> Arc<Services> {
         let forwards = listeners
             .into_iter()
             .map(|(spec, listener)| {
-                tracing::info!(name = %spec.name, local = ?listener.local_addr().ok(), "forwarding");
-                spawn_forward(&peers, spec, Arc::new(listener))
+                tracing::info!(name = %spec.name, protocol = %spec.protocol, local = ?listener.local_addr().ok(), "forwarding");
+                spawn_forward(&peers, spec, listener)
             })
             .collect();
         Arc::new(Services {
@@ -149,10 +184,8 @@ impl Services {
         let mut listeners = Vec::with_capacity(forwards.len());
         for spec in &forwards {
             let listener = match matching(&running, spec) {
-                Some(i) => Arc::clone(&running[i].listener),
-                None => Arc::new(TcpListener::bind(spec.bind).await.with_context(|| {
-                    format!("cannot listen on {} for forward '{}'", spec.bind, spec.name)
-                })?),
+                Some(i) => running[i].listener.clone(),
+                None => Listener::bind(spec).await?,
             };
             listeners.push(listener);
         }
@@ -186,7 +219,7 @@ impl Services {
 
         let mut next = Vec::with_capacity(forwards.len());
         for (spec, listener) in forwards.into_iter().zip(listeners) {
-            let label = format!("forward {} on {}", spec.name, spec.bind);
+            let label = spec.label();
             match matching(&running, &spec) {
                 Some(i) if running[i].spec == spec => {
                     next.push(running.swap_remove(i));
@@ -202,9 +235,7 @@ impl Services {
         }
         for gone in running.drain(..) {
             gone.task.abort();
-            change
-                .removed
-                .push(format!("forward {} on {}", gone.spec.name, gone.spec.bind));
+            change.removed.push(gone.spec.label());
         }
         *running = next;
         Ok(change)
@@ -257,22 +288,21 @@ impl Services {
     }
 }
 
-/// The running forward `spec` takes the place of: the same one, or one on the same port (a
-/// port chosen by the system, 0, is never the same port).
+/// The running forward `spec` takes the place of: the same one, or one on the same port of
+/// the same protocol (a port chosen by the system, 0, is never the same port).
 fn matching(running: &[Forward], spec: &ForwardSpec) -> Option<usize> {
     running.iter().position(|f| f.spec == *spec).or_else(|| {
-        running
-            .iter()
-            .position(|f| spec.bind.port() != 0 && f.spec.bind == spec.bind)
+        running.iter().position(|f| {
+            spec.bind.port() != 0 && f.spec.bind == spec.bind && f.spec.protocol == spec.protocol
+        })
     })
 }
 
-fn spawn_forward(peers: &Peers, spec: ForwardSpec, listener: Arc<TcpListener>) -> Forward {
-    let task = tokio::spawn(forward::serve(
-        peers.clone(),
-        spec.clone(),
-        Arc::clone(&listener),
-    ));
+fn spawn_forward(peers: &Peers, spec: ForwardSpec, listener: Listener) -> Forward {
+    let task = match &listener {
+        Listener::Tcp(l) => tokio::spawn(forward::serve(peers.clone(), spec.clone(), l.clone())),
+        Listener::Udp(s) => tokio::spawn(udp::forward(peers.clone(), spec.clone(), s.clone())),
+    };
     Forward {
         spec,
         listener,

@@ -9,9 +9,10 @@ use std::sync::atomic::Ordering;
 use serde::{Deserialize, Serialize};
 
 pub use super::activity::Role;
-use super::ctx::Ctx;
+use super::ctx::{Ctx, Protocol};
 use super::link::Links;
 use crate::path::PathStatus;
+use crate::tunnel::flow::FlowCounts;
 
 /// The status an agent reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,14 +81,22 @@ pub struct ServiceReport {
     pub name: String,
     /// Exposed or forwarded.
     pub role: Role,
-    /// Streams open now.
+    /// TCP or UDP.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Streams open now (for UDP: flows, each of which is a stream).
     pub open_streams: u64,
-    /// Streams since start.
+    /// Streams since start (for UDP: flows).
     pub total_streams: u64,
-    /// Bytes from local TCP clients into the tunnel (finished streams).
+    /// Bytes from local TCP clients into the tunnel (finished streams); for UDP, bytes of
+    /// the datagrams from the local side.
     pub bytes_in: u64,
-    /// Bytes from the tunnel to local TCP clients (finished streams).
+    /// Bytes from the tunnel to local TCP clients (finished streams); for UDP, bytes of the
+    /// datagrams to the local side.
     pub bytes_out: u64,
+    /// A UDP service's datagram counters.
+    #[serde(default)]
+    pub udp: Option<FlowCounts>,
 }
 
 /// A snapshot of `ctx`'s status, with what `links` show of each peer.
@@ -116,7 +125,7 @@ pub fn snapshot(ctx: &Ctx, links: &Links) -> Status {
         })
         .collect();
     peer_reports.sort_by(|a, b| (a.role, &a.names).cmp(&(b.role, &b.names)));
-    let services = ctx
+    let mut services: Vec<ServiceReport> = ctx
         .activity
         .services
         .lock()
@@ -125,12 +134,34 @@ pub fn snapshot(ctx: &Ctx, links: &Links) -> Status {
         .map(|((role, name), c)| ServiceReport {
             name: name.clone(),
             role: *role,
+            protocol: Protocol::Tcp,
             open_streams: c.open.load(Ordering::Relaxed),
             total_streams: c.total.load(Ordering::Relaxed),
             bytes_in: c.up.load(Ordering::Relaxed),
             bytes_out: c.down.load(Ordering::Relaxed),
+            udp: None,
         })
         .collect();
+    services.extend(
+        ctx.activity
+            .flows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|((role, name), stats)| {
+                let c = stats.counts();
+                ServiceReport {
+                    name: name.clone(),
+                    role: *role,
+                    protocol: Protocol::Udp,
+                    open_streams: c.open,
+                    total_streams: c.total,
+                    bytes_in: c.from_local_bytes,
+                    bytes_out: c.to_local_bytes,
+                    udp: Some(c),
+                }
+            }),
+    );
     Status {
         pid: std::process::id(),
         id: ctx.identity.fingerprint().to_string(),
@@ -228,18 +259,27 @@ pub fn render(statuses: &[Status]) -> String {
             }
         }
         for svc in &s.services {
+            let role = match svc.role {
+                Role::Expose => "expose",
+                Role::Forward => "forward",
+            };
+            let Some(udp) = &svc.udp else {
+                let _ = writeln!(
+                    out,
+                    "  service {:<20} {:<7} streams open {:>5}, total {:>7}, bytes in {:>12}, out {:>12}",
+                    svc.name, role, svc.open_streams, svc.total_streams, svc.bytes_in, svc.bytes_out
+                );
+                continue;
+            };
             let _ = writeln!(
                 out,
-                "  service {:<20} {:<7} streams open {:>5}, total {:>7}, bytes in {:>12}, out {:>12}",
-                svc.name,
-                match svc.role {
-                    Role::Expose => "expose",
-                    Role::Forward => "forward",
-                },
-                svc.open_streams,
-                svc.total_streams,
-                svc.bytes_in,
-                svc.bytes_out
+                "  service {:<20} {:<7} udp flows open {:>5}, total {:>7}, datagrams in {:>9} ({} B), out {:>9} ({} B)",
+                svc.name, role, udp.open, udp.total, udp.from_local, udp.from_local_bytes, udp.to_local, udp.to_local_bytes
+            );
+            let _ = writeln!(
+                out,
+                "  {:<36} tunnel sent {:>9}, received {:>9}; dropped in {} too large, {} other; dropped out {}",
+                "", udp.to_tunnel, udp.from_tunnel, udp.too_large, udp.dropped_in, udp.dropped_out
             );
         }
     }

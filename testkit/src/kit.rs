@@ -622,7 +622,7 @@ pub struct Agent {
 }
 
 /// One `[[expose]]` of an `up` config.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct UpExpose {
     /// Name.
     pub name: String,
@@ -630,15 +630,45 @@ pub struct UpExpose {
     pub local: String,
     /// Allowed fingerprints (empty: anyone).
     pub allow: Vec<String>,
+    /// A UDP service (`protocol = "udp"`, `--udp`).
+    pub udp: bool,
+    /// More TOML lines for the table (e.g. `idle_timeout_secs = 2`).
+    pub extra: String,
 }
 
 /// One `[[forward]]` of an `up` config.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct UpForward {
     /// Name.
     pub name: String,
     /// `PORT` or `IP:PORT`.
     pub local: String,
+    /// A UDP forward (`protocol = "udp"`, `--udp`).
+    pub udp: bool,
+    /// More TOML lines for the table (e.g. `max_flows = 2`).
+    pub extra: String,
+}
+
+/// The `protocol` line of a service table.
+fn protocol_line(udp: bool) -> &'static str {
+    if udp {
+        "protocol = \"udp\"\n"
+    } else {
+        ""
+    }
+}
+
+/// The arguments of `p2ptun expose TARGET --name NAME [--allow FP]... [--udp]`.
+fn expose_args<'a>(target: &'a str, name: &'a str, allow: &[&'a str], udp: bool) -> Vec<&'a str> {
+    let mut args = vec!["expose", target, "--name", name];
+    for fp in allow {
+        args.push("--allow");
+        args.push(fp);
+    }
+    if udp {
+        args.push("--udp");
+    }
+    args
 }
 
 fn toml_str(s: &str) -> String {
@@ -743,12 +773,7 @@ impl Agent {
 
     /// `p2ptun expose TARGET --name NAME [--allow FP]...`.
     pub fn expose(&self, target: &str, name: &str, allow: &[&str]) -> Proc {
-        let mut args = vec!["expose", target, "--name", name];
-        for fp in allow {
-            args.push("--allow");
-            args.push(fp);
-        }
-        self.spawn(&args)
+        self.spawn(&expose_args(target, name, allow, false))
     }
 
     /// `p2ptun forward NAME PORT`.
@@ -773,18 +798,22 @@ impl Agent {
             let allow: Vec<String> = e.allow.iter().map(|a| toml_str(a)).collect();
             let _ = write!(
                 t,
-                "\n[[expose]]\nname = {}\nlocal = {}\nallow = [{}]\n",
+                "\n[[expose]]\nname = {}\nlocal = {}\nallow = [{}]\n{}{}\n",
                 toml_str(&e.name),
                 toml_str(&e.local),
-                allow.join(", ")
+                allow.join(", "),
+                protocol_line(e.udp),
+                e.extra
             );
         }
         for f in forwards {
             let _ = write!(
                 t,
-                "\n[[forward]]\nname = {}\nlocal = {}\n",
+                "\n[[forward]]\nname = {}\nlocal = {}\n{}{}\n",
                 toml_str(&f.name),
-                toml_str(&f.local)
+                toml_str(&f.local),
+                protocol_line(f.udp),
+                f.extra
             );
         }
         t
@@ -838,6 +867,7 @@ impl Agent {
         exposes: &[UpExpose],
         forwards: &[UpForward],
     ) -> anyhow::Result<p2ptun::agent::AgentOptions> {
+        use p2ptun::agent::Protocol;
         use p2ptun::config::{ConfigFile, ExposeEntry, ForwardEntry, Overrides};
         ensure!(
             self.flags.is_empty(),
@@ -846,9 +876,18 @@ impl Agent {
             self.flags
         );
         let fingerprint = |s: &str| s.parse().map_err(|e| anyhow!("{s}: {e}"));
+        let protocol = |udp: bool| if udp { Protocol::Udp } else { Protocol::Tcp };
         let mut expose = Vec::new();
         for e in exposes {
+            ensure!(
+                e.extra.is_empty() && !forwards.iter().any(|f| !f.extra.is_empty()),
+                "{}: extra TOML is for `up` files, not agents in this process",
+                self.label
+            );
             expose.push(ExposeEntry {
+                protocol: protocol(e.udp),
+                idle_timeout_secs: None,
+                max_flows: None,
                 name: e.name.clone(),
                 local: e.local.clone(),
                 allow: e
@@ -863,6 +902,9 @@ impl Agent {
             .map(|f| ForwardEntry {
                 name: f.name.clone(),
                 local: f.local.clone(),
+                protocol: protocol(f.udp),
+                idle_timeout_secs: None,
+                max_flows: None,
             })
             .collect();
         let file = ConfigFile {
@@ -896,8 +938,9 @@ impl Agent {
             How::Commands => Running::Process(match (exposes, forwards) {
                 ([e], []) => {
                     let allow: Vec<&str> = e.allow.iter().map(String::as_str).collect();
-                    self.expose(&e.local, &e.name, &allow)
+                    self.spawn(&expose_args(&e.local, &e.name, &allow, e.udp))
                 }
+                ([], [f]) if f.udp => self.spawn(&["forward", &f.name, &f.local, "--udp"]),
                 ([], [f]) => self.spawn(&["forward", &f.name, &f.local]),
                 _ => bail!(
                     "{}: `p2ptun expose` and `p2ptun forward` carry one service each; use \
@@ -1140,6 +1183,7 @@ pub struct Kit<'a> {
     bind: String,
     agent_log: Option<String>,
     first_port: Option<u16>,
+    udp: bool,
 }
 
 impl<'a> Kit<'a> {
@@ -1159,7 +1203,21 @@ impl<'a> Kit<'a> {
             bind: AGENT_BIND.to_owned(),
             agent_log: None,
             first_port: None,
+            udp: false,
         }
+    }
+
+    /// The services' name: `name`, `name-2`, … (see [`service_name`]) instead of the one
+    /// given to [`Kit::new`].
+    pub fn named(mut self, name: &str) -> Self {
+        self.name = name.to_owned();
+        self
+    }
+
+    /// The services are UDP: `expose --udp` and `forward --udp` (`protocol = "udp"`).
+    pub fn udp(mut self) -> Self {
+        self.udp = true;
+        self
     }
 
     /// S, the exposer and the forwarder in this process.
@@ -1355,7 +1413,8 @@ impl<'a> Kit<'a> {
             .map(|(name, svc)| UpExpose {
                 name: name.clone(),
                 local: svc.target(),
-                allow: Vec::new(),
+                udp: self.udp,
+                ..UpExpose::default()
             })
             .collect();
         let forwards: Vec<UpForward> = names
@@ -1364,6 +1423,8 @@ impl<'a> Kit<'a> {
             .map(|(name, port)| UpForward {
                 name: name.clone(),
                 local: format!("127.0.0.1:{port}"),
+                udp: self.udp,
+                ..UpForward::default()
             })
             .collect();
 

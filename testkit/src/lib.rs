@@ -5,7 +5,8 @@
 //!
 //! - Modules: [`kit`] (tunnels), [`natlab`] (NAT routers and hosts in network namespaces),
 //!   [`support`] (the NAT-lab tests' tunnels, paced transfers and drop rules), [`flood`]
-//!   (hostile traffic toward S). One crate, compiled once for every test binary.
+//!   (hostile traffic toward S), [`udp`] (UDP services: an echo service, a checked client,
+//!   the agents' datagram counts). One crate, compiled once for every test binary.
 //! - Binaries: the agent is `p2ptun` beside the test binary's `deps` folder, which cargo
 //!   builds for the package's tests. The relay belongs to another package of the
 //!   workspace, so cargo builds its library (a dependency, for S in the test process) but
@@ -32,6 +33,7 @@ pub mod flood;
 pub mod kit;
 pub mod natlab;
 pub mod support;
+pub mod udp;
 
 pub use kit::*;
 
@@ -1446,6 +1448,16 @@ pub async fn within<T>(what: &str, limit: Duration, f: impl std::future::Future<
         Ok(v) => v,
         Err(_) => panic!("{what} took longer than {limit:?}"),
     }
+}
+
+/// Whether `program` is installed: it runs with `arg` (e.g. `--version`) and succeeds.
+pub fn installed(program: &str, arg: &str) -> bool {
+    Command::new(program)
+        .arg(arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Whether this process runs as root (effective uid 0), read from /proc.

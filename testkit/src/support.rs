@@ -693,7 +693,10 @@ impl Tunnel {
             }
         }
     }
+}
 
+/// What any lab tunnel's agents report of their peers and paths, whatever its services.
+impl<Svc> common::Tunnel<Svc> {
     /// Every peer the forwarder's status lists (over all agents of its state dir).
     pub async fn forwarder_peers(&self) -> Vec<Value> {
         all_peers(&self.forward_agent.state_dir).await
