@@ -63,7 +63,7 @@ use p2ptun_testkit as common;
 
 use std::fmt::Write as _;
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,7 +77,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tokio::task::JoinSet;
 
-use common::{natlab, Kit, Place, Proc, Ready, Relay, RelayOpts};
+use common::{natlab, Kit, Place, Proc, Ready, Relay, RelayOpts, UpExpose, UpForward};
+
+#[path = "tunnel/iperf.rs"]
+mod iperf;
 
 const MIB: f64 = 1024.0 * 1024.0;
 const GIB: f64 = 1024.0 * MIB;
@@ -90,6 +93,9 @@ const LAB_S_METRICS: &str = "127.0.0.1:9101";
 const LAB_S2_METRICS: &str = "127.0.0.1:9102";
 /// The service's port in the exposer's namespace (also the raw-TCP port forward).
 const LAB_SERVICE_PORT: u16 = 5201;
+/// The iperf3 server's port in the exposer's namespace, port-forwarded (TCP and UDP) on its
+/// router for the raw UDP rows.
+const LAB_IPERF_PORT: u16 = 5202;
 /// The first forward port in the forwarder's namespace.
 const LAB_FIRST_FORWARD_PORT: u16 = 4001;
 
@@ -118,6 +124,7 @@ struct Opts {
     direct: bool,
     do_scale: bool,
     relay: bool,
+    udp: bool,
 }
 
 impl Opts {
@@ -131,6 +138,7 @@ impl Opts {
             direct: true,
             do_scale: true,
             relay: true,
+            udp: true,
         };
         let mut scale = None;
         let mut only = None;
@@ -155,7 +163,7 @@ impl Opts {
                          --loopback  127.0.0.1 only, no namespaces\n  --keep      keep the \
                          temp dir with the processes' logs\n  --scale     idle connection \
                          counts (default 1000,10000)\n  --only      \
-                         the parts to run, of direct,scale,relay (default all)"
+                         the parts to run, of direct,scale,relay,udp (default all)"
                     );
                     std::process::exit(0);
                 }
@@ -172,13 +180,14 @@ impl Opts {
             None => vec![1000, 10_000],
         };
         if let Some(list) = only {
-            (o.direct, o.do_scale, o.relay) = (false, false, false);
+            (o.direct, o.do_scale, o.relay, o.udp) = (false, false, false, false);
             for part in list.split(',').map(str::trim) {
                 match part {
                     "direct" => o.direct = true,
                     "scale" => o.do_scale = true,
                     "relay" => o.relay = true,
-                    other => bail!("--only: unknown part {other:?} (direct, scale, relay)"),
+                    "udp" => o.udp = true,
+                    other => bail!("--only: unknown part {other:?} (direct, scale, relay, udp)"),
                 }
             }
         }
@@ -397,8 +406,11 @@ impl Net {
             ra.ns(),
             &format!(
                 "add rule ip lab prerouting iifname \"wan\" tcp dport {p} dnat to {ip}:{p}\n\
-                 insert rule ip lab forward iifname \"wan\" ip daddr {ip} tcp dport {p} ct status dnat accept\n",
+                 insert rule ip lab forward iifname \"wan\" ip daddr {ip} tcp dport {p} ct status dnat accept\n\
+                 add rule ip lab prerouting iifname \"wan\" meta l4proto {{ tcp, udp }} th dport {i} dnat to {ip}:{i}\n\
+                 insert rule ip lab forward iifname \"wan\" ip daddr {ip} meta l4proto {{ tcp, udp }} th dport {i} ct status dnat accept\n",
                 p = LAB_SERVICE_PORT,
+                i = LAB_IPERF_PORT,
                 ip = a.ip()
             ),
         )?;
@@ -1281,6 +1293,162 @@ impl Bench {
         rows
     }
 
+    /// The UDP rows ([`iperf`]): an iperf3 server in the exposer's namespace, a pair of
+    /// `up` agents forwarding its port as TCP (control) and UDP (the test), and each rate
+    /// and direction of [`iperf::RUNS`] through the tunnel and raw, taking turns.
+    fn udp(&mut self) -> (Vec<iperf::UdpRow>, Option<String>) {
+        if !common::installed("iperf3", "--version") {
+            return (
+                Vec::new(),
+                Some("not measured: iperf3 is not installed (Debian: iperf3)".to_owned()),
+            );
+        }
+        match self.udp_rows() {
+            Ok(rows) => (rows, None),
+            Err(e) => {
+                self.problems.push(format!("udp: {e:#}"));
+                (Vec::new(), Some(format!("FAILED: {e:#}")))
+            }
+        }
+    }
+
+    fn udp_rows(&mut self) -> Result<Vec<iperf::UdpRow>> {
+        self.seq += 1;
+        let k = self.seq;
+        let logs = self.files().logs();
+        let (port, bind) = if self.net.is_lab() {
+            (LAB_IPERF_PORT, "0.0.0.0")
+        } else {
+            (common::free_port(), "127.0.0.1")
+        };
+        let mut server = self.net.a.command("iperf3")?;
+        server.args(["-s", "-p", &port.to_string(), "-B", bind]);
+        common::child_env_level(&mut server, &log_level());
+        let server = Proc::spawn("iperf3-server", server, &logs);
+
+        let agent = |label: String, place: &Place| {
+            let mut agent = self.files().agent(&label, &self.relay);
+            agent.place = place.clone();
+            agent.flags = vec!["--no-portmap".to_owned()];
+            agent.log = log_level();
+            if self.net.is_lab() {
+                agent.bind = common::LAB_BIND.to_owned();
+            }
+            agent
+        };
+        let (ctl, data) = (format!("iperf{k}"), format!("iperf{k}-udp"));
+        let local = format!("127.0.0.1:{port}");
+        let forward_port = if self.net.is_lab() {
+            LAB_FIRST_FORWARD_PORT + k as u16
+        } else {
+            common::free_port()
+        };
+        let exposer = agent(format!("exposer{k}"), &self.net.a);
+        let e = exposer.up(
+            &[
+                UpExpose {
+                    name: ctl.clone(),
+                    local: local.clone(),
+                    ..UpExpose::default()
+                },
+                UpExpose {
+                    name: data.clone(),
+                    local,
+                    udp: true,
+                    ..UpExpose::default()
+                },
+            ],
+            &[],
+        );
+        let forwarder = agent(format!("forwarder{k}"), &self.net.b);
+        let deadline = Instant::now() + START_WAIT;
+        while agent_status(&exposer.state_dir, &e)
+            .map(|s| s["registered"] != true)
+            .unwrap_or(true)
+        {
+            ensure!(Instant::now() < deadline, "the exposer did not register");
+            std::thread::sleep(STATUS_POLL);
+        }
+        let fwd = format!("127.0.0.1:{forward_port}");
+        let f = forwarder.up(
+            &[],
+            &[
+                UpForward {
+                    name: ctl,
+                    local: fwd.clone(),
+                    ..UpForward::default()
+                },
+                UpForward {
+                    name: data,
+                    local: fwd,
+                    udp: true,
+                    ..UpForward::default()
+                },
+            ],
+        );
+        let here: IpAddr = Ipv4Addr::LOCALHOST.into();
+        let (raw_host, raw_port) = match &self.net.router_a {
+            Some((_, public)) => (IpAddr::from(*public), LAB_IPERF_PORT),
+            None => (here, port),
+        };
+        let secs = if self.sizes.rounds == 1 { 2 } else { 3 };
+        let b = self.net.b.clone();
+        let iperf = |host, port, rate: &'static str, reverse, secs| {
+            let (b, logs) = (b.clone(), logs.clone());
+            on(&self.rt_b, async move {
+                iperf::client(&b, &logs, host, port, rate, reverse, secs).await
+            })
+        };
+        // The first run makes the peer connection; iperf3's control stream opens it.
+        self.say("udp: iperf3 through the tunnel, first run");
+        let deadline = Instant::now() + SETUP_WAIT;
+        loop {
+            for p in [&server, &e, &f] {
+                p.ensure_running()?;
+            }
+            match iperf(here, forward_port, "10M", false, 1) {
+                Ok(_) => break,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(e.context("no iperf3 run through the tunnel"))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            }
+        }
+        let deadline = Instant::now() + SETUP_WAIT;
+        while agent_status(&forwarder.state_dir, &f)
+            .ok()
+            .as_ref()
+            .and_then(path_kind)
+            .as_deref()
+            != Some("direct_udp")
+        {
+            ensure!(Instant::now() < deadline, "the UDP pair never went direct");
+            std::thread::sleep(STATUS_POLL);
+        }
+        let mut rows = Vec::new();
+        for (rate, reverse) in iperf::RUNS {
+            let dir = if reverse { "down" } else { "up" };
+            self.say(&format!("udp: iperf3 -u -b {rate} {dir} through p2ptun"));
+            let tunnel =
+                iperf(here, forward_port, rate, reverse, secs).map_err(|e| format!("{e:#}"));
+            self.say(&format!("udp: iperf3 -u -b {rate} {dir}, raw"));
+            let raw = iperf(raw_host, raw_port, rate, reverse, secs).map_err(|e| format!("{e:#}"));
+            for (what, r) in [("p2ptun", &tunnel), ("raw", &raw)] {
+                if let Err(e) = r {
+                    self.problems
+                        .push(format!("udp {rate} {dir} ({what}): {e}"));
+                }
+            }
+            rows.push(iperf::UdpRow {
+                rate,
+                reverse,
+                tunnel,
+                raw,
+            });
+        }
+        Ok(rows)
+    }
+
     fn scale(&mut self, n: usize, nofile: u64) -> Result<(ScaleResult, SetupSample)> {
         let mut r = ScaleResult {
             wanted: n,
@@ -1620,6 +1788,8 @@ struct Report {
     relay_note: Option<String>,
     /// S's relay counters over each S's relay rows: (which S, counters).
     relay_counters: Vec<(String, Result<RelayCounters, String>)>,
+    udp: Vec<iperf::UdpRow>,
+    udp_note: Option<String>,
     setups: Vec<SetupSample>,
     relay_setup: Option<SetupSample>,
     scale: Vec<Result<ScaleResult, String>>,
@@ -1766,6 +1936,8 @@ impl Report {
             self.direct_cpu_per_gib(1)
                 .map_or("n/a".into(), |x| format!("{x:.2}"))
         );
+
+        iperf::table(&mut o, &self.udp, self.udp_note.as_deref());
 
         // Relay.
         let _ = writeln!(
@@ -2126,6 +2298,8 @@ impl Report {
             "cpu_s_per_gib_direct": {"forwarder": self.direct_cpu_per_gib(0), "exposer": self.direct_cpu_per_gib(1)},
             "throughput_relay": rows(&self.relay),
             "relay_note": self.relay_note,
+            "udp": self.udp.iter().map(iperf::UdpRow::json).collect::<Vec<_>>(),
+            "udp_note": self.udp_note,
             "relay_counters": self.relay_counters.iter().map(|(which, c)| json!({
                 "s": which,
                 "counters": c.as_ref().map(RelayCounters::json).map_err(Clone::clone).unwrap_or_else(|e| json!({"error": e})),
@@ -2361,6 +2535,16 @@ fn run(opts: Opts) -> Result<()> {
         }
     }
 
+    // UDP, on the direct path (before the relay rows block it).
+    let (udp, udp_note) = if opts.udp {
+        b.udp()
+    } else {
+        (
+            Vec::new(),
+            Some("not measured: not asked for (--only)".to_owned()),
+        )
+    };
+
     // The relay path.
     let mut relay_rows = Vec::new();
     let mut relay_counters = Vec::new();
@@ -2480,6 +2664,8 @@ fn run(opts: Opts) -> Result<()> {
         relay: relay_rows,
         relay_note,
         relay_counters,
+        udp,
+        udp_note,
         setups,
         relay_setup,
         scale,

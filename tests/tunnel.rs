@@ -655,3 +655,118 @@ async fn a_dns_server_answers_dig_through_a_udp_forward() {
     );
     t.assert_healthy("after dig");
 }
+
+/// A UDP service's flows as `up` files set them: the forward allows two flows (a third
+/// client's datagrams are dropped, counted and logged), the exposer ends flows idle for 2 s
+/// (and the forwarder's end with them, which frees room for the third client), and a TCP
+/// forward of the UDP name is refused with a message naming the mismatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_flows_end_when_idle_and_are_capped() {
+    let lab = Lab::new("udp-flows");
+    let relay = lab.relay("relay", RelayOpts::default()).await;
+    let here = Place::here();
+    let echo = UdpEcho::start(&here);
+    let (udp_port, tcp_port) = (free_port(), free_port());
+    let exposer = lab.agent("exposer", &relay).up(
+        &[UpExpose {
+            name: "echo".into(),
+            local: echo.target(),
+            udp: true,
+            extra: "idle_timeout_secs = 2\n".into(),
+            ..UpExpose::default()
+        }],
+        &[],
+    );
+    let forward_agent = lab.agent("forwarder", &relay);
+    let forwarder = forward_agent.up(
+        &[],
+        &[
+            UpForward {
+                name: "echo".into(),
+                local: format!("127.0.0.1:{udp_port}"),
+                udp: true,
+                extra: "max_flows = 2\n".into(),
+            },
+            UpForward {
+                name: "echo".into(),
+                local: format!("127.0.0.1:{tcp_port}"),
+                ..UpForward::default()
+            },
+        ],
+    );
+    let procs = [relay.proc(), &exposer, &forwarder];
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(
+            UdpClient::open(&here, udp_port)
+                .await
+                .expect("a UDP client"),
+        );
+    }
+    for c in &clients[..2] {
+        c.wait_echo(TUNNEL_READY)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", reports(&procs)));
+    }
+
+    // A third client while two flows are open: nothing comes back.
+    for _ in 0..3 {
+        clients[2].send(b"let me in").await.expect("send");
+    }
+    assert_eq!(clients[2].recv(Duration::from_millis(500)).await, None);
+    forwarder
+        .wait_log_any(
+            &["dropping datagrams of a new UDP client"],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_or_else(|| panic!("no log line for the flow cap\n{}", reports(&procs)));
+    let counts = common::udp::flow_counts(&forward_agent.state_dir, "forward", "echo")
+        .await
+        .expect("the forwarder's UDP counts");
+    assert_eq!((counts.open, counts.dropped_in), (2, 3), "{counts:?}");
+
+    // Quiet for the exposer's idle timeout: both sides end the flows.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut open = (u64::MAX, u64::MAX);
+    while open != (0, 0) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let count = |dir, role| async move {
+            common::udp::flow_counts(dir, role, "echo")
+                .await
+                .map_or(u64::MAX, |c| c.open)
+        };
+        open = (
+            count(&forward_agent.state_dir, "forward").await,
+            count(&lab.state_dir("exposer"), "expose").await,
+        );
+    }
+    assert_eq!(
+        open,
+        (0, 0),
+        "flows still open (forwarder, exposer) 10 s after the last datagram\n{}",
+        reports(&procs)
+    );
+    // Room again: the third client gets a flow.
+    clients[2]
+        .wait_echo(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("the third client after the idle flows ended: {e:#}"));
+
+    // A TCP forward of the UDP name.
+    let closed = expect_closed(tcp_port, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", reports(&procs)));
+    println!("the TCP connection to the UDP name: {closed:?}");
+    forwarder
+        .wait_log_any(
+            &["serves this name over the other protocol"],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_or_else(|| panic!("no message about the protocol\n{}", reports(&procs)));
+    for p in procs {
+        p.assert_running("after the flow tests");
+        p.assert_no_panic();
+    }
+}
