@@ -1,6 +1,8 @@
 //! `config.example.toml` documents every option; parsing it here keeps it true.
 
+use p2ptun::agent::Protocol;
 use p2ptun::config::{ConfigFile, Overrides};
+use p2ptun::tunnel::flow::FlowLimits;
 
 #[test]
 fn the_example_config_parses_and_says_what_it_shows() {
@@ -10,11 +12,15 @@ fn the_example_config_parses_and_says_what_it_shows() {
         .into_options(Overrides::default())
         .expect("config.example.toml must be valid");
     assert_eq!(opts.server, "127.0.0.1:7000");
-    assert_eq!(opts.exposes.len(), 1);
+    assert_eq!(opts.exposes.len(), 2);
     assert_eq!(opts.exposes[0].name, "home-ssh");
     assert_eq!(opts.exposes[0].local, "127.0.0.1:22");
-    assert_eq!(opts.forwards.len(), 1);
+    assert_eq!(opts.exposes[0].protocol, Protocol::Tcp);
+    assert_eq!(opts.exposes[1].protocol, Protocol::Udp);
+    assert_eq!(opts.exposes[1].flows, FlowLimits::default());
+    assert_eq!(opts.forwards.len(), 2);
     assert_eq!(opts.forwards[0].bind, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(opts.forwards[1].protocol, Protocol::Udp);
 }
 
 #[test]

@@ -41,6 +41,12 @@ fn main() {
     let headers = dir(&corpus, "stream_header");
     write(&headers, "home", &header::encode("home"));
     write(&headers, "web-1", &header::encode("web-1"));
+    write(&headers, "flow", &header::encode_flow("dns"));
+    let datagrams = dir(&corpus, "flow_datagram");
+    for (id, payload) in [(0u64, &b"dns query"[..]), (4, b""), (16_384, b"x"), (1 << 40, b"y")] {
+        let datagram = p2ptun::tunnel::flow::frame(id, payload).expect("a stream ID");
+        write(&datagrams, &format!("id-{id}"), &datagram);
+    }
     tcp_framing(&dir(&corpus, "tcp_framing"));
     let hellos = dir(&corpus, "tcp_hello");
     let c = creds();

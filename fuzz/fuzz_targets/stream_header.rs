@@ -1,6 +1,7 @@
 //! The header that opens every forwarded stream (`p2ptun::tunnel::header`). A header read
-//! takes exactly its own bytes and is what the encoder makes of it: a valid service name, or
-//! a ping; a valid name encodes to a header that reads back as it.
+//! takes exactly its own bytes and is what the encoder makes of it: a valid service name (of
+//! a TCP stream or a UDP flow), or a ping; a valid name encodes to headers that read back as
+//! it.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -18,6 +19,10 @@ fuzz_target!(|data: &[u8]| {
                     assert!(validate_name(name).is_ok());
                     header::encode(name)
                 }
+                Header::Flow(name) => {
+                    assert!(validate_name(name).is_ok());
+                    header::encode_flow(name)
+                }
                 Header::Ping => header::encode_ping(),
             };
             assert_eq!(encoded, data[..used]);
@@ -28,6 +33,11 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(
                     header::read(&mut &bytes[..]).await.ok(),
                     Some(Header::Service(name.to_owned()))
+                );
+                let bytes = header::encode_flow(name);
+                assert_eq!(
+                    header::read(&mut &bytes[..]).await.ok(),
+                    Some(Header::Flow(name.to_owned()))
                 );
             }
         }
