@@ -1296,23 +1296,25 @@ impl Bench {
     /// The UDP rows ([`iperf`]): an iperf3 server in the exposer's namespace, a pair of
     /// `up` agents forwarding its port as TCP (control) and UDP (the test), and each rate
     /// and direction of [`iperf::RUNS`] through the tunnel and raw, taking turns.
-    fn udp(&mut self) -> (Vec<iperf::UdpRow>, Option<String>) {
+    fn udp(&mut self) -> (Vec<iperf::UdpRow>, Option<String>, Value) {
         if !common::installed("iperf3", "--version") {
             return (
                 Vec::new(),
                 Some("not measured: iperf3 is not installed (Debian: iperf3)".to_owned()),
+                Value::Null,
             );
         }
         match self.udp_rows() {
-            Ok(rows) => (rows, None),
+            Ok((rows, counts)) => (rows, None, counts),
             Err(e) => {
                 self.problems.push(format!("udp: {e:#}"));
-                (Vec::new(), Some(format!("FAILED: {e:#}")))
+                (Vec::new(), Some(format!("FAILED: {e:#}")), Value::Null)
             }
         }
     }
 
-    fn udp_rows(&mut self) -> Result<Vec<iperf::UdpRow>> {
+    /// The rows, and both agents' datagram counts after them (`p2ptun status`'s `udp`).
+    fn udp_rows(&mut self) -> Result<(Vec<iperf::UdpRow>, Value)> {
         self.seq += 1;
         let k = self.seq;
         let logs = self.files().logs();
@@ -1446,7 +1448,20 @@ impl Bench {
                 raw,
             });
         }
-        Ok(rows)
+        let counts = |dir: &Path, p: &Proc, role: &str| {
+            agent_status(dir, p).ok().and_then(|st| {
+                st["services"]
+                    .as_array()?
+                    .iter()
+                    .find(|svc| svc["role"] == role && svc["udp"].is_object())
+                    .map(|svc| svc["udp"].clone())
+            })
+        };
+        let counts = json!({
+            "forwarder": counts(&forwarder.state_dir, &f, "forward"),
+            "exposer": counts(&exposer.state_dir, &e, "expose"),
+        });
+        Ok((rows, counts))
     }
 
     fn scale(&mut self, n: usize, nofile: u64) -> Result<(ScaleResult, SetupSample)> {
@@ -1790,6 +1805,8 @@ struct Report {
     relay_counters: Vec<(String, Result<RelayCounters, String>)>,
     udp: Vec<iperf::UdpRow>,
     udp_note: Option<String>,
+    /// Both agents' datagram counts after the UDP rows.
+    udp_counts: Value,
     setups: Vec<SetupSample>,
     relay_setup: Option<SetupSample>,
     scale: Vec<Result<ScaleResult, String>>,
@@ -1937,7 +1954,12 @@ impl Report {
                 .map_or("n/a".into(), |x| format!("{x:.2}"))
         );
 
-        iperf::table(&mut o, &self.udp, self.udp_note.as_deref());
+        iperf::table(
+            &mut o,
+            &self.udp,
+            self.udp_note.as_deref(),
+            &self.udp_counts,
+        );
 
         // Relay.
         let _ = writeln!(
@@ -2300,6 +2322,7 @@ impl Report {
             "relay_note": self.relay_note,
             "udp": self.udp.iter().map(iperf::UdpRow::json).collect::<Vec<_>>(),
             "udp_note": self.udp_note,
+            "udp_agent_counts": self.udp_counts,
             "relay_counters": self.relay_counters.iter().map(|(which, c)| json!({
                 "s": which,
                 "counters": c.as_ref().map(RelayCounters::json).map_err(Clone::clone).unwrap_or_else(|e| json!({"error": e})),
@@ -2536,12 +2559,13 @@ fn run(opts: Opts) -> Result<()> {
     }
 
     // UDP, on the direct path (before the relay rows block it).
-    let (udp, udp_note) = if opts.udp {
+    let (udp, udp_note, udp_counts) = if opts.udp {
         b.udp()
     } else {
         (
             Vec::new(),
             Some("not measured: not asked for (--only)".to_owned()),
+            Value::Null,
         )
     };
 
@@ -2666,6 +2690,7 @@ fn run(opts: Opts) -> Result<()> {
         relay_counters,
         udp,
         udp_note,
+        udp_counts,
         setups,
         relay_setup,
         scale,

@@ -120,8 +120,8 @@ pub async fn client(
     })
 }
 
-/// The table's UDP section.
-pub fn table(o: &mut String, rows: &[UdpRow], note: Option<&str>) {
+/// The table's UDP section; `counts` are the agents' datagram counts after it.
+pub fn table(o: &mut String, rows: &[UdpRow], note: Option<&str>, counts: &Value) {
     use std::fmt::Write as _;
     let _ = writeln!(
         o,
@@ -160,5 +160,18 @@ pub fn table(o: &mut String, rows: &[UdpRow], note: Option<&str>) {
             cell(&r.raw),
             ratio
         );
+    }
+    for who in ["forwarder", "exposer"] {
+        let c = &counts[who];
+        if c.is_object() {
+            let _ =
+                writeln!(
+                o,
+                "  {who}'s datagrams over all runs: from the local side {}, into the tunnel {}, \
+                 too large {}, dropped {}; from the tunnel {}, to the local side {}, dropped {}",
+                c["from_local"], c["to_tunnel"], c["too_large"], c["dropped_in"],
+                c["from_tunnel"], c["to_local"], c["dropped_out"]
+            );
+        }
     }
 }
