@@ -659,22 +659,31 @@ async fn a_dns_server_answers_dig_through_a_udp_forward() {
 /// A UDP service's flows as `up` files set them: the forward allows two flows (a third
 /// client's datagrams are dropped, counted and logged), the exposer ends flows idle for 2 s
 /// (and the forwarder's end with them, which frees room for the third client), and a TCP
-/// forward of the UDP name is refused with a message naming the mismatch.
+/// forward of the UDP name, and a UDP forward of a TCP name, are refused with a message
+/// naming the mismatch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_flows_end_when_idle_and_are_capped() {
     let lab = Lab::new("udp-flows");
     let relay = lab.relay("relay", RelayOpts::default()).await;
     let here = Place::here();
     let echo = UdpEcho::start(&here);
-    let (udp_port, tcp_port) = (free_port(), free_port());
+    let web = Service::start().await;
+    let (udp_port, tcp_port, web_port) = (free_port(), free_port(), free_port());
     let exposer = lab.agent("exposer", &relay).up(
-        &[UpExpose {
-            name: "echo".into(),
-            local: echo.target(),
-            udp: true,
-            extra: "idle_timeout_secs = 2\n".into(),
-            ..UpExpose::default()
-        }],
+        &[
+            UpExpose {
+                name: "echo".into(),
+                local: echo.target(),
+                udp: true,
+                extra: "idle_timeout_secs = 2\n".into(),
+                ..UpExpose::default()
+            },
+            UpExpose {
+                name: "web".into(),
+                local: web.target(),
+                ..UpExpose::default()
+            },
+        ],
         &[],
     );
     let forward_agent = lab.agent("forwarder", &relay);
@@ -690,6 +699,12 @@ async fn udp_flows_end_when_idle_and_are_capped() {
             UpForward {
                 name: "echo".into(),
                 local: format!("127.0.0.1:{tcp_port}"),
+                ..UpForward::default()
+            },
+            UpForward {
+                name: "web".into(),
+                local: format!("127.0.0.1:{web_port}"),
+                udp: true,
                 ..UpForward::default()
             },
         ],
@@ -725,6 +740,24 @@ async fn udp_flows_end_when_idle_and_are_capped() {
         .await
         .expect("the forwarder's UDP counts");
     assert_eq!((counts.open, counts.dropped_in), (2, 3), "{counts:?}");
+    let status = forward_agent.run(&["status"]).await;
+    let line = status
+        .stdout
+        .lines()
+        .find(|l| l.contains("service echo") && l.contains("udp flows open"))
+        .unwrap_or_else(|| {
+            panic!(
+                "`p2ptun status` shows no UDP service\n{}",
+                status.describe()
+            )
+        });
+    assert!(line.contains("udp flows open     2"), "{line}");
+    assert!(
+        status.stdout.contains("dropped in 0 too large, 3 other"),
+        "{}",
+        status.stdout
+    );
+    println!("{}", status.stdout);
 
     // Quiet for the exposer's idle timeout: both sides end the flows.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -765,6 +798,29 @@ async fn udp_flows_end_when_idle_and_are_capped() {
         )
         .await
         .unwrap_or_else(|| panic!("no message about the protocol\n{}", reports(&procs)));
+    // A UDP forward of the TCP name: refused, said once, and the client's next datagrams
+    // are dropped for a moment rather than each trying again.
+    let stray = UdpClient::open(&here, web_port)
+        .await
+        .expect("a UDP client");
+    for _ in 0..5 {
+        stray.send(b"GET / HTTP/1.0").await.expect("send");
+    }
+    assert_eq!(stray.recv(Duration::from_millis(500)).await, None);
+    let refused = forwarder
+        .wait_log_any(
+            &["UDP flow not opened: the exposer refused: the exposer serves this name over the other protocol"],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_or_else(|| panic!("no message about the UDP forward of a TCP name\n{}", reports(&procs)));
+    println!("{refused}");
+    assert_eq!(
+        forwarder.lines_with(&["UDP flow not opened"]).len(),
+        1,
+        "one attempt for the five datagrams\n{}",
+        reports(&procs)
+    );
     for p in procs {
         p.assert_running("after the flow tests");
         p.assert_no_panic();

@@ -24,6 +24,10 @@ use crate::tunnel::header::{self, codes};
 /// How long opening a flow may take once the connection is there: the exposer's answer.
 const FLOW_SETUP: Duration = Duration::from_secs(10);
 
+/// How long a client whose flow could not be opened waits before its next datagram tries
+/// again.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+
 /// How often a forward says again that it drops datagrams for want of a flow.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -97,18 +101,20 @@ pub async fn forward(peers: Peers, spec: ForwardSpec, socket: Arc<UdpSocket>) {
     }
 }
 
-/// Opens a flow to the exposer of `spec.name` for the client `local` stands for and runs it;
-/// if it cannot be opened, says why and counts the client's waiting datagrams as dropped.
+/// Opens a flow to the exposer of `spec.name` for the client `local` stands for and runs it.
+/// If it cannot be opened, says why, and drops (and counts) the client's datagrams for
+/// [`RETRY_AFTER`] before the next datagram may try again: a client that keeps sending to a
+/// name nobody serves costs one attempt and one log line per pause, not per datagram.
 async fn forward_flow(peers: Peers, spec: ForwardSpec, stats: Arc<FlowStats>, local: LocalEnd) {
     let LocalEnd::Client { addr: client, .. } = &local else {
         return;
     };
     let client = *client;
-    let Some(_open) = stats.try_open(u64::MAX) else {
-        return;
-    };
     match open_flow(&peers, &spec.name).await {
         Ok((conn, peer, send, recv)) => {
+            let Some(_open) = stats.try_open(u64::MAX) else {
+                return;
+            };
             peers
                 .ctx()
                 .activity
@@ -127,8 +133,23 @@ async fn forward_flow(peers: Peers, spec: ForwardSpec, stats: Arc<FlowStats>, lo
             tracing::debug!(name = %spec.name, %client, id, ?ended, "UDP flow ended");
         }
         Err(e) => {
-            tracing::warn!(name = %spec.name, %client, "UDP flow not opened: {e:#}");
+            tracing::warn!(
+                name = %spec.name,
+                %client,
+                "UDP flow not opened: {e:#}; this client's datagrams are dropped for {RETRY_AFTER:?}"
+            );
             if let LocalEnd::Client { mut rx, .. } = local {
+                let pause = tokio::time::sleep(RETRY_AFTER);
+                tokio::pin!(pause);
+                loop {
+                    tokio::select! {
+                        got = rx.recv() => match got {
+                            Some(p) => stats.dropped_from_local(1, p.len() as u64),
+                            None => return,
+                        },
+                        () = &mut pause => break,
+                    }
+                }
                 rx.close();
                 while let Ok(p) = rx.try_recv() {
                     stats.dropped_from_local(1, p.len() as u64);
