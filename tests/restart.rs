@@ -269,3 +269,196 @@ async fn reload_changes_services_while_a_connection_goes_on() {
         p.assert_no_panic();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A cluster of S on etcd (issue 14)
+
+/// Both S's and `extra`'s log tails.
+fn cluster_reports(s1: &Relay, s2: &Relay, extra: &[&Proc]) -> String {
+    let mut all: Vec<&Proc> = vec![s1.proc(), s2.proc()];
+    all.extend_from_slice(extra);
+    reports(&all)
+}
+
+/// The fingerprint an agent reports in its status, once it is registered.
+async fn registered_id(agent: &Agent) -> Option<String> {
+    let st = agent_status(&agent.state_dir).await.ok()?;
+    let me = st.iter().find(|s| s["registered"] == true)?;
+    me["id"].as_str().map(str::to_owned)
+}
+
+/// Waits up to `limit` for the agent to be registered; its fingerprint.
+async fn wait_registered(agent: &Agent, proc: &Proc, limit: Duration) -> Option<String> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline && proc.is_running() {
+        if let Some(id) = registered_id(agent).await {
+            return Some(id);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// Names in a cluster of two S on a real 3-member etcd: two keys claim one name at once
+/// through the two S and exactly one wins, and it stays so after both S restart (the loser
+/// is refused again through the other S); one etcd member down changes nothing; a forward
+/// of the name through the S its exposer is not on is told where it is; with etcd out of
+/// reach a new claim is refused with the reason while registered agents stay, and goes
+/// through by itself once etcd is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_name_one_key_across_two_s_on_etcd() {
+    if !etcd::EtcdCluster::available() {
+        skip_or_fail("etcd is not installed (Debian: etcd-server)");
+        return;
+    }
+    const TAKEN: &str = "held by another identity in this S's cluster";
+    let lab = Lab::new("cluster-names");
+    let mut etcd = etcd::EtcdCluster::start(&lab, 3)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let opts = RelayOpts {
+        extra_args: vec!["--etcd".into(), etcd.urls()],
+        ..RelayOpts::default()
+    };
+    let mut s1 = lab.relay("s1", opts.clone()).await;
+    let mut s2 = lab.relay("s2", opts).await;
+    let svc = Service::start().await;
+    let target = svc.target();
+
+    // One name, two keys, two S, at once.
+    let (a, b) = (lab.agent("a", &s1), lab.agent("b", &s2));
+    let (pa, pb) = (
+        a.expose(&target, "contested", &[]),
+        b.expose(&target, "contested", &[]),
+    );
+    let (ida, idb) = tokio::join!(
+        wait_registered(&a, &pa, Duration::from_secs(20)),
+        wait_registered(&b, &pb, Duration::from_secs(20))
+    );
+    // (The loser tried through S2 when it is `b`.)
+    let (winner, winner_proc, loser_label, loser_proc, loser_on_s1, winner_id) = match (ida, idb) {
+        (Some(id), None) => (&a, &pa, "b", &pb, false, id),
+        (None, Some(id)) => (&b, &pb, "a", &pa, true, id),
+        other => panic!(
+            "exactly one of the two keys must hold the name; registered: {other:?}\n{}",
+            cluster_reports(&s1, &s2, &[&pa, &pb])
+        ),
+    };
+    loser_proc
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("the refused agent did not exit\n{}", loser_proc.report()));
+    assert!(loser_proc.log().contains(TAKEN), "{}", loser_proc.report());
+    assert_eq!(
+        etcd.get("/p2ptun/v1/names/contested").await.expect("etcd"),
+        Some(winner_id.clone())
+    );
+
+    // Both S restart: the claim stays, and the loser is refused through the other S too.
+    s1.restart().await;
+    s2.restart().await;
+    wait_registered(winner, winner_proc, REREGISTER)
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "the owner did not register again\n{}",
+                cluster_reports(&s1, &s2, &[winner_proc])
+            )
+        });
+    let other_s = if loser_on_s1 { &s2 } else { &s1 };
+    let again = lab.agent(loser_label, other_s);
+    let again_proc = again.expose(&target, "contested", &[]);
+    again_proc
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|| panic!("the other key was not refused\n{}", again_proc.report()));
+    assert!(again_proc.log().contains(TAKEN), "{}", again_proc.report());
+
+    // A forward of the name through the S its exposer is not registered with.
+    let elsewhere = if winner_proc.log().contains(&s1.server()) {
+        &s2
+    } else {
+        &s1
+    };
+    let fwd = lab.agent("f", elsewhere);
+    let fwd_port = free_port();
+    let fwd_proc = fwd.forward("contested", fwd_port);
+    // The forwarder asks S for the name when a connection comes.
+    let client = tokio::spawn(expect_closed(fwd_port, Duration::from_secs(30)));
+    fwd_proc
+        .wait_log_any(
+            &["is exposed on another S of this cluster"],
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "the forwarder was not told where the name is\n{}",
+                fwd_proc.report()
+            )
+        });
+    client.abort();
+    drop(fwd_proc);
+
+    // One of three etcd members down: nothing notices.
+    etcd.kill(0);
+    let c = lab.agent("c", &s2);
+    let c_proc = c.expose(&target, "fresh", &[]);
+    wait_registered(&c, &c_proc, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "a claim with one etcd member down\n{}",
+                cluster_reports(&s1, &s2, &[&c_proc])
+            )
+        });
+
+    // etcd out of reach: a new claim is refused with the reason; registered agents stay.
+    etcd.kill(1);
+    etcd.kill(2);
+    let d = lab.agent("d", &s1);
+    let d_proc = d.expose(&target, "later", &[]);
+    d_proc
+        .wait_log_any(&["cannot reach its etcd cluster"], Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "no reason given while etcd is down\n{}",
+                cluster_reports(&s1, &s2, &[&d_proc])
+            )
+        });
+    assert!(
+        registered_id(&c).await.is_some(),
+        "c was dropped while etcd was down"
+    );
+    assert!(
+        registered_id(winner).await.is_some(),
+        "the owner was dropped while etcd was down"
+    );
+
+    // etcd back: the waiting claim goes through by itself.
+    for i in 0..3 {
+        etcd.restart(i);
+    }
+    etcd.wait_healthy()
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let back = Instant::now();
+    wait_registered(&d, &d_proc, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "the claim did not go through after etcd came back\n{}\n{}",
+                cluster_reports(&s1, &s2, &[&d_proc]),
+                etcd.reports()
+            )
+        });
+    println!(
+        "the waiting claim went through {:.1} s after etcd answered again",
+        back.elapsed().as_secs_f64()
+    );
+    for p in [s1.proc(), s2.proc(), winner_proc, &c_proc, &d_proc] {
+        p.assert_running("at the end");
+        p.assert_no_panic();
+    }
+}

@@ -24,6 +24,8 @@ Configuration file keys (TOML; all optional; relay/relay.example.toml documents 
   relay_rate_per_ip = 200000000      as --relay-rate-per-ip
   relay_idle_timeout = 600           as --relay-idle-timeout
   name_expiry_days = 365             as --name-expiry-days (default: names never expire)
+  etcd = [\"http://...\"]            as --etcd (cluster mode)
+  public_addr = \"host:7000\"          as --public-addr
 
 Logging: RUST_LOG (default: info), e.g. RUST_LOG=p2ptun_relay=debug.";
 
@@ -116,6 +118,17 @@ pub struct Cli {
     /// [default: names never expire].
     #[arg(long, value_name = "DAYS", value_parser = parse_days, allow_hyphen_values = true)]
     pub name_expiry_days: Option<u64>,
+
+    /// Cluster mode: share names (and which S each agent is on) with the other S that use
+    /// this etcd: its client URLs, repeated or separated by commas
+    /// (http://10.0.0.5:2379,http://10.0.0.6:2379).
+    #[arg(long, value_name = "URL", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+
+    /// Cluster mode: the HOST:PORT agents reach this S at [default: --listen, when it is a
+    /// specific address].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub public_addr: Option<String>,
 }
 
 /// A day count of at least 1; negative and zero ones get the same message as in the file.
@@ -174,6 +187,12 @@ impl Cli {
         }
         if let Some(days) = self.name_expiry_days {
             config.name_expiry_days = Some(days);
+        }
+        if !self.etcd.is_empty() {
+            config.etcd = self.etcd;
+        }
+        if let Some(addr) = self.public_addr {
+            config.public_addr = Some(addr);
         }
     }
 }

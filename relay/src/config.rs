@@ -157,6 +157,12 @@ pub struct RelayConfig {
     /// Days a name may go unused by its owner before S gives it up for anyone to claim;
     /// `None` keeps names for good (see [`crate::names`]).
     pub name_expiry_days: Option<u64>,
+    /// Cluster mode: the client URLs of the etcd S shares with the other S of its cluster
+    /// (see [`crate::cluster`]); empty for a standalone S.
+    pub etcd: Vec<String>,
+    /// Cluster mode: the address agents reach this S at, `HOST:PORT`, as the other members
+    /// hand it out; `None` means `listen` (which must then be a specific address).
+    pub public_addr: Option<String>,
 }
 
 /// What `name_expiry_days` takes, for the file's and the flag's errors alike.
@@ -176,6 +182,8 @@ impl Default for RelayConfig {
             limits: Limits::default(),
             relay: RelayBudgets::default(),
             name_expiry_days: None,
+            etcd: Vec::new(),
+            public_addr: None,
         }
     }
 }
@@ -194,6 +202,8 @@ impl fmt::Debug for RelayConfig {
             .field("limits", &self.limits)
             .field("relay", &self.relay)
             .field("name_expiry_days", &self.name_expiry_days)
+            .field("etcd", &self.etcd)
+            .field("public_addr", &self.public_addr)
             .finish()
     }
 }
@@ -218,6 +228,53 @@ impl RelayConfig {
             p => p.checked_add(1)?,
         };
         Some(SocketAddr::new(listen.ip(), port))
+    }
+
+    /// Where agents reach this S, in cluster mode: `public_addr`, else `listen` when it is
+    /// a specific address.
+    pub fn cluster_addr(&self) -> Option<String> {
+        self.public_addr.clone().or_else(|| {
+            (!self.listen.ip().is_unspecified() && self.listen.port() != 0)
+                .then(|| self.listen.to_string())
+        })
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let invalid = |key, problem: String| Err(ConfigError::Invalid { key, problem });
+        if self.etcd.is_empty() {
+            if self.public_addr.is_some() {
+                return invalid(
+                    "public_addr",
+                    "is for cluster mode: set `etcd` (--etcd) too, or leave it out".into(),
+                );
+            }
+            return Ok(());
+        }
+        if let Err(e) = crate::etcd::Etcd::new(&self.etcd, Duration::from_secs(1)) {
+            return invalid("etcd", e);
+        }
+        if let Some(addr) = &self.public_addr {
+            if let Err(e) = p2ptun::config::parse_server(addr) {
+                return invalid("public_addr", e);
+            }
+        }
+        if self.cluster_addr().is_none() {
+            return invalid(
+                "public_addr",
+                format!(
+                    "must be set in cluster mode when `listen` ({}) is not an address agents                      can reach; give the HOST:PORT they use, such as relay1.example.com:7000",
+                    self.listen
+                ),
+            );
+        }
+        if self.name_expiry_days.is_some() {
+            return invalid(
+                "name_expiry_days",
+                "is not supported in cluster mode yet (names are kept in etcd for good);                  leave it out"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     /// How long a name may go unused before S gives it up, if ever.
@@ -278,6 +335,7 @@ impl RelayConfig {
                 problem: format!("must be {EXPIRY_DAYS}, not 0"),
             });
         }
+        self.validate_cluster()?;
         if self.tokens.iter().any(|t| t.trim().is_empty()) {
             return Err(ConfigError::Invalid {
                 key: "tokens",
@@ -367,6 +425,12 @@ pub struct FileConfig {
     /// See [`RelayConfig::name_expiry_days`].
     #[serde(default, deserialize_with = "de_name_expiry_days")]
     pub name_expiry_days: Option<u64>,
+    /// See [`RelayConfig::etcd`].
+    #[serde(default, deserialize_with = "de_etcd")]
+    pub etcd: Option<Vec<String>>,
+    /// See [`RelayConfig::public_addr`].
+    #[serde(default, deserialize_with = "de_public_addr")]
+    pub public_addr: Option<String>,
 }
 
 const ADDR: &str = "an IP address and port in quotes, such as \"0.0.0.0:7000\" or \"[::]:7000\"";
@@ -418,6 +482,8 @@ field_readers! {
     de_relay_rate_per_ip: u64 = "relay_rate_per_ip", BYTE_RATE;
     de_relay_idle_timeout: u64 = "relay_idle_timeout", SECONDS;
     de_name_expiry_days: u64 = "name_expiry_days", EXPIRY_DAYS;
+    de_etcd: Vec<String> = "etcd", "a list of etcd client URLs, such as [\"http://10.0.0.5:2379\"]";
+    de_public_addr: String = "public_addr", "HOST:PORT in quotes, such as \"relay1.example.com:7000\"";
 }
 
 impl FileConfig {
@@ -511,6 +577,8 @@ impl FileConfig {
                     .map_or(defaults.relay.idle_timeout, Duration::from_secs),
             },
             name_expiry_days: self.name_expiry_days,
+            etcd: self.etcd.unwrap_or_default(),
+            public_addr: self.public_addr,
         })
     }
 }
@@ -731,14 +799,20 @@ mod tests {
     fn the_example_file_parses_with_every_key_uncommented() {
         let text = include_str!("../relay.example.toml");
         assert_eq!(parse(text).unwrap(), RelayConfig::default());
-        let uncommented: String = text
-            .lines()
-            .map(|l| match l.strip_prefix("# ") {
-                Some(rest) if rest.contains(" = ") => rest,
-                _ => l,
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
+        // The cluster keys on their own: cluster mode takes no `name_expiry_days`.
+        let cluster_key = |l: &str| l.starts_with("# etcd =") || l.starts_with("# public_addr =");
+        let uncomment = |cluster: bool| -> String {
+            text.lines()
+                .map(|l| match l.strip_prefix("# ") {
+                    Some(rest) if rest.contains(" = ") && cluster_key(l) == cluster => rest,
+                    _ => l,
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let clustered = parse(&uncomment(true)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!clustered.etcd.is_empty() && clustered.public_addr.is_some());
+        let uncommented = uncomment(false);
         let config = parse(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
         assert_eq!(config.tokens, vec!["change-me"]);
         assert_eq!(config.metrics, Some("127.0.0.1:9100".parse().unwrap()));

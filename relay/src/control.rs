@@ -26,6 +26,7 @@ use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::cluster::{Cluster, ClusterError};
 use crate::forward;
 use crate::limits::ConnSlot;
 use crate::metrics::Metrics;
@@ -181,12 +182,15 @@ pub async fn serve(shared: Arc<Shared>, conn: Connection, carrier: Carrier, slot
     };
     streams.abort_all();
     if let Some((registration, _)) = session.registered() {
-        if session
+        let gone = session
             .shared
             .directory()
-            .remove(&fingerprint, registration)
-        {
+            .remove(&fingerprint, registration);
+        if gone {
             tracing::info!(%remote, agent = %fingerprint, %reason, "agent went offline");
+            if let Some(cluster) = &session.shared.cluster {
+                cluster.left(fingerprint).await;
+            }
         }
         let closed = session.shared.relay().remove_party(registration);
         for c in closed {
@@ -239,6 +243,12 @@ async fn handle_stream(session: Arc<Session>, mut send: SendStream, mut recv: Re
                 reply_error(&session, &mut send, err).await;
                 return;
             }
+            // In a cluster the names are claimed in etcd first (a network round trip, so
+            // outside every lock); `register` then only lists them.
+            let claimed = match cluster_claim(&session, version, token.as_deref(), &names).await {
+                Ok(claimed) => claimed,
+                Err(err) => return refuse_registration(&session, send, err).await,
+            };
             let request = RegisterRequest {
                 version,
                 token,
@@ -248,6 +258,9 @@ async fn handle_stream(session: Arc<Session>, mut send: SendStream, mut recv: Re
             };
             match register(&session, request) {
                 Ok((registration, push_rx, observed)) => {
+                    if let (Some(cluster), Some(names)) = (&session.shared.cluster, claimed) {
+                        cluster.arrived(session.fingerprint, names).await;
+                    }
                     registered_stream(&session, send, recv, push_rx, observed, registration).await
                 }
                 Err(err) => refuse_registration(&session, send, err).await,
@@ -258,7 +271,7 @@ async fn handle_stream(session: Arc<Session>, mut send: SendStream, mut recv: Re
             candidates,
             nat,
         } => {
-            let answer = match connect(&session, &name, candidates, nat) {
+            let answer = match connect(&session, &name, candidates, nat).await {
                 Ok(rendezvous) => ServerMsg::Rendezvous(rendezvous),
                 Err(err) => {
                     session.shared.metrics.error(err.code);
@@ -269,9 +282,17 @@ async fn handle_stream(session: Arc<Session>, mut send: SendStream, mut recv: Re
             let _ = write_and_finish(&mut send, &answer).await;
         }
         ClientMsg::UpdateNames { names } => {
-            let answer = match update_names(&session, names) {
+            // Unregistered, `update_names` refuses it; nothing may be claimed for it.
+            let claimed = match session.registered() {
+                Some(_) => cluster_claim(&session, PROTOCOL_VERSION, None, &names).await,
+                None => Ok(None),
+            };
+            let answer = match claimed.and_then(|_| update_names(&session, names)) {
                 Ok(names) => {
                     tracing::info!(agent = %session.fingerprint, ?names, "names updated");
+                    if let Some(cluster) = &session.shared.cluster {
+                        cluster.arrived(session.fingerprint, names).await;
+                    }
                     ServerMsg::NamesUpdated
                 }
                 Err(err) => {
@@ -296,7 +317,13 @@ async fn handle_stream(session: Arc<Session>, mut send: SendStream, mut recv: Re
             token,
             name,
         } => {
-            let answer = match release(&session, version, token.as_deref(), &name) {
+            let released = match &session.shared.cluster {
+                Some(cluster) => {
+                    cluster_release(&session, cluster, version, token.as_deref(), &name).await
+                }
+                None => release(&session, version, token.as_deref(), &name),
+            };
+            let answer = match released {
                 Ok(()) => ServerMsg::Released { name },
                 Err(err) => {
                     session.shared.metrics.error(err.code);
@@ -366,6 +393,100 @@ fn release(
     Metrics::inc(&shared.metrics.names_released_total);
     tracing::info!(agent = %session.fingerprint, %name, "name released by its owner");
     Ok(())
+}
+
+/// In cluster mode, claims `names` for this connection's key in etcd, after checking what
+/// must come first (version, token, the names themselves); the names claimed. Nothing to do
+/// (`None`) for a standalone S.
+async fn cluster_claim(
+    session: &Session,
+    version: u32,
+    token: Option<&str>,
+    names: &[String],
+) -> Result<Option<Vec<String>>, ErrorMsg> {
+    let Some(cluster) = &session.shared.cluster else {
+        return Ok(None);
+    };
+    if session.registered().is_none() {
+        check_version_and_token(session, version, token)?;
+    }
+    let names = checked_names(names.to_vec())?;
+    cluster
+        .claim(&names, session.fingerprint)
+        .await
+        .map_err(|e| cluster_error(&e, "claim"))?;
+    Ok(Some(names))
+}
+
+/// [`release`] for an S in a cluster: the claim is given back in etcd.
+async fn cluster_release(
+    session: &Session,
+    cluster: &Cluster,
+    version: u32,
+    token: Option<&str>,
+    name: &str,
+) -> Result<(), ErrorMsg> {
+    check_version_and_token(session, version, token)?;
+    validate_name(name).map_err(|e| error(ErrorCode::InvalidName, e))?;
+    cluster
+        .release(name, session.fingerprint)
+        .await
+        .map_err(|e| cluster_error(&e, "release"))?;
+    Metrics::inc(&session.shared.metrics.names_released_total);
+    tracing::info!(agent = %session.fingerprint, %name, "name released by its owner (cluster)");
+    Ok(())
+}
+
+/// What an agent is told when the cluster refused or could not be asked.
+fn cluster_error(e: &ClusterError, what: &str) -> ErrorMsg {
+    match e {
+        ClusterError::Taken(name) => error(
+            ErrorCode::NameTaken,
+            format!(
+                "the name '{name}' is held by another identity in this S's cluster; choose \
+                 another name, or run with the key that claimed it"
+            ),
+        ),
+        ClusterError::Unknown(name) => error(
+            ErrorCode::UnknownName,
+            format!(
+                "nobody holds the name '{name}' in this S's cluster; there is nothing to release"
+            ),
+        ),
+        ClusterError::InUse(name) => error(
+            ErrorCode::BadRequest,
+            format!(
+                "the name '{name}' is exposed right now by an agent with this key (on some S \
+                 of the cluster); stop that agent, then release it"
+            ),
+        ),
+        ClusterError::Unreachable(why) => {
+            tracing::warn!(error = %why, "a name {what} waits for etcd");
+            error(
+                ErrorCode::Internal,
+                format!(
+                    "S cannot reach its etcd cluster to {what} names ({why}); agents already \
+                     registered are served, and this works again once etcd answers"
+                ),
+            )
+        }
+    }
+}
+
+/// Why `name` is not exposed here, if an agent exposes it on another S of the cluster.
+async fn elsewhere(cluster: &Cluster, name: &str) -> Option<ErrorMsg> {
+    let owner = cluster.owner(name).await.ok()??;
+    let presence = cluster.presence(&owner).await.ok()??;
+    presence.names.iter().any(|n| n == name).then(|| {
+        error(
+            ErrorCode::UnknownName,
+            format!(
+                "'{name}' is exposed on another S of this cluster ({}); forwarding across S \
+                 is not supported yet: run this forward with --server {}",
+                presence.home_addr, presence.home_addr
+            ),
+        )
+    })
 }
 
 /// Replaces the registered agent's candidates (a port mapping it got after registering).
@@ -473,7 +594,9 @@ fn update_names(session: &Session, names: Vec<String>) -> Result<Vec<String>, Er
     };
     let names = checked_names(names)?;
     let mut claims = session.shared.names();
-    claim(session, &mut claims, &names)?;
+    if session.shared.cluster.is_none() {
+        claim(session, &mut claims, &names)?;
+    }
     let listed =
         session
             .shared
@@ -512,7 +635,9 @@ fn register(
     let fingerprint = session.fingerprint;
     // Held until the agent is listed: a Release of this key sees both or neither.
     let mut claims = session.shared.names();
-    claim(session, &mut claims, &names)?;
+    if session.shared.cluster.is_none() {
+        claim(session, &mut claims, &names)?;
+    }
 
     let (push, push_rx) = mpsc::channel(PUSH_QUEUE);
     let registration = session.shared.next_registration();
@@ -637,7 +762,7 @@ async fn refuse_registration(session: &Session, mut send: SendStream, err: Error
 }
 
 /// Introduces the asking agent to the one exposing `name`.
-fn connect(
+async fn connect(
     session: &Session,
     name: &str,
     candidates: Vec<Candidate>,
@@ -657,11 +782,13 @@ fn connect(
             format!("nobody exposes '{name}' on this server right now"),
         )
     };
-    let exposer = session
-        .shared
-        .directory()
-        .exposing(name)
-        .ok_or_else(unknown)?;
+    let exposer = session.shared.directory().exposing(name);
+    let Some(exposer) = exposer else {
+        return Err(match &session.shared.cluster {
+            Some(cluster) => elsewhere(cluster, name).await.unwrap_or_else(unknown),
+            None => unknown(),
+        });
+    };
     let forwarder = Side {
         fingerprint: me.fingerprint,
         candidates: &candidates,

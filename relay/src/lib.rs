@@ -14,7 +14,8 @@
 //! - [`config`] and [`cli`]: what S is told, from a TOML file and flags.
 //! - [`server`]: [`Relay`], binding the sockets and admitting connections.
 //! - [`control`]: one agent's control connection (Register, Connect, pushes).
-//! - [`names`]: who owns which name, kept on disk; [`directory`]: who is online.
+//! - [`names`]: who owns which name, kept on disk; [`directory`]: who is online;
+//!   [`cluster`] (on [`etcd`]): names, members and presence shared by the S of a cluster.
 //! - [`rendezvous`]: the introduction of two agents (credentials, start time).
 //! - [`relay`]: relay sessions and their budgets; [`forward`]: moving relayed packets.
 //! - [`tcp`]: QUIC over TCP for agents whose UDP is blocked; [`links`]: the real address
@@ -28,9 +29,11 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod directory;
+pub mod etcd;
 pub mod forward;
 pub mod identity;
 pub mod limits;

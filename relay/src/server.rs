@@ -17,8 +17,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+use crate::cluster::{self, Cluster, Member};
 use crate::config::{ConfigError, RelayConfig};
 use crate::control::{self, close, Carrier};
+use crate::etcd::Etcd;
 use crate::forward;
 use crate::identity::{ServerIdentity, ServerIdentityError};
 use crate::limits::{Admission, ConnLimits, ConnSlot};
@@ -204,12 +206,37 @@ impl Relay {
                  (set `tokens` or pass --token)"
             );
         }
+        let cluster = match config.cluster_addr().filter(|_| !config.etcd.is_empty()) {
+            Some(public_addr) => {
+                // Validation has checked the URLs.
+                let etcd = Etcd::new(&config.etcd, cluster::CALL_TIMEOUT).map_err(|problem| {
+                    ConfigError::Invalid {
+                        key: "etcd",
+                        problem,
+                    }
+                })?;
+                tracing::info!(
+                    etcd = ?etcd.endpoints(),
+                    %public_addr,
+                    "cluster mode: names are claimed in etcd, shared with the other S there"
+                );
+                Some(Cluster::new(
+                    etcd,
+                    Member {
+                        public_addr,
+                        fingerprint,
+                    },
+                ))
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared::new(
             tokens,
             names,
             metrics,
             stun_alt_addr,
             config.relay,
+            cluster,
         ));
         if config.relay.session_bytes == 0 {
             tracing::info!("relaying is off (relay_session_bytes = 0)");
@@ -292,6 +319,9 @@ impl Relay {
         background.spawn(stun.run());
         background.spawn(forward::sweep(Arc::clone(&shared)));
         background.spawn(sweep_names(Arc::clone(&shared)));
+        if let Some(cluster) = &shared.cluster {
+            background.spawn(Arc::clone(cluster).run());
+        }
         let front = TcpFront {
             socket,
             links: Arc::clone(&links),
@@ -335,6 +365,9 @@ impl Relay {
             }
         }
         endpoint.close(close::SHUTDOWN, b"S is shutting down");
+        if let Some(cluster) = &shared.cluster {
+            let _ = tokio::time::timeout(Duration::from_secs(1), cluster.leave()).await;
+        }
         // Lets the close frames go out; agents learn at once instead of by timeout.
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     }

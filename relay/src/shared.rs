@@ -14,6 +14,7 @@ use p2ptun::proto::{Candidate, Fingerprint, NatMapping, ServerMsg};
 use quinn::Connection;
 use tokio::sync::mpsc;
 
+use crate::cluster::Cluster;
 use crate::config::RelayBudgets;
 use crate::directory::Directory;
 use crate::metrics::Metrics;
@@ -75,6 +76,9 @@ pub struct Shared {
     pub stun_alt: SocketAddr,
     /// The relay sessions.
     pub relay: Mutex<Sessions<Agent>>,
+    /// The cluster this S is a member of, if any: then names are claimed there, not in
+    /// `names`.
+    pub cluster: Option<Arc<Cluster>>,
     next_registration: AtomicU64,
     /// Counts the relayed packets S split (their fragments' packet numbers).
     splits: AtomicU32,
@@ -88,6 +92,7 @@ impl Shared {
         metrics: Arc<Metrics>,
         stun_alt: SocketAddr,
         budgets: RelayBudgets,
+        cluster: Option<Arc<Cluster>>,
     ) -> Self {
         Shared {
             tokens,
@@ -96,6 +101,7 @@ impl Shared {
             metrics,
             stun_alt,
             relay: Mutex::new(Sessions::new(budgets)),
+            cluster,
             next_registration: AtomicU64::new(UNREGISTERED + 1),
             splits: AtomicU32::new(0),
         }

@@ -128,15 +128,16 @@ impl Peers {
                 Ok(rv) => return Ok((rv, reg)),
                 Err(e) if unknown_name(&e) => {
                     if tokio::time::Instant::now() + NAME_RETRY > give_up {
+                        // S's own words: in a cluster they say which S has the name.
                         tracing::warn!(
                             %name,
                             server = %ctx.opts.server,
-                            "'{name}' is not registered on S: no agent exposes it (waited {}s)",
+                            "'{name}' is not registered on S: {e} (waited {}s)",
                             WAIT_FOR_NAME.as_secs()
                         );
                         bail!(
-                            "'{name}' is not registered on S at {}: no agent exposes it (is \
-                             the exposing agent running, with the same S?)",
+                            "'{name}' is not registered on S at {}: {e} (is the exposing agent \
+                             running, with the same S?)",
                             ctx.opts.server
                         );
                     }

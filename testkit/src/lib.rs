@@ -5,7 +5,7 @@
 //!
 //! - Modules: [`kit`] (tunnels), [`natlab`] (NAT routers and hosts in network namespaces),
 //!   [`support`] (the NAT-lab tests' tunnels, paced transfers and drop rules), [`flood`]
-//!   (hostile traffic toward S), [`udp`] (UDP services: an echo service, a checked client,
+//!   (hostile traffic toward S), [`etcd`] (a real etcd cluster on loopback), [`udp`] (UDP services: an echo service, a checked client,
 //!   the agents' datagram counts). One crate, compiled once for every test binary.
 //! - Binaries: the agent is `p2ptun` beside the test binary's `deps` folder, which cargo
 //!   builds for the package's tests. The relay belongs to another package of the
@@ -29,6 +29,7 @@
 //! log filter (default `info`);
 //! `P2PTUN_TEST_KEEP=1` keeps every test's temp dir (a failed test's is always kept).
 
+pub mod etcd;
 pub mod flood;
 pub mod kit;
 pub mod natlab;

@@ -1,0 +1,153 @@
+//! A real etcd cluster on 127.0.0.1 for the cluster tests: Debian's `etcd` (package
+//! `etcd-server`), one process per member, each with its own data directory in the test's
+//! files, so a member can be killed and started again with its data.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use p2ptun_relay::etcd::Etcd;
+
+use crate::{free_port, installed, Lab, Proc};
+
+/// How long a new cluster may take to answer.
+const HEALTHY: Duration = Duration::from_secs(20);
+
+struct Member {
+    name: String,
+    client: u16,
+    peer: u16,
+    proc: Option<Proc>,
+}
+
+/// Some etcd members on loopback that form one cluster.
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    initial: String,
+    dir: PathBuf,
+    logs: PathBuf,
+}
+
+impl EtcdCluster {
+    /// Whether etcd is installed.
+    pub fn available() -> bool {
+        installed("etcd", "--version")
+    }
+
+    /// Starts `n` members and waits until the cluster answers.
+    pub async fn start(lab: &Lab, n: usize) -> anyhow::Result<EtcdCluster> {
+        let members: Vec<Member> = (1..=n)
+            .map(|i| Member {
+                name: format!("e{i}"),
+                client: free_port(),
+                peer: free_port(),
+                proc: None,
+            })
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = EtcdCluster {
+            members,
+            initial,
+            dir: lab.path().join("etcd"),
+            logs: lab.logs(),
+        };
+        for i in 0..n {
+            cluster.launch(i);
+        }
+        cluster.wait_healthy().await?;
+        Ok(cluster)
+    }
+
+    fn launch(&mut self, i: usize) {
+        let m = &self.members[i];
+        let mut cmd = Command::new("etcd");
+        cmd.arg("--name")
+            .arg(&m.name)
+            .arg("--data-dir")
+            .arg(self.dir.join(&m.name))
+            .arg(format!(
+                "--listen-client-urls=http://127.0.0.1:{}",
+                m.client
+            ))
+            .arg(format!(
+                "--advertise-client-urls=http://127.0.0.1:{}",
+                m.client
+            ))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{}", m.peer))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{}",
+                m.peer
+            ))
+            .arg(format!("--initial-cluster={}", self.initial))
+            .arg("--initial-cluster-state=new")
+            .arg("--initial-cluster-token=p2ptun-test");
+        let proc = Proc::spawn(&format!("etcd-{}", m.name), cmd, &self.logs);
+        self.members[i].proc = Some(proc);
+    }
+
+    /// The client URLs, comma-separated (`--etcd`).
+    pub fn urls(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A client of the whole cluster.
+    pub fn client(&self) -> Etcd {
+        let urls: Vec<String> = self.urls().split(',').map(str::to_owned).collect();
+        Etcd::new(&urls, Duration::from_secs(2)).expect("the cluster's URLs")
+    }
+
+    /// Waits until a write through the cluster succeeds.
+    pub async fn wait_healthy(&self) -> anyhow::Result<()> {
+        let client = self.client();
+        let start = Instant::now();
+        loop {
+            match client.put("/p2ptun-test/health", b"ok", None).await {
+                Ok(()) => return Ok(()),
+                Err(e) if start.elapsed() > HEALTHY => {
+                    bail!(
+                        "etcd did not answer within {HEALTHY:?}: {e}\n{}",
+                        self.reports()
+                    )
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// Kills member `i` (0-based).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(p) = self.members[i].proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts member `i` again with its data.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.launch(i);
+    }
+
+    /// Every member's log tail.
+    pub fn reports(&self) -> String {
+        self.members
+            .iter()
+            .filter_map(|m| m.proc.as_ref().map(Proc::report))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The value etcd holds for `key`, as text.
+    pub async fn get(&self, key: &str) -> anyhow::Result<Option<String>> {
+        let kv = self.client().get(key).await.context("reading etcd")?;
+        Ok(kv.map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
+    }
+}
