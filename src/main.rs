@@ -125,7 +125,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Up { config } => {
             let opts = ConfigFile::load(&config)?.into_options(over.clone())?;
-            let source = agent::services::Source { path: config, over };
+            let source = agent::services::Source::new(config, move |path| {
+                ConfigFile::load(path)?.into_options(over.clone())
+            });
             return agent::run(opts, Some(source)).await;
         }
         Command::Expose {

@@ -22,24 +22,43 @@ use super::ctx::{AgentOptions, Ctx, ExposeSpec, ForwardSpec, Protocol};
 use super::forward;
 use super::peers::Peers;
 use super::udp;
-use crate::config::{ConfigFile, Overrides};
 
 /// How often the config file is looked at for a change.
 const FILE_POLL: Duration = Duration::from_secs(2);
 
+/// How a config file becomes options (the caller's parser, with its flags on top).
+type ReadOptions = dyn Fn(&Path) -> anyhow::Result<AgentOptions> + Send + Sync;
+
 /// Where `up` read its services, to read them again.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Source {
     /// The config file.
     pub path: PathBuf,
-    /// The flags and environment, which take precedence over the file.
-    pub over: Overrides,
+    read: Arc<ReadOptions>,
+}
+
+impl fmt::Debug for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Source").field("path", &self.path).finish()
+    }
 }
 
 impl Source {
+    /// The file at `path`, read into options by `read` (which applies the command line's
+    /// flags on top: `p2ptun up` passes the config file's own parser).
+    pub fn new(
+        path: PathBuf,
+        read: impl Fn(&Path) -> anyhow::Result<AgentOptions> + Send + Sync + 'static,
+    ) -> Source {
+        Source {
+            path,
+            read: Arc::new(read),
+        }
+    }
+
     /// The options the file describes now.
     pub fn read(&self) -> anyhow::Result<AgentOptions> {
-        ConfigFile::load(&self.path)?.into_options(self.over.clone())
+        (self.read)(&self.path)
     }
 }
 
@@ -363,10 +382,16 @@ mod tests {
 
     #[test]
     fn settings_a_running_agent_cannot_take_are_named() {
-        let base = ConfigFile::parse("[[forward]]\nname = \"a\"\nlocal = \"4000\"\n")
-            .unwrap()
-            .into_options(Overrides::default())
-            .unwrap();
+        let base = AgentOptions {
+            server: "127.0.0.1:7000".into(),
+            token: None,
+            server_fingerprint: None,
+            state_dir: PathBuf::from("/tmp/p2ptun-test"),
+            bind: "[::]:0".parse().unwrap(),
+            exposes: Vec::new(),
+            forwards: Vec::new(),
+            portmap: crate::portmap::Mode::default(),
+        };
         assert!(restart_only(&base, &base.clone()).is_empty());
         let moved = AgentOptions {
             server: "203.0.113.9:7000".into(),
