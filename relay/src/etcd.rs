@@ -216,15 +216,14 @@ fn endpoint(url: &str) -> Result<String, String> {
         ));
     }
     let hostport = rest.strip_prefix("http://").unwrap_or(rest);
-    match hostport.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
-            Ok(hostport.to_owned())
-        }
-        _ => Err(format!(
-            "'{url}' is not an etcd client URL; expected http://HOST:PORT, such as \
-             http://127.0.0.1:2379"
-        )),
-    }
+    p2ptun::config::parse_server(hostport)
+        .map(|()| hostport.to_owned())
+        .map_err(|why| {
+            format!(
+                "'{url}' is not an etcd client URL ({why}); expected http://HOST:PORT, such \
+                 as http://127.0.0.1:2379"
+            )
+        })
 }
 
 fn b64(s: &str) -> String {

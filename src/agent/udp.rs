@@ -87,47 +87,51 @@ pub async fn forward(peers: Peers, spec: ForwardSpec, socket: Arc<UdpSocket>) {
         // A new channel has room for its first datagram.
         let _ = tx.try_send(payload);
         clients.insert(client, tx);
-        let local = LocalEnd::Client {
-            socket: socket.clone(),
-            addr: client,
-            rx,
-        };
         tokio::spawn(forward_flow(
             peers.clone(),
             spec.clone(),
             stats.clone(),
-            local,
+            socket.clone(),
+            client,
+            rx,
         ));
     }
 }
 
-/// Opens a flow to the exposer of `spec.name` for the client `local` stands for and runs it.
+/// Opens a flow to the exposer of `spec.name` for `client` (whose datagrams the forward
+/// queues in `rx`; replies go out on `socket`) and runs it.
 /// If it cannot be opened, says why, and drops (and counts) the client's datagrams for
 /// [`RETRY_AFTER`] before the next datagram may try again: a client that keeps sending to a
 /// name nobody serves costs one attempt and one log line per pause, not per datagram.
-async fn forward_flow(peers: Peers, spec: ForwardSpec, stats: Arc<FlowStats>, local: LocalEnd) {
-    let LocalEnd::Client { addr: client, .. } = &local else {
-        return;
-    };
-    let client = *client;
+async fn forward_flow(
+    peers: Peers,
+    spec: ForwardSpec,
+    stats: Arc<FlowStats>,
+    socket: Arc<UdpSocket>,
+    client: SocketAddr,
+    mut rx: mpsc::Receiver<Bytes>,
+) {
     match open_flow(&peers, &spec.name).await {
         Ok((conn, peer, send, recv)) => {
-            let Some(_open) = stats.try_open(u64::MAX) else {
-                return;
-            };
+            let _open = stats.open();
             peers
                 .ctx()
                 .activity
                 .peer_connected(peer, Role::Forward, &spec.name, &conn);
             let id = u64::from(send.id());
-            let rx = peers.ctx().demuxes.of(&conn).register(id, stats.clone());
+            let from_tunnel = peers.ctx().demuxes.of(&conn).register(id, stats.clone());
             tracing::debug!(name = %spec.name, %client, id, "UDP flow open");
             let flow = Flow {
                 conn,
                 id,
-                rx,
+                rx: from_tunnel,
                 stats,
                 name: spec.name.clone(),
+            };
+            let local = LocalEnd::Client {
+                socket,
+                addr: client,
+                rx,
             };
             let ended = flow::run(flow, local, send, recv, spec.flows.idle_timeout).await;
             tracing::debug!(name = %spec.name, %client, id, ?ended, "UDP flow ended");
@@ -138,22 +142,20 @@ async fn forward_flow(peers: Peers, spec: ForwardSpec, stats: Arc<FlowStats>, lo
                 %client,
                 "UDP flow not opened: {e:#}; this client's datagrams are dropped for {RETRY_AFTER:?}"
             );
-            if let LocalEnd::Client { mut rx, .. } = local {
-                let pause = tokio::time::sleep(RETRY_AFTER);
-                tokio::pin!(pause);
-                loop {
-                    tokio::select! {
-                        got = rx.recv() => match got {
-                            Some(p) => stats.dropped_from_local(1, p.len() as u64),
-                            None => return,
-                        },
-                        () = &mut pause => break,
-                    }
+            let pause = tokio::time::sleep(RETRY_AFTER);
+            tokio::pin!(pause);
+            loop {
+                tokio::select! {
+                    got = rx.recv() => match got {
+                        Some(p) => stats.dropped_from_local(1, p.len() as u64),
+                        None => return,
+                    },
+                    () = &mut pause => break,
                 }
-                rx.close();
-                while let Ok(p) = rx.try_recv() {
-                    stats.dropped_from_local(1, p.len() as u64);
-                }
+            }
+            rx.close();
+            while let Ok(p) = rx.try_recv() {
+                stats.dropped_from_local(1, p.len() as u64);
             }
         }
     }

@@ -202,6 +202,14 @@ impl FlowStats {
         Some(OpenFlow(self.clone()))
     }
 
+    /// Counts a new flow as open until the guard is dropped, with no cap (the forward caps
+    /// its flows by the clients it keeps).
+    pub fn open(self: &Arc<Self>) -> OpenFlow {
+        bump(&self.open, 1);
+        bump(&self.total, 1);
+        OpenFlow(self.clone())
+    }
+
     /// Counts `n` datagrams from the local side that were dropped before reaching a flow.
     pub fn dropped_from_local(&self, n: u64, bytes: u64) {
         bump(&self.from_local, n);

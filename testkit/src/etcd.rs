@@ -90,19 +90,21 @@ impl EtcdCluster {
         self.members[i].proc = Some(proc);
     }
 
-    /// The client URLs, comma-separated (`--etcd`).
-    pub fn urls(&self) -> String {
+    fn url_list(&self) -> Vec<String> {
         self.members
             .iter()
             .map(|m| format!("http://127.0.0.1:{}", m.client))
-            .collect::<Vec<_>>()
-            .join(",")
+            .collect()
+    }
+
+    /// The client URLs, comma-separated (`--etcd`).
+    pub fn urls(&self) -> String {
+        self.url_list().join(",")
     }
 
     /// A client of the whole cluster.
     pub fn client(&self) -> Etcd {
-        let urls: Vec<String> = self.urls().split(',').map(str::to_owned).collect();
-        Etcd::new(&urls, Duration::from_secs(2)).expect("the cluster's URLs")
+        Etcd::new(&self.url_list(), Duration::from_secs(2)).expect("the cluster's URLs")
     }
 
     /// Waits until a write through the cluster succeeds.
