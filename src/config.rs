@@ -188,7 +188,7 @@ impl ConfigFile {
             .server
             .or(self.server)
             .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
-        parse_server(&server).map_err(anyhow::Error::msg)?;
+        parse_servers(&server).map_err(anyhow::Error::msg)?;
         Ok(AgentOptions {
             server,
             token: over.token.or(self.token),
@@ -272,6 +272,26 @@ pub fn parse_target(s: &str) -> Result<String, String> {
     parse_server(s).map(|_| s.to_owned())
 }
 
+/// One or more `HOST:PORT` addresses of S, separated by commas (the S of one cluster); each
+/// checked as [`parse_server`] checks it.
+pub fn parse_servers(s: &str) -> Result<Vec<String>, String> {
+    let list: Vec<String> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if list.is_empty() {
+        return Err(format!(
+            "'{s}' names no server; expected HOST:PORT[,HOST:PORT...]"
+        ));
+    }
+    for addr in &list {
+        parse_server(addr)?;
+    }
+    Ok(list)
+}
+
 /// A `HOST:PORT` address (names are resolved later).
 pub fn parse_server(s: &str) -> Result<(), String> {
     let what = "HOST:PORT";
@@ -329,6 +349,20 @@ mod tests {
         for bad in ["99999", "localhost:22", "x"] {
             assert!(parse_bind(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn several_servers_are_a_comma_list_each_checked() {
+        assert_eq!(
+            parse_servers("s1.example.net:7000, [2001:db8::1]:7000,").unwrap(),
+            ["s1.example.net:7000", "[2001:db8::1]:7000"]
+        );
+        assert_eq!(parse_servers("127.0.0.1:7000").unwrap(), ["127.0.0.1:7000"]);
+        let err = parse_servers("s1.example.net:7000,s2.example.net").unwrap_err();
+        assert!(err.contains("'s2.example.net' is not HOST:PORT"), "{err}");
+        assert!(parse_servers(" , ")
+            .unwrap_err()
+            .contains("names no server"));
     }
 
     #[test]

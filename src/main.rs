@@ -98,7 +98,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let server = over
                 .server
                 .unwrap_or_else(|| p2ptun::config::DEFAULT_SERVER.to_owned());
-            p2ptun::config::parse_server(&server).map_err(anyhow::Error::msg)?;
+            // A cluster's S share one network view; the first one answers for all.
+            let server = p2ptun::config::parse_servers(&server)
+                .map_err(anyhow::Error::msg)?
+                .into_iter()
+                .next()
+                .unwrap_or_default();
             let bind = over
                 .bind
                 .unwrap_or_else(|| std::net::SocketAddr::from(([0u16; 8], 0)));

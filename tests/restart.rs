@@ -5,8 +5,6 @@
 
 use p2ptun_testkit as common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -40,30 +38,15 @@ async fn agents_survive_a_relay_restart() {
     conn.ping(512, Duration::from_secs(10))
         .await
         .expect("first ping");
-    let stop = Arc::new(AtomicBool::new(false));
-    let rounds = Arc::new(AtomicU64::new(0));
-    let pinger = {
-        let (stop, rounds) = (stop.clone(), rounds.clone());
-        tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(180);
-            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-                conn.ping(512, Duration::from_secs(10))
-                    .await
-                    .map_err(|e| e.context(format!("ping {}", conn.rounds())))?;
-                rounds.store(conn.rounds(), Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            anyhow::Ok(conn)
-        })
-    };
+    let pinger = Pinger::start(conn, 512, Duration::from_millis(100));
 
     // Crash S; the open connection goes on.
     pair.relay_mut().kill();
-    let before = rounds.load(Ordering::SeqCst);
+    let before = pinger.rounds();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let during = rounds.load(Ordering::SeqCst);
+    let during = pinger.rounds();
     assert!(
-        !pinger.is_finished(),
+        pinger.is_alive(),
         "the open connection failed while S was down"
     );
     assert!(
@@ -120,16 +103,12 @@ async fn agents_survive_a_relay_restart() {
     .unwrap_or_else(|e| panic!("transfer after the restart: {e:#}"));
 
     // The connection from before the crash never broke.
-    stop.store(true, Ordering::SeqCst);
-    let conn = within("the pinger to stop", Duration::from_secs(30), pinger)
-        .await
-        .expect("pinger task")
-        .unwrap_or_else(|e| {
-            panic!(
-                "the connection opened before S crashed broke: {e:#}\n{}",
-                pair.reports()
-            )
-        });
+    let conn = pinger.finish().await.unwrap_or_else(|e| {
+        panic!(
+            "the connection opened before S crashed broke: {e:#}\n{}",
+            pair.reports()
+        )
+    });
     assert!(conn.rounds() > during, "no round trips after the restart");
     conn.close().await.expect("close the long connection");
     pair.assert_healthy("after S restarted");
@@ -179,21 +158,8 @@ async fn reload_changes_services_while_a_connection_goes_on() {
     wait_tunnel(port_a, &procs, TUNNEL_READY).await;
 
     // A's connection, busy all along.
-    let mut conn = EchoConn::open(port_a).await.expect("open A's connection");
-    let stop = Arc::new(AtomicBool::new(false));
-    let busy = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-                conn.ping(4096, Duration::from_secs(10))
-                    .await
-                    .map_err(|e| e.context(format!("A's round {}", conn.rounds())))?;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            anyhow::Ok(conn.rounds())
-        })
-    };
+    let conn = EchoConn::open(port_a).await.expect("open A's connection");
+    let busy = Pinger::start(conn, 4096, Duration::from_millis(50));
 
     // B added: the exposer by `p2ptun reload`, the forwarder by saving its file.
     write(
@@ -259,11 +225,11 @@ async fn reload_changes_services_while_a_connection_goes_on() {
         out.stderr
     );
 
-    stop.store(true, Ordering::SeqCst);
     let rounds = busy
+        .finish()
         .await
-        .expect("A's task")
-        .unwrap_or_else(|e| panic!("A's connection failed during the reloads: {e:#}"));
+        .unwrap_or_else(|e| panic!("A's connection failed during the reloads: {e:#}"))
+        .rounds();
     assert!(rounds > 10, "A's connection carried {rounds} rounds");
     for p in procs {
         p.assert_no_panic();
@@ -280,11 +246,21 @@ fn cluster_reports(s1: &Relay, s2: &Relay, extra: &[&Proc]) -> String {
     reports(&all)
 }
 
+/// `field` of an agent's status, once it is registered.
+async fn registered_field(agent: &Agent, field: &str) -> Option<String> {
+    let st = agent_status(&agent.state_dir).await.ok()?;
+    let me = st.into_iter().find(|s| s["registered"] == true)?;
+    me[field].as_str().map(str::to_owned)
+}
+
+/// The S an agent reports as its home, once it is registered.
+async fn home_of(agent: &Agent) -> Option<String> {
+    registered_field(agent, "server").await
+}
+
 /// The fingerprint an agent reports in its status, once it is registered.
 async fn registered_id(agent: &Agent) -> Option<String> {
-    let st = agent_status(&agent.state_dir).await.ok()?;
-    let me = st.iter().find(|s| s["registered"] == true)?;
-    me["id"].as_str().map(str::to_owned)
+    registered_field(agent, "id").await
 }
 
 /// Waits up to `limit` for the agent to be registered; its fingerprint.
@@ -374,31 +350,85 @@ async fn one_name_one_key_across_two_s_on_etcd() {
         .unwrap_or_else(|| panic!("the other key was not refused\n{}", again_proc.report()));
     assert!(again_proc.log().contains(TAKEN), "{}", again_proc.report());
 
-    // A forward of the name through the S its exposer is not registered with.
-    let elsewhere = if winner_proc.log().contains(&s1.server()) {
-        &s2
-    } else {
-        &s1
-    };
-    let fwd = lab.agent("f", elsewhere);
+    // A forward through the S the exposer is not registered with: that S names the
+    // exposer's home, where the forwarder registers too ("visits") and where the
+    // introduction and the punch happen.
+    let on_s1 = home_of(winner).await == Some(s1.server());
+    let fwd = lab.agent("f", if on_s1 { &s2 } else { &s1 });
     let fwd_port = free_port();
     let fwd_proc = fwd.forward("contested", fwd_port);
-    // The forwarder asks S for the name when a connection comes.
-    let client = tokio::spawn(expect_closed(fwd_port, Duration::from_secs(30)));
-    fwd_proc
+    let all = |s1: &Relay, s2: &Relay| cluster_reports(s1, s2, &[winner_proc, &fwd_proc]);
+    wait_tunnel(
+        fwd_port,
+        &[s1.proc(), s2.proc(), winner_proc, &fwd_proc],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(
+        fwd_proc.log().contains("visiting S of the cluster"),
+        "the forwarder did not register with the exposer's home\n{}",
+        all(&s1, &s2)
+    );
+    within(
+        "a transfer across two S",
+        Duration::from_secs(60),
+        transfer_via(fwd_port, Mode::Duplex, (3, 4 << 20), (4, 4 << 20)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("transfer across two S: {e:#}\n{}", all(&s1, &s2)));
+
+    // The exposer's home dies under an open connection: the connection, direct, carries
+    // on; the exposer moves home to the other S, which its home listed at registration.
+    let conn = EchoConn::open(fwd_port)
+        .await
+        .expect("open the long connection");
+    let pinger = Pinger::start(conn, 512, Duration::from_millis(100));
+    let killed = Instant::now();
+    if on_s1 {
+        s1.kill();
+    } else {
+        s2.kill();
+    }
+    winner_proc
         .wait_log_any(
-            &["is exposed on another S of this cluster"],
-            Duration::from_secs(20),
+            &["moved home to another S of the cluster"],
+            Duration::from_secs(30),
         )
         .await
-        .unwrap_or_else(|| {
-            panic!(
-                "the forwarder was not told where the name is\n{}",
-                fwd_proc.report()
-            )
-        });
-    client.abort();
+        .unwrap_or_else(|| panic!("the exposer did not move home\n{}", all(&s1, &s2)));
+    let moved = killed.elapsed();
+    println!(
+        "the exposer moved home {:.1} s after its S died",
+        moved.as_secs_f64()
+    );
+    assert!(
+        moved < Duration::from_secs(20),
+        "the exposer took {moved:?} to move home (about 15 s expected)"
+    );
+    // New connections are introduced by the new home, where both agents are now.
+    wait_tunnel(fwd_port, &[winner_proc, &fwd_proc], Duration::from_secs(30)).await;
+    within(
+        "a transfer after the exposer moved home",
+        Duration::from_secs(60),
+        transfer_via(fwd_port, Mode::Duplex, (5, 1 << 20), (6, 1 << 20)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("transfer after the move: {e:#}\n{}", all(&s1, &s2)));
+    let conn = pinger.finish().await.unwrap_or_else(|e| {
+        panic!(
+            "the connection opened before the exposer's S died broke: {e:#}\n{}",
+            all(&s1, &s2)
+        )
+    });
+    assert!(conn.rounds() > 50, "{} round trips", conn.rounds());
+    conn.close().await.expect("close the long connection");
     drop(fwd_proc);
+    // The dead S back, for what follows.
+    if on_s1 {
+        s1.restart().await;
+    } else {
+        s2.restart().await;
+    }
 
     // One of three etcd members down: nothing notices.
     etcd.kill(0);

@@ -15,7 +15,7 @@ use p2ptun::proto::relay;
 use p2ptun::proto::stun::{self, ResponseExtras, Tid};
 use p2ptun::proto::{
     write_frame, Candidate, CandidateKind, ClientMsg, Credentials, ErrorCode, ErrorMsg,
-    Fingerprint, NatMapping, Rendezvous, ServerMsg, PROTOCOL_VERSION,
+    Fingerprint, NatMapping, Rendezvous, ServerInfo, ServerMsg, PROTOCOL_VERSION,
 };
 use p2ptun::punch::tcp::hello;
 use p2ptun::tunnel::header;
@@ -168,6 +168,20 @@ fn control(dir: &Path) {
             ServerMsg::Registered {
                 observed: addr("203.0.113.9:41000"),
                 stun_alt: Some(addr("198.51.100.1:7001")),
+                members: vec![ServerInfo {
+                    addr: "relay2.example.net:7000".into(),
+                    fingerprint: Fingerprint([9; 32]),
+                }],
+            },
+        ),
+        (
+            "elsewhere",
+            ServerMsg::Elsewhere {
+                name: "home".into(),
+                server: ServerInfo {
+                    addr: "198.51.100.2:7000".into(),
+                    fingerprint: Fingerprint([9; 32]),
+                },
             },
         ),
         ("rendezvous", ServerMsg::Rendezvous(rendezvous.clone())),

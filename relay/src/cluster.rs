@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use p2ptun::proto::Fingerprint;
+use p2ptun::proto::{Fingerprint, ServerInfo};
 use serde::{Deserialize, Serialize};
 
 use crate::etcd::{Compare, Etcd, EtcdError, Op};
@@ -62,22 +62,14 @@ impl From<EtcdError> for ClusterError {
     }
 }
 
-/// One S of the cluster, as `members/` holds it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Member {
-    /// The address agents reach it at, `HOST:PORT`.
-    pub public_addr: String,
-    /// Its key's fingerprint.
-    pub fingerprint: Fingerprint,
-}
+/// One S of the cluster, as `members/` holds it (and as agents are told of it).
+pub type Member = ServerInfo;
 
 /// An agent's presence, as `presence/` holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Presence {
-    /// The fingerprint of the S it is registered with.
-    pub home: Fingerprint,
-    /// That S's public address.
-    pub home_addr: String,
+    /// The S it is registered with.
+    pub home: Member,
     /// The names it exposes.
     pub names: Vec<String>,
 }
@@ -93,6 +85,9 @@ pub struct Cluster {
     present: Mutex<HashMap<Fingerprint, Presence>>,
     /// Claims this S saw confirmed by etcd, for reconnects while etcd is out of reach.
     confirmed: Mutex<HashMap<String, Fingerprint>>,
+    /// The members as last read from etcd, renewed with the lease: what registering agents
+    /// are told, without a call to etcd each.
+    members: Mutex<Vec<Member>>,
 }
 
 fn name_key(name: &str) -> String {
@@ -121,6 +116,7 @@ impl Cluster {
             lease: Mutex::new(0),
             present: Mutex::default(),
             confirmed: Mutex::default(),
+            members: Mutex::default(),
         })
     }
 
@@ -182,7 +178,7 @@ impl Cluster {
             };
             match (&renewed, reachable) {
                 (Ok(()), Some(false) | None) => tracing::info!(
-                    member = %self.me.public_addr,
+                    member = %self.me.addr,
                     etcd = ?self.etcd.endpoints(),
                     "in the cluster: etcd answers"
                 ),
@@ -194,6 +190,12 @@ impl Cluster {
                 _ => {}
             }
             reachable = Some(renewed.is_ok());
+            if renewed.is_ok() {
+                match self.members().await {
+                    Ok(members) => *lock(&self.members) = members,
+                    Err(e) => tracing::debug!(error = %e, "members not read"),
+                }
+            }
             tokio::time::sleep(RENEW_EVERY).await;
         }
     }
@@ -308,12 +310,34 @@ impl Cluster {
             .collect())
     }
 
+    /// The members as last read (at most [`RENEW_EVERY`] old while etcd answers), with this
+    /// S among them even before the first read.
+    pub fn known_members(&self) -> Vec<Member> {
+        let mut members = lock(&self.members).clone();
+        if !members.contains(&self.me) {
+            members.insert(0, self.me.clone());
+        }
+        members
+    }
+
+    /// This S, as the cluster knows it.
+    pub fn me(&self) -> &Member {
+        &self.me
+    }
+
     /// Records that `agent` is registered here exposing `names`. Best effort: without etcd
     /// it is written when the lease is renewed from scratch.
+    ///
+    /// An agent exposing nothing here has no presence: presence only says where a name is
+    /// served, and such an agent may be homed on another S and only visiting this one to
+    /// reach a name (its presence there must stay).
     pub async fn arrived(&self, agent: Fingerprint, names: Vec<String>) {
+        if names.is_empty() {
+            self.left(agent).await;
+            return;
+        }
         let presence = Presence {
-            home: self.me.fingerprint,
-            home_addr: self.me.public_addr.clone(),
+            home: self.me.clone(),
             names,
         };
         let value = serde_json::to_vec(&presence).unwrap_or_default();
@@ -330,9 +354,11 @@ impl Cluster {
         }
     }
 
-    /// Records that `agent` left this S.
+    /// Records that `agent` left this S (or exposes nothing here any more).
     pub async fn left(&self, agent: Fingerprint) {
-        lock(&self.present).remove(&agent);
+        if lock(&self.present).remove(&agent).is_none() {
+            return;
+        }
         if let Err(e) = self.etcd.delete(&presence_key(&agent)).await {
             tracing::debug!(%agent, error = %e, "presence not deleted");
         }

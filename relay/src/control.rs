@@ -272,7 +272,11 @@ async fn handle_stream(session: Arc<Session>, mut send: SendStream, mut recv: Re
             nat,
         } => {
             let answer = match connect(&session, &name, candidates, nat).await {
-                Ok(rendezvous) => ServerMsg::Rendezvous(rendezvous),
+                Ok(Introduction::Here(rendezvous)) => ServerMsg::Rendezvous(rendezvous),
+                Ok(Introduction::Elsewhere(server)) => {
+                    tracing::debug!(agent = %session.fingerprint, %name, server = %server.addr, "the name is exposed on another S");
+                    ServerMsg::Elsewhere { name, server }
+                }
                 Err(err) => {
                     session.shared.metrics.error(err.code);
                     tracing::debug!(agent = %session.fingerprint, %name, error = %err, "connect refused");
@@ -473,20 +477,21 @@ fn cluster_error(e: &ClusterError, what: &str) -> ErrorMsg {
     }
 }
 
-/// Why `name` is not exposed here, if an agent exposes it on another S of the cluster.
-async fn elsewhere(cluster: &Cluster, name: &str) -> Option<ErrorMsg> {
+/// The S of the cluster whose agent exposes `name`, if another one's does.
+async fn elsewhere(cluster: &Cluster, name: &str) -> Option<p2ptun::proto::ServerInfo> {
     let owner = cluster.owner(name).await.ok()??;
     let presence = cluster.presence(&owner).await.ok()??;
-    presence.names.iter().any(|n| n == name).then(|| {
-        error(
-            ErrorCode::UnknownName,
-            format!(
-                "'{name}' is exposed on another S of this cluster ({}); forwarding across S \
-                 is not supported yet: run this forward with --server {}",
-                presence.home_addr, presence.home_addr
-            ),
-        )
-    })
+    // A presence naming this S is one its agent left a moment ago.
+    (presence.names.iter().any(|n| n == name) && presence.home != *cluster.me())
+        .then_some(presence.home)
+}
+
+/// What S answers a forwarder's request for a name.
+enum Introduction {
+    /// The exposer is registered here: the introduction.
+    Here(p2ptun::proto::Rendezvous),
+    /// It is registered with another S of the cluster, which introduces it.
+    Elsewhere(p2ptun::proto::ServerInfo),
 }
 
 /// Replaces the registered agent's candidates (a port mapping it got after registering).
@@ -700,6 +705,12 @@ async fn registered_stream(
     let registered = ServerMsg::Registered {
         observed,
         stun_alt: stun_alt_for(session.shared.stun_alt, session.carrier.local_ip(conn)),
+        members: session
+            .shared
+            .cluster
+            .as_ref()
+            .map(|c| c.known_members())
+            .unwrap_or_default(),
     };
     if let Err(e) = timed_write(&mut send, &registered).await {
         conn.close(
@@ -767,7 +778,7 @@ async fn connect(
     name: &str,
     candidates: Vec<Candidate>,
     nat: NatMapping,
-) -> Result<p2ptun::proto::Rendezvous, ErrorMsg> {
+) -> Result<Introduction, ErrorMsg> {
     let Some((_, me)) = session.registered() else {
         return Err(error(
             ErrorCode::BadRequest,
@@ -784,10 +795,13 @@ async fn connect(
     };
     let exposer = session.shared.directory().exposing(name);
     let Some(exposer) = exposer else {
-        return Err(match &session.shared.cluster {
-            Some(cluster) => elsewhere(cluster, name).await.unwrap_or_else(unknown),
-            None => unknown(),
-        });
+        return match &session.shared.cluster {
+            Some(cluster) => match elsewhere(cluster, name).await {
+                Some(home) => Ok(Introduction::Elsewhere(home)),
+                None => Err(unknown()),
+            },
+            None => Err(unknown()),
+        };
     };
     let forwarder = Side {
         fingerprint: me.fingerprint,
@@ -838,7 +852,7 @@ async fn connect(
         relay,
         "introduced"
     );
-    Ok(intro.to_forwarder)
+    Ok(Introduction::Here(intro.to_forwarder))
 }
 
 /// Draws a session ID and makes its relay session, if S relays. Returns the ID and whether

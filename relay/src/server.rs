@@ -148,6 +148,9 @@ impl Relay {
         transport.max_concurrent_uni_streams(RELAY_STREAMS_PER_AGENT.into());
         transport.stream_receive_window(STREAM_WINDOW.into());
         transport.receive_window(CONNECTION_WINDOW.into());
+        // The agents' keep-alives keep both ends' timers and the NAT mappings fresh; S
+        // sending its own as well would double the packets of an idle S with many agents.
+        transport.keep_alive_interval(None);
         server_config.transport_config(Arc::new(transport));
 
         let (udp, tcp_listener, listen) = bind_listen(config.listen, config.ipv4_fallback).await?;
@@ -223,7 +226,7 @@ impl Relay {
                 Some(Cluster::new(
                     etcd,
                     Member {
-                        public_addr,
+                        addr: public_addr,
                         fingerprint,
                     },
                 ))

@@ -121,7 +121,32 @@ pub struct Dialed {
     pub carrier: Carrier,
 }
 
-type Racer<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Dialed>> + Send + 'a>>;
+/// One contestant of a race: a boxed future that may fail.
+pub type Racer<'a, T> = Pin<Box<dyn Future<Output = anyhow::Result<T>> + Send + 'a>>;
+
+/// Runs `racers` at once and returns the first to succeed; the others are dropped, which
+/// abandons what they were doing. Fails with every racer's error when none succeeds.
+pub async fn first_ok<T>(racers: Vec<Racer<'_, T>>) -> Result<T, Vec<String>> {
+    let mut racers: Vec<Option<Racer<'_, T>>> = racers.into_iter().map(Some).collect();
+    let mut errors = Vec::new();
+    std::future::poll_fn(|cx| {
+        for slot in racers.iter_mut() {
+            let Some(racer) = slot else { continue };
+            if let Poll::Ready(result) = racer.as_mut().poll(cx) {
+                *slot = None;
+                match result {
+                    Ok(won) => return Poll::Ready(Ok(won)),
+                    Err(e) => errors.push(format!("{e:#}")),
+                }
+            }
+        }
+        if racers.iter().all(Option::is_none) {
+            return Poll::Ready(Err(std::mem::take(&mut errors)));
+        }
+        Poll::Pending
+    })
+    .await
+}
 
 /// Runs `attempts` (from [`schedule`]) and returns the first connection made; the others
 /// are dropped, which abandons their handshakes and closes their TCP connections. Fails
@@ -132,11 +157,11 @@ pub async fn dial(
     host: &str,
     attempts: &[Attempt],
 ) -> anyhow::Result<Dialed> {
-    let mut racers: Vec<Option<Racer<'_>>> = attempts
+    let racers = attempts
         .iter()
         .map(|&a| {
             let config = config.clone();
-            let racer: Racer<'_> = Box::pin(async move {
+            Box::pin(async move {
                 tokio::time::sleep(a.at).await;
                 let conn = match a.carrier {
                     Carrier::Udp => connect_udp(ctx, config, a.addr, host).await,
@@ -148,28 +173,12 @@ pub async fn dial(
                     server: a.addr,
                     carrier: a.carrier,
                 })
-            });
-            Some(racer)
+            }) as Racer<'_, Dialed>
         })
         .collect();
-    let mut errors = Vec::new();
-    std::future::poll_fn(|cx| {
-        for slot in racers.iter_mut() {
-            let Some(racer) = slot else { continue };
-            if let Poll::Ready(result) = racer.as_mut().poll(cx) {
-                *slot = None;
-                match result {
-                    Ok(dialed) => return Poll::Ready(Ok(dialed)),
-                    Err(e) => errors.push(format!("{e:#}")),
-                }
-            }
-        }
-        if racers.iter().all(Option::is_none) {
-            return Poll::Ready(Err(anyhow!("{}", errors.join("; "))));
-        }
-        Poll::Pending
-    })
-    .await
+    first_ok(racers)
+        .await
+        .map_err(|errors| anyhow!("{}", errors.join("; ")))
 }
 
 /// A QUIC handshake with S over the agent's UDP socket.
@@ -272,6 +281,32 @@ mod tests {
             order(addrs(&["192.0.2.1:7000"])),
             addrs(&["192.0.2.1:7000"])
         );
+    }
+
+    #[tokio::test]
+    async fn the_first_success_wins_and_failures_are_all_reported() {
+        let after = |ms: u64, ok: bool| -> Racer<'static, u64> {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                if ok {
+                    Ok(ms)
+                } else {
+                    Err(anyhow!("racer {ms} failed"))
+                }
+            })
+        };
+        // A quick failure does not end the race; the quickest success wins it.
+        let won = first_ok(vec![after(30, true), after(5, false), after(20, true)]).await;
+        assert_eq!(won, Ok(20));
+        let lost = first_ok(vec![after(1, false), after(2, false)]).await;
+        assert_eq!(
+            lost,
+            Err(vec![
+                "racer 1 failed".to_owned(),
+                "racer 2 failed".to_owned()
+            ])
+        );
+        assert_eq!(first_ok::<u64>(Vec::new()).await, Err(Vec::new()));
     }
 
     #[test]

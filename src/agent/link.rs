@@ -30,6 +30,7 @@ use super::heal::Heal;
 use super::paths::{self, ChannelPath, Outcome};
 use super::registration::Registered;
 use super::relay::{self, RelayPath};
+use super::visit::Visits;
 use crate::path::PathKind;
 use crate::proto::{Fingerprint, Rendezvous};
 use crate::punch::checker::Event;
@@ -74,16 +75,23 @@ enum Command {
 /// The links of this agent, one per peer.
 pub struct Links {
     ctx: Arc<Ctx>,
+    visits: Arc<Visits>,
     links: Mutex<HashMap<Fingerprint, Weak<Link>>>,
 }
 
 impl Links {
-    /// No links yet.
-    pub fn new(ctx: Arc<Ctx>) -> Arc<Links> {
+    /// No links yet; introductions are asked for through `visits`.
+    pub fn new(ctx: Arc<Ctx>, visits: Arc<Visits>) -> Arc<Links> {
         Arc::new(Links {
             ctx,
+            visits,
             links: Mutex::default(),
         })
+    }
+
+    /// Where introductions are asked for, across the S of a cluster.
+    pub fn visits(&self) -> &Arc<Visits> {
+        &self.visits
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Fingerprint, Weak<Link>>> {
@@ -112,7 +120,7 @@ impl Links {
             match links.get(&peer).and_then(Weak::upgrade) {
                 Some(link) => link,
                 None => {
-                    let link = Arc::new(Link::start(self.ctx.clone(), peer));
+                    let link = Arc::new(Link::start(self.ctx.clone(), self.visits.clone(), peer));
                     links.insert(peer, Arc::downgrade(&link));
                     link
                 }
@@ -171,11 +179,11 @@ impl Drop for Link {
 }
 
 impl Link {
-    fn start(ctx: Arc<Ctx>, peer: Fingerprint) -> Link {
+    fn start(ctx: Arc<Ctx>, visits: Arc<Visits>, peer: Fingerprint) -> Link {
         let virt = ctx.router.socket().table_write().peer(peer);
         let (commands, rx) = mpsc::unbounded_channel();
         let (view_tx, view) = watch::channel(LinkView::default());
-        let driver = Driver::new(ctx.clone(), peer, virt, commands.clone(), view_tx);
+        let driver = Driver::new(ctx.clone(), visits, peer, virt, commands.clone(), view_tx);
         let task = tokio::spawn(driver.run(rx));
         Link {
             peer,
@@ -252,6 +260,10 @@ type Inbox<T> = (mpsc::Sender<T>, mpsc::Receiver<T>);
 /// The link's task: all of its state, changed only here.
 struct Driver {
     ctx: Arc<Ctx>,
+    visits: Arc<Visits>,
+    /// The registration with another S of the cluster that the latest introduction came
+    /// through, kept while this link lives (see [`super::visit`]).
+    visit: Option<Arc<Registered>>,
     peer: Fingerprint,
     virt: SocketAddr,
     commands: mpsc::UnboundedSender<Command>,
@@ -276,6 +288,7 @@ struct Driver {
 impl Driver {
     fn new(
         ctx: Arc<Ctx>,
+        visits: Arc<Visits>,
         peer: Fingerprint,
         virt: SocketAddr,
         commands: mpsc::UnboundedSender<Command>,
@@ -285,6 +298,8 @@ impl Driver {
         let local_addrs = local_addrs(&ctx);
         Driver {
             ctx,
+            visits,
+            visit: None,
             peer,
             virt,
             commands,
@@ -414,18 +429,18 @@ impl Driver {
         };
         self.heal.on_attempt_started(now);
         tracing::info!(peer = %self.peer, %name, attempt = self.heal.attempts(), "not on a direct UDP path: asking S for a fresh introduction");
-        let ctx = self.ctx.clone();
+        let visits = self.visits.clone();
         let commands = self.commands.clone();
         let peer = self.peer;
         tokio::spawn(async move {
-            let command = match reg.connect(&name, ctx.candidates(&reg)).await {
-                Ok(rv) if rv.peer_fingerprint == peer => Command::Introduce {
+            let command = match visits.introduce(reg, &name).await {
+                Ok((rv, reg)) if rv.peer_fingerprint == peer => Command::Introduce {
                     rv: Box::new(rv),
                     reg,
                     controlling: true,
                     taken: None,
                 },
-                Ok(rv) => Command::AttemptFailed(format!(
+                Ok((rv, _)) => Command::AttemptFailed(format!(
                     "'{name}' is now exposed by {}, not by this peer",
                     rv.peer_fingerprint
                 )),
@@ -444,6 +459,9 @@ impl Driver {
                 taken,
             } => {
                 self.introduce(*rv, &reg, controlling);
+                if reg.visiting {
+                    self.visit = Some(reg);
+                }
                 if let Some(taken) = taken {
                     let _ = taken.send(());
                 }

@@ -28,6 +28,7 @@ pub mod services;
 pub mod socket;
 pub mod status;
 pub mod udp;
+pub mod visit;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -129,7 +130,8 @@ impl Agent {
         });
         tracing::info!(id = %ctx.identity.fingerprint(), udp = ?ctx.router.socket().local().ok(), "agent started");
 
-        let links = link::Links::new(ctx.clone());
+        let visits = visit::Visits::new(ctx.clone(), events_tx.clone());
+        let links = link::Links::new(ctx.clone(), visits);
         let peers = peers::Peers::new(ctx.clone(), links.clone());
         let services = services::Services::start(ctx.clone(), peers.clone(), listeners, source);
         let answers = socket::Answers {

@@ -123,9 +123,9 @@ impl Peers {
         let ctx = &self.ctx;
         let give_up = tokio::time::Instant::now() + WAIT_FOR_NAME;
         loop {
-            let reg = self.registration().await?;
-            match reg.connect(name, ctx.candidates(&reg)).await {
-                Ok(rv) => return Ok((rv, reg)),
+            let home = self.registration().await?;
+            match self.links.visits().introduce(home, name).await {
+                Ok(found) => return Ok(found),
                 Err(e) if unknown_name(&e) => {
                     if tokio::time::Instant::now() + NAME_RETRY > give_up {
                         // S's own words: in a cluster they say which S has the name.

@@ -8,7 +8,8 @@ use anyhow::anyhow;
 use quinn::Connection;
 
 use crate::proto::{
-    read_frame, write_frame, Candidate, CandidateKind, ClientMsg, NatMapping, Rendezvous, ServerMsg,
+    read_frame, write_frame, Candidate, CandidateKind, ClientMsg, Fingerprint, NatMapping,
+    Rendezvous, ServerInfo, ServerMsg,
 };
 
 /// How long any one exchange with S may take.
@@ -19,6 +20,16 @@ pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Registered {
     /// The control connection.
     pub conn: Connection,
+    /// S as this agent names it: `HOST:PORT` as given with `--server`, or as another S of
+    /// its cluster vouched for it.
+    pub name: String,
+    /// S's key, as checked.
+    pub fingerprint: Fingerprint,
+    /// Whether this agent only visits this S, to reach a name exposed there, while
+    /// registered at home with another one (see [`super::visit`]).
+    pub visiting: bool,
+    /// In a cluster, every S that is up, as this S vouched for them.
+    pub members: Vec<ServerInfo>,
     /// S's address.
     pub server: SocketAddr,
     /// All of S's addresses this agent can use, as resolved for this registration.
@@ -42,6 +53,25 @@ pub struct Registered {
     pub registered_with: Vec<Candidate>,
     /// The send half of the registration stream; finishing it would end the registration.
     pub(super) _registration: quinn::SendStream,
+    /// Tasks that serve this registration alone (a visit's), stopped with it.
+    pub(super) tasks: Vec<tokio::task::AbortHandle>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// S's answer to a forwarder's request for a name.
+#[derive(Debug)]
+pub enum Introduction {
+    /// The introduction to the exposer.
+    Here(Rendezvous),
+    /// The exposer is registered with another S of the cluster, which introduces it.
+    Elsewhere(ServerInfo),
 }
 
 impl Registered {
@@ -50,14 +80,17 @@ impl Registered {
         &self,
         name: &str,
         candidates: Vec<Candidate>,
-    ) -> anyhow::Result<Rendezvous> {
+    ) -> anyhow::Result<Introduction> {
         let msg = ClientMsg::Connect {
             name: name.to_owned(),
             candidates,
             nat: self.nat,
         };
         match self.request(&msg).await? {
-            ServerMsg::Rendezvous(rv) if rv.name == name => Ok(rv),
+            ServerMsg::Rendezvous(rv) if rv.name == name => Ok(Introduction::Here(rv)),
+            ServerMsg::Elsewhere { name: n, server } if n == name => {
+                Ok(Introduction::Elsewhere(server))
+            }
             other => Err(unexpected(other)),
         }
     }

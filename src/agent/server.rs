@@ -1,6 +1,23 @@
-//! The agent's control connection to S: connect, check S's key, register, pass on what S
-//! pushes (introductions, relay sessions closed), and reconnect with backoff whenever the
-//! connection is lost.
+//! The agent's control connection to its home S: pick the home among the servers it knows,
+//! connect, check S's key, register, pass on what S pushes (introductions, relay sessions
+//! closed), and reconnect with backoff, to the same S or another, whenever the connection is
+//! lost.
+//!
+//! # Several servers
+//!
+//! `--server` may list several S (`HOST:PORT,HOST:PORT`), and an S of a cluster hands out
+//! every member at registration. The home is the S whose QUIC handshake completes first when
+//! all are dialled at once: the one with the shortest round trip that answers at all. An
+//! agent keeps its home until the connection to it is lost, then races them all again.
+//!
+//! # Whose keys are trusted
+//!
+//! A server the user gave is checked as for one S: `--server-fingerprint`, a CA the system
+//! trusts, or the key pinned for that address on first use. Any other S is trusted only as
+//! an S already trusted vouches for it: the member list and the answer naming a name's home
+//! S carry each member's key fingerprint (each S writes its own into the cluster's store),
+//! and that S must present exactly that key. A member list is as trustworthy as the S that
+//! sent it; nothing else is taken on first use.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,8 +33,8 @@ use super::dial::{self, Carrier, Dialed};
 use super::known::{PinFile, Pinned};
 use super::registration::{Registered, EXCHANGE_TIMEOUT};
 use crate::proto::{
-    read_frame, write_frame, Candidate, CandidateKind, ClientMsg, ErrorCode, ErrorMsg, NatMapping,
-    Rendezvous, ServerMsg, PROTOCOL_VERSION,
+    read_frame, write_frame, Candidate, CandidateKind, ClientMsg, ErrorCode, ErrorMsg, Fingerprint,
+    NatMapping, Rendezvous, ServerInfo, ServerMsg, PROTOCOL_VERSION,
 };
 use crate::tunnel::tls;
 
@@ -31,6 +48,43 @@ pub enum ServerEvent {
         /// The session.
         session: u64,
     },
+}
+
+/// One S this agent may register with, and how its key is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `HOST:PORT`.
+    pub addr: String,
+    /// The key another S of its cluster vouched for; `None` for a server the user gave.
+    pub vouched: Option<Fingerprint>,
+}
+
+impl From<&ServerInfo> for Target {
+    fn from(info: &ServerInfo) -> Target {
+        Target {
+            addr: info.addr.clone(),
+            vouched: Some(info.fingerprint),
+        }
+    }
+}
+
+/// The servers to choose a home from: those the user gave, then the other members of their
+/// cluster that the last home vouched for.
+fn targets(ctx: &Ctx, members: &[ServerInfo]) -> Vec<Target> {
+    let mut out: Vec<Target> = crate::config::parse_servers(&ctx.opts.server)
+        .unwrap_or_else(|_| vec![ctx.opts.server.clone()])
+        .into_iter()
+        .map(|addr| Target {
+            addr,
+            vouched: None,
+        })
+        .collect();
+    for m in members {
+        if !out.iter().any(|t| t.addr == m.addr) {
+            out.push(Target::from(m));
+        }
+    }
+    out
 }
 
 /// Why a registration attempt failed.
@@ -101,15 +155,29 @@ pub async fn run(
 ) -> anyhow::Error {
     let mut backoff = Backoff::default();
     // A control connection made over UDP while registered over TCP, to register on next.
-    let mut next: Option<(Dialed, Vec<SocketAddr>)> = None;
+    let mut next: Option<(Dialed, Vec<SocketAddr>, Target)> = None;
+    // The members of the home's cluster, as it last vouched for them.
+    let mut members: Vec<ServerInfo> = Vec::new();
+    let mut lost: Option<String> = None;
     loop {
+        let names = ctx.expose_names();
         let attempt = match next.take() {
-            Some((dialed, addrs)) => register_on(&ctx, dialed, &addrs).await,
-            None => register(&ctx).await,
+            Some((dialed, addrs, target)) => {
+                register_on(&ctx, dialed, &addrs, &target, names, false).await
+            }
+            None => register(&ctx, &targets(&ctx, &members), names, false).await,
         };
         match attempt {
             Ok((reg, mut events)) => {
                 backoff.reset();
+                if let Some(old) = lost.take() {
+                    if old != reg.name {
+                        tracing::info!(from = %old, to = %reg.name, "moved home to another S of the cluster");
+                    }
+                }
+                if !reg.members.is_empty() {
+                    members = reg.members.clone();
+                }
                 let reg = Arc::new(reg);
                 current.send_replace(Some(reg.clone()));
                 let pump = tokio::spawn(super::relay::pump(
@@ -124,31 +192,29 @@ pub async fn run(
                 ));
                 let over_tcp = !reg.over_udp;
                 let addrs = reg.server_addrs.clone();
+                let target = Target {
+                    addr: reg.name.clone(),
+                    vouched: targets(&ctx, &members)
+                        .into_iter()
+                        .find(|t| t.addr == reg.name)
+                        .and_then(|t| t.vouched),
+                };
                 // UDP that answered STUN at registration is worth trying again at once.
                 let first_try = if reg.udp_observed.is_some() {
                     Duration::from_secs(1)
                 } else {
                     UDP_RETRY_FIRST
                 };
-                let back_to_udp = udp_works_again(&ctx, &addrs, first_try);
+                let back_to_udp = udp_works_again(&ctx, &addrs, &reg.name, first_try);
                 tokio::pin!(back_to_udp);
                 let why = loop {
                     tokio::select! {
                         frame = read_frame::<ServerMsg, _>(&mut events) => match frame {
-                            Ok(Some(ServerMsg::Incoming(rv))) => {
-                                let event = ServerEvent::Introduced(Box::new(rv), reg.clone());
-                                if pushed.send(event).await.is_err() {
-                                    break "agent shutting down".to_owned();
+                            Ok(Some(msg)) => {
+                                if let Err(why) = pass_on(msg, Some(&reg), &pushed).await {
+                                    break why;
                                 }
                             }
-                            Ok(Some(ServerMsg::RelayClosed { session, reason })) => {
-                                tracing::warn!(session, "S stopped relaying a session: {reason}");
-                                let event = ServerEvent::RelayClosed { session };
-                                if pushed.send(event).await.is_err() {
-                                    break "agent shutting down".to_owned();
-                                }
-                            }
-                            Ok(Some(other)) => tracing::warn!(?other, "unexpected message from S"),
                             Ok(None) => break "S closed the connection".to_owned(),
                             Err(e) => break e.to_string(),
                         },
@@ -158,7 +224,7 @@ pub async fn run(
                                 "UDP to S works again: moving the control connection from TCP \
                                  to UDP"
                             );
-                            next = Some((dialed, addrs.clone()));
+                            next = Some((dialed, addrs.clone(), target.clone()));
                             break String::new();
                         }
                     }
@@ -177,14 +243,14 @@ pub async fn run(
                     .close_reason()
                     .map(|r| r.to_string())
                     .unwrap_or(why);
-                tracing::warn!(server = %ctx.opts.server, "lost the connection to S ({why}); reconnecting");
+                tracing::warn!(server = %reg.name, "lost the connection to S ({why}); reconnecting");
+                lost = Some(reg.name.clone());
             }
             Err(ControlError::Fatal(e)) => return e,
             Err(ControlError::Retry(e)) => {
                 current.send_replace(None);
                 let delay = backoff.next_delay();
                 tracing::warn!(
-                    server = %ctx.opts.server,
                     "cannot register with S: {e:#}; retrying in {:.1}s",
                     delay.as_secs_f64()
                 );
@@ -194,38 +260,77 @@ pub async fn run(
     }
 }
 
-/// One attempt: reach S, verify it, register. Returns the registration and the stream on
-/// which S pushes introductions.
-async fn register(ctx: &Ctx) -> Result<(Registered, quinn::RecvStream), ControlError> {
-    let (dialed, addrs) = reach(ctx).await?;
-    register_on(ctx, dialed, &addrs).await
+/// What S pushes on registration `home` (`None`: a visit, which exposes nothing), passed on
+/// to `pushed`; `Err` says why to stop reading.
+pub(super) async fn pass_on(
+    msg: ServerMsg,
+    home: Option<&Arc<Registered>>,
+    pushed: &mpsc::Sender<ServerEvent>,
+) -> Result<(), String> {
+    let event = match (msg, home) {
+        (ServerMsg::Incoming(rv), Some(reg)) => ServerEvent::Introduced(Box::new(rv), reg.clone()),
+        (ServerMsg::RelayClosed { session, reason }, _) => {
+            tracing::warn!(session, "S stopped relaying a session: {reason}");
+            ServerEvent::RelayClosed { session }
+        }
+        (other, _) => {
+            tracing::warn!(?other, "unexpected message from S");
+            return Ok(());
+        }
+    };
+    pushed
+        .send(event)
+        .await
+        .map_err(|_| "agent shutting down".to_owned())
 }
 
-/// A control connection to S, racing its addresses over UDP and TCP; returns it and all of
-/// S's addresses. S is not verified yet.
-async fn reach(ctx: &Ctx) -> Result<(Dialed, Vec<SocketAddr>), ControlError> {
-    let retry = ControlError::Retry;
-    let addrs = dial::resolve(&ctx.opts.server, ctx.families())
-        .await
-        .map_err(retry)?;
+/// One attempt: reach one of `targets` (the first to answer), verify it, register exposing
+/// `names` (`visiting`: only to reach a name there). Returns the registration and the stream
+/// on which S pushes introductions.
+pub(super) async fn register(
+    ctx: &Ctx,
+    targets: &[Target],
+    names: Vec<String>,
+    visiting: bool,
+) -> Result<(Registered, quinn::RecvStream), ControlError> {
+    let (dialed, addrs, target) = reach(ctx, targets).await?;
+    register_on(ctx, dialed, &addrs, &target, names, visiting).await
+}
+
+/// A control connection to the first of `targets` to answer, racing each one's addresses
+/// over UDP and TCP; returns it, all of that S's addresses, and which one it is. S is not
+/// verified yet.
+async fn reach(
+    ctx: &Ctx,
+    targets: &[Target],
+) -> Result<(Dialed, Vec<SocketAddr>, Target), ControlError> {
     let config = client_config(ctx)?;
-    let attempts = dial::schedule(&addrs, true);
-    let dialed = dial::dial(ctx, config, host_part(&ctx.opts.server), &attempts)
+    let racers = targets.iter().map(|target| {
+        let config = config.clone();
+        Box::pin(async move {
+            let addrs = dial::resolve(&target.addr, ctx.families()).await?;
+            let attempts = dial::schedule(&addrs, true);
+            let dialed = dial::dial(ctx, config, host_part(&target.addr), &attempts)
+                .await
+                .map_err(|e| {
+                    anyhow!(
+                        "cannot reach S at {} (tried {addrs:?} over UDP and TCP): {e:#}",
+                        target.addr
+                    )
+                })?;
+            anyhow::Ok((dialed, addrs, target.clone()))
+        }) as dial::Racer<'_, _>
+    });
+    dial::first_ok(racers.collect())
         .await
-        .map_err(|e| {
-            retry(anyhow!(
-                "cannot reach S at {} (tried {addrs:?} over UDP and TCP): {e:#}",
-                ctx.opts.server
-            ))
-        })?;
-    Ok((dialed, addrs))
+        .map_err(|errors| ControlError::Retry(anyhow!("{}", errors.join("; "))))
 }
 
 /// Gives `name` back to S (`p2ptun release`) on a control connection of its own that never
 /// registers: registering would replace a running agent of this key at S.
 pub async fn release(ctx: &Ctx, name: &str) -> anyhow::Result<()> {
-    let (dialed, _) = reach(ctx).await?;
-    verify_server(ctx, &dialed.conn, host_part(&ctx.opts.server))?;
+    let (dialed, _, target) = reach(ctx, &targets(ctx, &[])).await?;
+    verify_server(ctx, &dialed.conn, &target)?;
     let msg = ClientMsg::Release {
         version: PROTOCOL_VERSION,
         token: ctx.opts.token.clone(),
@@ -260,12 +365,16 @@ fn client_config(ctx: &Ctx) -> Result<quinn::ClientConfig, ControlError> {
         .map_err(|e| ControlError::Fatal(e.into()))
 }
 
-/// Registers on a control connection already made; `addrs` are all of S's addresses, for
-/// learning this agent's reflexive address in the family the connection does not use.
+/// Registers on a control connection to `target` already made, exposing `names`; `addrs` are
+/// all of S's addresses, for learning this agent's reflexive address in the family the
+/// connection does not use.
 async fn register_on(
     ctx: &Ctx,
     dialed: Dialed,
     addrs: &[SocketAddr],
+    target: &Target,
+    names: Vec<String>,
+    visiting: bool,
 ) -> Result<(Registered, quinn::RecvStream), ControlError> {
     let retry = ControlError::Retry;
     let Dialed {
@@ -276,7 +385,7 @@ async fn register_on(
     if carrier == Carrier::Tcp {
         tracing::info!(%server, "connected to S over TCP (UDP gets no answer on this network)");
     }
-    verify_server(ctx, &conn, host_part(&ctx.opts.server)).map_err(ControlError::Fatal)?;
+    let fingerprint = verify_server(ctx, &conn, target).map_err(ControlError::Fatal)?;
     // Over TCP, the address S observes is the TCP connection's mapping, not the UDP socket's
     // that peers punch to. UDP may work after all (the race goes to TCP when a lossy link
     // drops the first QUIC packets): one STUN round trip over UDP, bounded by a few of the
@@ -336,7 +445,7 @@ async fn register_on(
         let msg = ClientMsg::Register {
             version: PROTOCOL_VERSION,
             token: ctx.opts.token.clone(),
-            names: ctx.expose_names(),
+            names: names.clone(),
             candidates: registered_with.clone(),
             nat,
         };
@@ -350,19 +459,30 @@ async fn register_on(
         .map_err(|_| retry(anyhow!("S did not answer the registration")))?
         .map_err(|e| retry(e.context("registration failed")))?;
     match reply {
-        Some(ServerMsg::Registered { observed, .. }) => {
+        Some(ServerMsg::Registered {
+            observed, members, ..
+        }) => {
             let observed = crate::path::canonical(observed);
-            tracing::info!(
-                %server, %observed, ?observed_other, ?nat, over = ?carrier, id = %ctx.identity.fingerprint(),
-                "registered with S{}",
-                match ctx.expose_names() {
-                    names if names.is_empty() => String::new(),
-                    names => format!(" exposing {}", names.join(", ")),
-                }
-            );
+            if visiting {
+                tracing::info!(%server, name = %target.addr, %observed, over = ?carrier, "visiting S of the cluster");
+            } else {
+                tracing::info!(
+                    %server, name = %target.addr, %observed, ?observed_other, ?nat, over = ?carrier,
+                    id = %ctx.identity.fingerprint(), members = members.len(),
+                    "registered with S{}",
+                    match names.is_empty() {
+                        true => String::new(),
+                        false => format!(" exposing {}", names.join(", ")),
+                    }
+                );
+            }
             Ok((
                 Registered {
                     conn,
+                    name: target.addr.clone(),
+                    fingerprint,
+                    visiting,
+                    members,
                     server,
                     server_addrs: addrs.to_vec(),
                     over_udp: carrier == Carrier::Udp,
@@ -373,6 +493,7 @@ async fn register_on(
                     nat,
                     registered_with,
                     _registration: send,
+                    tasks: Vec::new(),
                 },
                 recv,
             ))
@@ -407,7 +528,7 @@ const UDP_RETRY_CAP: Duration = Duration::from_secs(300);
 
 /// Waits until a QUIC handshake with one of `addrs` over UDP succeeds, trying now and then;
 /// never returns while UDP stays blocked.
-async fn udp_works_again(ctx: &Ctx, addrs: &[SocketAddr], first: Duration) -> Dialed {
+async fn udp_works_again(ctx: &Ctx, addrs: &[SocketAddr], host: &str, first: Duration) -> Dialed {
     let mut pause = first;
     loop {
         tokio::time::sleep(pause).await;
@@ -416,7 +537,7 @@ async fn udp_works_again(ctx: &Ctx, addrs: &[SocketAddr], first: Duration) -> Di
             continue;
         };
         let attempts = dial::schedule(addrs, false);
-        match dial::dial(ctx, config, host_part(&ctx.opts.server), &attempts).await {
+        match dial::dial(ctx, config, host_part(host), &attempts).await {
             Ok(dialed) => return dialed,
             Err(e) => tracing::debug!("UDP to S still fails: {e:#}"),
         }
@@ -435,33 +556,41 @@ fn classify(e: ErrorMsg) -> ControlError {
     }
 }
 
-/// Accepts S's key if it matches `--server-fingerprint`, or a CA vouches for it, or it is the
-/// key pinned for this server (pinning it on first use).
-fn verify_server(ctx: &Ctx, conn: &Connection, host: &str) -> anyhow::Result<()> {
+/// Checks the key of S at `target` (see the module's doc): the key its cluster vouched for;
+/// for a server the user gave, `--server-fingerprint`, a CA, or the key pinned for it
+/// (pinned on first use). Returns the key.
+fn verify_server(ctx: &Ctx, conn: &Connection, target: &Target) -> anyhow::Result<Fingerprint> {
     let seen = tls::peer_fingerprint(conn).context("S presented no usable certificate")?;
+    let addr = &target.addr;
+    if let Some(vouched) = target.vouched {
+        if seen != vouched {
+            conn.close(0u32.into(), b"wrong server key");
+            bail!("S at {addr} presented key {seen}, not the {vouched} its cluster vouched for");
+        }
+        return Ok(seen);
+    }
     if let Some(expected) = ctx.opts.server_fingerprint {
         if seen != expected {
             conn.close(0u32.into(), b"wrong server key");
             bail!(
-                "S at {} presented key {seen}, not the {expected} given with --server-fingerprint",
-                ctx.opts.server
+                "S at {addr} presented key {seen}, not the {expected} given with --server-fingerprint"
             );
         }
-        return Ok(());
+        return Ok(seen);
     }
-    if tls::verify_with_system_roots(&tls::peer_certs(conn), host).is_ok() {
-        return Ok(());
+    if tls::verify_with_system_roots(&tls::peer_certs(conn), host_part(addr)).is_ok() {
+        return Ok(seen);
     }
     let pins = PinFile::new(ctx.opts.state_dir.join("known_servers"));
-    match pins.check(&format!("S at {}", ctx.opts.server), &ctx.opts.server, seen) {
-        Ok(Pinned::Known) => Ok(()),
+    match pins.check(&format!("S at {addr}"), addr, seen) {
+        Ok(Pinned::Known) => Ok(seen),
         Ok(Pinned::New) => {
             tracing::warn!(
-                server = %ctx.opts.server,
+                server = %addr,
                 "first connection to this S: pinned its key {seen} in {}",
                 pins.path().display()
             );
-            Ok(())
+            Ok(seen)
         }
         Err(e) => {
             conn.close(0u32.into(), b"server key changed");

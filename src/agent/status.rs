@@ -165,7 +165,10 @@ pub fn snapshot(ctx: &Ctx, links: &Links) -> Status {
     Status {
         pid: std::process::id(),
         id: ctx.identity.fingerprint().to_string(),
-        server: ctx.opts.server.clone(),
+        // The home among the servers given, once there is one.
+        server: registration
+            .as_ref()
+            .map_or_else(|| ctx.opts.server.clone(), |r| r.name.clone()),
         registered: registration.is_some(),
         public: registration.as_ref().map(|r| r.observed),
         public_other: registration.as_ref().and_then(|r| r.observed_other),

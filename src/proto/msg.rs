@@ -88,9 +88,21 @@ pub enum ServerMsg {
         observed: SocketAddr,
         /// Where S answers STUN besides its main port, for mapping-behaviour tests.
         stun_alt: Option<SocketAddr>,
+        /// In a cluster, every S that is up (this one too), vouched for by this S: the
+        /// agent may make any of them its home when this one goes away.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        members: Vec<ServerInfo>,
     },
     /// Answer to [`ClientMsg::Connect`]: the exposer and how to reach it.
     Rendezvous(Rendezvous),
+    /// Answer to [`ClientMsg::Connect`] in a cluster: the exposer of `name` is registered with
+    /// another S, which introduces, punches and relays for it; ask that one.
+    Elsewhere {
+        /// The name asked for.
+        name: String,
+        /// The exposer's home S, vouched for by this S.
+        server: ServerInfo,
+    },
     /// Pushed to an exposer: a forwarder wants one of its names.
     Incoming(Rendezvous),
     /// Pushed to both agents of a session: S stops relaying it (over budget, or the other
@@ -112,6 +124,17 @@ pub enum ServerMsg {
     },
     /// The request failed.
     Error(ErrorMsg),
+}
+
+/// One S of a cluster, as another S vouches for it: where agents reach it and the key it
+/// presents there.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerInfo {
+    /// Its public address, `HOST:PORT`.
+    pub addr: String,
+    /// Its key's fingerprint.
+    pub fingerprint: Fingerprint,
 }
 
 /// An introduction of one agent to another, sent to both sides of a session.
@@ -503,6 +526,13 @@ mod tests {
             ]
         }
 
+        fn server_info() -> impl Strategy<Value = ServerInfo> {
+            (".{0,30}", any::<[u8; 32]>()).prop_map(|(addr, fp)| ServerInfo {
+                addr,
+                fingerprint: Fingerprint(fp),
+            })
+        }
+
         fn server_msg() -> impl Strategy<Value = ServerMsg> {
             let code = prop_oneof![
                 Just(ErrorCode::BadVersion),
@@ -515,8 +545,20 @@ mod tests {
                 Just(ErrorCode::Internal),
             ];
             prop_oneof![
-                (addr(), prop::option::of(addr()))
-                    .prop_map(|(observed, stun_alt)| ServerMsg::Registered { observed, stun_alt }),
+                (
+                    addr(),
+                    prop::option::of(addr()),
+                    prop::collection::vec(server_info(), 0..3)
+                )
+                    .prop_map(|(observed, stun_alt, members)| {
+                        ServerMsg::Registered {
+                            observed,
+                            stun_alt,
+                            members,
+                        }
+                    }),
+                (".{0,20}", server_info())
+                    .prop_map(|(name, server)| ServerMsg::Elsewhere { name, server }),
                 rendezvous().prop_map(ServerMsg::Rendezvous),
                 rendezvous().prop_map(ServerMsg::Incoming),
                 (any::<u64>(), ".{0,20}")

@@ -110,10 +110,26 @@ pub fn peer_transport_config() -> quinn::TransportConfig {
     t
 }
 
+/// How long a control connection lives without hearing from the other side. Shorter than
+/// the peers' 20 s: an agent whose S died must notice, register with another S of the
+/// cluster and get a new relay session there before a relayed peer connection times out.
+/// QUIC restarts the idle timer when it sends the first packet after hearing last, so
+/// silence is noticed between this and this plus [`CONTROL_KEEP_ALIVE`] after it began.
+pub const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// How often an idle control connection sends a keep-alive: often enough that three lost
+/// in a row are forgiven within [`CONTROL_IDLE_TIMEOUT`]; for S, one small packet per
+/// agent every 2 s.
+pub const CONTROL_KEEP_ALIVE: Duration = Duration::from_secs(2);
+
 /// Transport settings of an agent's control connection to S, which also carries relayed
 /// packets as datagrams.
 pub fn control_transport_config() -> quinn::TransportConfig {
     let mut t = transport_config();
+    t.keep_alive_interval(Some(CONTROL_KEEP_ALIVE));
+    if let Ok(idle) = CONTROL_IDLE_TIMEOUT.try_into() {
+        t.max_idle_timeout(Some(idle));
+    }
     t.mtu_discovery_config(Some(control_mtu_discovery()));
     // S sends a relayed payload no datagram can carry, even in pieces, on a stream of its own.
     t.max_concurrent_uni_streams(128u32.into());

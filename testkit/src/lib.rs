@@ -1336,6 +1336,56 @@ impl EchoConn {
     }
 }
 
+/// An [`EchoConn`] pinged in the background (each round trip answered within 10 s, for at
+/// most 180 s in all) while a test breaks things around it.
+pub struct Pinger {
+    stop: Arc<AtomicBool>,
+    rounds: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<anyhow::Result<EchoConn>>,
+}
+
+impl Pinger {
+    /// Starts pinging `conn` with `size` bytes every `every`.
+    pub fn start(mut conn: EchoConn, size: usize, every: Duration) -> Pinger {
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(AtomicU64::new(conn.rounds()));
+        let task = {
+            let (stop, rounds) = (stop.clone(), rounds.clone());
+            tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(180);
+                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    conn.ping(size, Duration::from_secs(10))
+                        .await
+                        .map_err(|e| e.context(format!("ping {}", conn.rounds())))?;
+                    rounds.store(conn.rounds(), Ordering::SeqCst);
+                    tokio::time::sleep(every).await;
+                }
+                anyhow::Ok(conn)
+            })
+        };
+        Pinger { stop, rounds, task }
+    }
+
+    /// Round trips so far.
+    pub fn rounds(&self) -> u64 {
+        self.rounds.load(Ordering::SeqCst)
+    }
+
+    /// Whether it still pings (no round trip has failed).
+    pub fn is_alive(&self) -> bool {
+        !self.task.is_finished()
+    }
+
+    /// Stops pinging; the connection, or the error of the round trip that failed.
+    pub async fn finish(self) -> anyhow::Result<EchoConn> {
+        self.stop.store(true, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .map_err(|_| anyhow!("the pinger did not stop within 30 s"))?
+            .map_err(|e| anyhow!("the pinger task failed: {e}"))?
+    }
+}
+
 /// After shutting down a connection's write side: the service's EOF within 10 s, with no
 /// byte before it.
 pub async fn expect_eof<R: AsyncRead + Unpin>(r: &mut R) -> anyhow::Result<()> {

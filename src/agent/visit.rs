@@ -1,0 +1,115 @@
+//! Introductions across the S of a cluster. A forwarder asks its home S for a name; when the
+//! exposer is homed on another S, the answer names that S, and the introduction, the punch
+//! and any relaying happen there, since only the exposer's home can reach it. The forwarder
+//! then registers with that S too, exposing nothing ("visiting"), and keeps the registration
+//! for as long as a link introduced through it lives: each link holds the [`Registered`] it
+//! was introduced through, and [`Visits`] only remembers them weakly.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+
+use anyhow::{anyhow, bail, Context};
+use tokio::sync::{mpsc, Mutex};
+
+use super::ctx::Ctx;
+use super::registration::{Introduction, Registered};
+use super::server::{self, ServerEvent, Target};
+use crate::proto::{read_frame, Fingerprint, Rendezvous, ServerInfo, ServerMsg};
+
+/// The registrations with S other than the home, one per S while something uses it.
+pub struct Visits {
+    ctx: Arc<Ctx>,
+    /// Where what a visited S pushes goes (relay sessions it closed).
+    pushed: mpsc::Sender<ServerEvent>,
+    /// Held while a registration is being made, so that concurrent asks share one.
+    open: Mutex<HashMap<Fingerprint, Weak<Registered>>>,
+}
+
+impl Visits {
+    /// None yet; what visited S push goes to `pushed`.
+    pub fn new(ctx: Arc<Ctx>, pushed: mpsc::Sender<ServerEvent>) -> Arc<Visits> {
+        Arc::new(Visits {
+            ctx,
+            pushed,
+            open: Mutex::default(),
+        })
+    }
+
+    /// The introduction to the exposer of `name`, asked of `home`, or of the S that `home`
+    /// answers is the exposer's home; with the registration it was made through.
+    pub async fn introduce(
+        &self,
+        home: Arc<Registered>,
+        name: &str,
+    ) -> anyhow::Result<(Rendezvous, Arc<Registered>)> {
+        let ctx = &self.ctx;
+        let server = match home.connect(name, ctx.candidates(&home)).await? {
+            Introduction::Here(rv) => return Ok((rv, home)),
+            Introduction::Elsewhere(server) => server,
+        };
+        if server.fingerprint == home.fingerprint {
+            bail!("S at {} named itself as the home of '{name}'", home.name);
+        }
+        let there = self.to(&server).await.with_context(|| {
+            format!(
+                "'{name}' is exposed through S at {}, which this agent cannot register with",
+                server.addr
+            )
+        })?;
+        match there.connect(name, ctx.candidates(&there)).await? {
+            Introduction::Here(rv) => Ok((rv, there)),
+            // The exposer moved between the two answers; the next attempt asks again.
+            Introduction::Elsewhere(next) => Err(anyhow!(
+                "S at {} says '{name}' is exposed through S at {}, not itself",
+                server.addr,
+                next.addr
+            )),
+        }
+    }
+
+    /// The registration with `server`, made if none lives.
+    async fn to(&self, server: &ServerInfo) -> anyhow::Result<Arc<Registered>> {
+        let mut open = self.open.lock().await;
+        open.retain(|_, reg| reg.strong_count() > 0);
+        if let Some(reg) = open.get(&server.fingerprint).and_then(Weak::upgrade) {
+            if reg.conn.close_reason().is_none() {
+                return Ok(reg);
+            }
+        }
+        let ctx = &self.ctx;
+        let (mut reg, events) =
+            server::register(ctx, &[Target::from(server)], Vec::new(), true).await?;
+        let pump = tokio::spawn(super::relay::pump(
+            ctx.relays.clone(),
+            ctx.router.socket().injector(),
+            reg.conn.clone(),
+        ));
+        let reader = tokio::spawn(read_pushed(events, reg.name.clone(), self.pushed.clone()));
+        reg.tasks = vec![pump.abort_handle(), reader.abort_handle()];
+        let reg = Arc::new(reg);
+        open.insert(server.fingerprint, Arc::downgrade(&reg));
+        Ok(reg)
+    }
+}
+
+/// Passes on what a visited S pushes until its registration ends.
+async fn read_pushed(
+    mut events: quinn::RecvStream,
+    server: String,
+    pushed: mpsc::Sender<ServerEvent>,
+) {
+    loop {
+        match read_frame::<ServerMsg, _>(&mut events).await {
+            Ok(Some(msg)) => {
+                if server::pass_on(msg, None, &pushed).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(%server, "the visit's registration ended: {e}");
+                return;
+            }
+        }
+    }
+}
