@@ -27,7 +27,10 @@
 //! The agents are this process: each has its own key (made before any timing starts), and
 //! its own QUIC control connection made with the agent's own TLS client configuration
 //! (`p2ptun::tunnel::tls::client_config`, ALPN `p2ptun/1`); it checks S's key and sends
-//! `Register` as `p2ptun` does, keeping the registration stream open. Agents are dealt
+//! `Register` as `p2ptun` does, keeping the registration stream open. (One difference: its
+//! transport lets S open no bidirectional stream toward it, where the agent's allows 16,384
+//! that S never opens; quinn allocates state for each allowed one, about 1 MB per
+//! connection, which S does not see but 10,000 agents in one process would.) Agents are dealt
 //! round-robin over one quinn endpoint (one UDP socket) per source address 127.0.x.y
 //! (N/50 of them, at least 8), so that S's per-source limits (`handshake_rate_per_ip` 100/s
 //! with bursts of 200, `max_unregistered_per_ip` 32) see many sources, as they would see
@@ -801,13 +804,19 @@ impl Outcome {
             .join("; ")
     }
 
-    fn failures(w: &Wave) -> String {
+    /// Both waves' failures, by kind.
+    fn failures(a: &Wave, b: &Wave) -> String {
+        let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+        for (k, c) in a.failures.iter().chain(&b.failures) {
+            *kinds.entry(k).or_default() += c;
+        }
         let mut s = String::new();
-        for (k, c) in &w.failures {
+        for (k, c) in kinds {
             let _ = write!(s, "{c}× {k}; ");
         }
-        if w.not_started > 0 {
-            let _ = write!(s, "{} not started (deadline)", w.not_started);
+        let not_started = a.not_started + b.not_started;
+        if not_started > 0 {
+            let _ = write!(s, "{not_started} not started (deadline)");
         }
         s.trim_end_matches("; ").to_owned()
     }
@@ -917,14 +926,7 @@ fn table(outcomes: &[Outcome], header: &[String]) -> String {
         format!("{:.0}", o.exposers.rate())
     });
     row("registration failures", &|o| {
-        let f = [
-            Outcome::failures(&o.forwarders),
-            Outcome::failures(&o.exposers),
-        ]
-        .into_iter()
-        .filter(|s| !s.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ");
+        let f = Outcome::failures(&o.forwarders, &o.exposers);
         if f.is_empty() {
             "none".into()
         } else {
