@@ -19,9 +19,10 @@
 //! (target/release, which the test kit builds with `cargo build --workspace --release` when
 //! it is missing or stale, a no-op after the command above), started as the README tells an
 //! operator to, with only the flags the load needs: `--listen 127.0.0.1:PORT` and
-//! `--stun-alt 127.0.0.1:PORT` (free ports), `--state-dir` (a temp dir), and the relay rate
-//! caps raised out of the way (`--relay-session-rate`, `--relay-rate-per-ip`, so the relay
-//! figure is S's cost and not its cap). Beyond 10,000 agents on one S, `-c FILE` raises
+//! `--stun-alt 127.0.0.1:PORT` (free ports), `--state-dir` (a temp dir), `--metrics
+//! 127.0.0.1:PORT` (S's own count of the bytes it relayed), and the relay rate caps raised
+//! out of the way (`--relay-session-rate`, `--relay-rate-per-ip`, so the relay figure is
+//! S's cost and not its cap). Beyond 10,000 agents on one S, `-c FILE` raises
 //! `max_connections` (no flag sets it); the output names every flag given.
 //!
 //! The agents are this process: each has its own key (made before any timing starts), and
@@ -66,10 +67,12 @@
 //!    their exposer) each get a fresh relay session and send full-size relayed datagrams
 //!    (1,408 bytes, the session tag and an inner packet of the agents' largest MTU) as fast
 //!    as their control connection's congestion control lets them, for 5 s (2 s with
-//!    `--quick`); the exposers count what S delivers. Bytes delivered over S's CPU time
-//!    (utime+stime, /proc/PID/stat) in that interval, and over the interval's length.
-//!    S's CPU in the interval includes its idle cost of the N registered agents (figure 2
-//!    shows how much that is).
+//!    `--quick`), each keeping at most 256 datagrams on their way (the congestion window of
+//!    the connection a real pair runs inside); the exposers count what S delivers. The
+//!    bytes S relayed (its metrics' `p2ptun_relay_relay_bytes_total`) over S's CPU time
+//!    (utime+stime, /proc/PID/stat) in that interval, and over the interval's length; what
+//!    the exposers received is shown beside it. S's CPU in the interval includes its idle
+//!    cost of the N registered agents (figure 2 shows how much that is).
 //!
 //! # Rules it keeps
 //!
