@@ -79,8 +79,12 @@ use tokio::task::JoinSet;
 
 use common::{natlab, Kit, Place, Proc, Ready, Relay, RelayOpts, UpExpose, UpForward};
 
+#[path = "common/host.rs"]
+mod host;
 #[path = "tunnel/iperf.rs"]
 mod iperf;
+
+use host::{is_our_child, loadavg, raise_nofile};
 
 const MIB: f64 = 1024.0 * 1024.0;
 const GIB: f64 = 1024.0 * MIB;
@@ -317,19 +321,6 @@ fn register(pid: u32) {
     // Processes dropped since are reaped; forget them.
     reg.pids.retain(|&pid| is_our_child(pid));
     reg.pids.push(pid);
-}
-
-/// Whether `pid` is a child of this process not yet reaped: a PID recorded earlier and
-/// reused since by another process is never signalled.
-fn is_our_child(pid: u32) -> bool {
-    let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|t| {
-            // After the command name: state, then the parent's PID.
-            let rest = &t[t.rfind(')')? + 2..];
-            rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-        });
-    parent == Some(std::process::id())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1575,32 +1566,8 @@ impl Bench {
 // Machine facts
 
 fn machine() -> Value {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, m)| m.trim().to_owned())
-        .unwrap_or_else(|| "unknown".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default();
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .map(|kib| kib as f64 / MIB);
-    json!({"nproc": nproc, "cpu_model": model, "kernel": kernel, "mem_gib": mem})
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
+    let m = host::machine();
+    json!({"nproc": m.nproc, "cpu_model": m.cpu_model, "kernel": m.kernel, "mem_gib": m.mem_gib})
 }
 
 fn git_rev() -> String {
@@ -1629,32 +1596,6 @@ fn git_rev() -> String {
         }
         None => "unknown".into(),
     }
-}
-
-/// Raises RLIMIT_NOFILE (soft, and hard when allowed); returns the soft limit now.
-fn raise_nofile(want: u64) -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid pointer.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 1024;
-        }
-        let mut new = lim;
-        new.rlim_max = lim.rlim_max.max(want as libc::rlim_t);
-        new.rlim_cur = want as libc::rlim_t;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &new) != 0 {
-            new.rlim_max = lim.rlim_max;
-            new.rlim_cur = lim.rlim_max.min(want as libc::rlim_t);
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &new);
-        }
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-    }
-    #[allow(clippy::unnecessary_cast)]
-    let soft = lim.rlim_cur as u64;
-    soft
 }
 
 /// Starts S (`p2ptun-relay`) in `place`, on `addrs` (`None`: 127.0.0.1, free ports), with
