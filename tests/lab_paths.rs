@@ -1473,3 +1473,150 @@ async fn symmetric_impossible() {
     }
     t.assert_healthy("hard x hard");
 }
+
+// =============================================================================================
+// 9. Two S of a cluster (issue 14)
+
+/// Each transfer across the cluster's relay: long enough at its pace to span S2's death and
+/// the move to S1 (about 10 s of silence, then the new relay session).
+const CLUSTER_LEN: u64 = 24 * MIB;
+/// Their pace.
+const CLUSTER_PACE: u64 = MIB;
+/// Transfers running at once.
+const CLUSTER_TRANSFERS: u64 = 3;
+
+/// Two S of one cluster in S's namespace, with a real 3-member etcd beside them; the exposer
+/// homed on S2, the forwarder on S1, and nothing passes between the peers. The forwarder
+/// registers with S2 as well ("visits"), and S2 relays. Then S2 dies mid-transfer: the
+/// exposer moves home to S1 (which S2 listed at registration), the link gets a relay session
+/// on S1, and every transfer that was running ends whole (SHA-256 each way).
+#[test]
+fn relay_across_two_s_then_onto_the_other_when_one_dies() {
+    run_heavy(cluster_relay());
+}
+
+async fn cluster_relay() {
+    use common::etcd::EtcdCluster;
+    if !EtcdCluster::available() {
+        common::skip_or_fail("etcd is not installed (Debian: etcd-server)");
+        return;
+    }
+    let tl = Timeline::new();
+    let lab = Lab::new().expect("lab");
+    let (a, b) = easy_pair(&lab);
+    block_peer(&lab, &a, b.public_ip(), PeerTraffic::UdpAndTcp);
+    let files = common::Lab::new("lab-cluster-relay");
+    let etcd = EtcdCluster::start_in(&files, common::Place::netns(lab.s_ns()), 3)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let member = |listen: &str, alt: &str| common::RelayOpts {
+        addrs: Some((
+            listen.parse().expect("an address"),
+            alt.parse().expect("an address"),
+        )),
+        extra_args: vec!["--etcd".into(), etcd.urls()],
+        ..common::RelayOpts::lab(&lab)
+    };
+    let s1 = common::Relay::start(&files, "s1", member(natlab::S_LISTEN, natlab::S_ALT)).await;
+    let mut s2 =
+        common::Relay::start(&files, "s2", member("203.0.113.1:7100", "203.0.113.2:7101")).await;
+    let (s1_addr, s2_addr) = (s1.addr().to_string(), s2.addr().to_string());
+    let t = support::kit(&a, &b, &files)
+        .relay(s1)
+        .servers(Some(&s2_addr), None)
+        .start(vec![support::Service::start(&a)])
+        .await;
+    tl.event("etcd, S1, S2 and the agents up; the exposer on S2, the forwarder on S1");
+    let reports =
+        |t: &Tunnel, s2: &common::Relay| format!("{}\n{}", t.reports(), s2.proc().report());
+    t.wait_ready(Duration::from_secs(30)).await;
+    let via = |p: &Option<PathView>, s: &str| {
+        p.as_ref()
+            .is_some_and(|p| p.kind == "relay" && p.remote == s)
+    };
+    let mut watch = PathWatch::new();
+    let first = watch.sample(&t, &tl).await;
+    assert!(
+        via(&first, &s2_addr),
+        "the first path is not S2's relay ({s2_addr}): {}\n{}",
+        describe_path(&first),
+        reports(&t, &s2)
+    );
+    assert!(
+        t.forwarder
+            .proc()
+            .log()
+            .contains("visiting S of the cluster"),
+        "the forwarder did not register with the exposer's home\n{}",
+        reports(&t, &s2)
+    );
+
+    let mut tasks = Vec::new();
+    for i in 0..CLUSTER_TRANSFERS {
+        let seed = 0xC100 + i;
+        let pace = Pace::new(CLUSTER_PACE);
+        t.service().set_pace(seed, pace.clone());
+        let mut conn = t.connect();
+        tasks.push(tokio::spawn(async move {
+            let r = conn.round(seed, CLUSTER_LEN, &pace).await?;
+            conn.close().await?;
+            anyhow::Ok(r)
+        }));
+    }
+    tl.event(format!(
+        "{CLUSTER_TRANSFERS} transfers of {} MiB each way at {} MiB/s",
+        CLUSTER_LEN / MIB,
+        CLUSTER_PACE / MIB
+    ));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    s2.kill();
+    let killed = Instant::now();
+    tl.event_at(killed, "S2 KILLED");
+    let moved = watch
+        .wait_until(&t, &tl, Duration::from_secs(40), SAMPLE, |p| {
+            via(p, &s1_addr)
+        })
+        .await;
+    let Some(moved) = moved else {
+        panic!(
+            "the link never got a relay session on S1 after S2 died\n{}\n{}\n{}",
+            tl.render(),
+            t.status_dump().await,
+            reports(&t, &s2)
+        );
+    };
+    let mut rounds: Vec<Round> = Vec::new();
+    for task in tasks {
+        let round = common::within(
+            "a transfer across S2's death",
+            Duration::from_secs(90),
+            task,
+        )
+        .await
+        .expect("the transfer's task");
+        rounds.push(round.unwrap_or_else(|e| {
+            panic!(
+                "a transfer failed: {e:#}\n{}\n{}",
+                tl.render(),
+                reports(&t, &s2)
+            )
+        }));
+    }
+    assert!(
+        t.exposer
+            .proc()
+            .log()
+            .contains("moved home to another S of the cluster"),
+        "the exposer did not move home\n{}",
+        reports(&t, &s2)
+    );
+    println!("{}", tl.render());
+    println!(
+        "relayed through S1 {:.1} s after S2 died; {} transfers of {} MiB each way ended whole ({:.1} MiB/s the slowest)",
+        (moved - killed).as_secs_f64(),
+        rounds.len(),
+        CLUSTER_LEN / MIB,
+        rounds.iter().map(Round::mib_per_s).fold(f64::INFINITY, f64::min)
+    );
+    t.assert_healthy("after S2 died");
+}

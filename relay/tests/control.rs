@@ -220,9 +220,17 @@ async fn registration_names_tokens_and_introductions() {
     let a = new_agent(s.addr).await;
     let (_a_send, mut a_recv, answer) = a.register(Some(TOKEN), &["home"]).await;
     match answer {
-        ServerMsg::Registered { observed, stun_alt } => {
+        ServerMsg::Registered {
+            observed,
+            stun_alt,
+            members,
+        } => {
             assert_eq!(observed, a.local());
             assert_eq!(stun_alt, Some(s.alt));
+            assert!(
+                members.is_empty(),
+                "a standalone S has no cluster: {members:?}"
+            );
         }
         other => panic!("expected Registered, got {other:?}"),
     }
@@ -487,7 +495,9 @@ async fn s_on_the_unspecified_address_reports_and_answers_from_the_address_asked
     let a = new_agent(SocketAddr::new([127, 0, 0, 1].into(), s.addr.port())).await;
     let (_, _, answer) = a.register(None, &["wildcard"]).await;
     match answer {
-        ServerMsg::Registered { observed, stun_alt } => {
+        ServerMsg::Registered {
+            observed, stun_alt, ..
+        } => {
             assert_eq!(observed, a.local());
             assert_eq!(
                 stun_alt,
@@ -551,7 +561,9 @@ async fn the_default_listen_address_serves_ipv4_and_ipv6_clients() {
         let a = new_agent(main).await;
         let (_, _, answer) = a.register(None, &[]).await;
         match answer {
-            ServerMsg::Registered { observed, stun_alt } => {
+            ServerMsg::Registered {
+                observed, stun_alt, ..
+            } => {
                 assert_eq!(observed, a.local(), "{host}");
                 assert_eq!(stun_alt, Some(alt), "{host}");
             }

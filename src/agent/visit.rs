@@ -4,9 +4,16 @@
 //! then registers with that S too, exposing nothing ("visiting"), and keeps the registration
 //! for as long as a link introduced through it lives: each link holds the [`Registered`] it
 //! was introduced through, and [`Visits`] only remembers them weakly.
+//!
+//! When a visited S stops answering, the exposer homed there moves to another S within
+//! seconds, but until the cluster's record of it expires other S still name the dead one.
+//! Dialling it would cost a whole handshake timeout and make the link's next attempt too
+//! late for its relayed peer connection; for [`LOST_GRACE`] after its registration timed
+//! out, an answer naming it fails at once, and the link asks again on its usual schedule.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use tokio::sync::{mpsc, Mutex};
@@ -16,6 +23,10 @@ use super::registration::{Introduction, Registered};
 use super::server::{self, ServerEvent, Target};
 use crate::proto::{read_frame, Fingerprint, Rendezvous, ServerInfo, ServerMsg};
 
+/// How long an S whose visit timed out counts as gone: longer than the cluster takes to
+/// forget it (its etcd lease, 10 s), shorter than a relayed peer connection's patience.
+pub const LOST_GRACE: Duration = Duration::from_secs(12);
+
 /// The registrations with S other than the home, one per S while something uses it.
 pub struct Visits {
     ctx: Arc<Ctx>,
@@ -23,6 +34,8 @@ pub struct Visits {
     pushed: mpsc::Sender<ServerEvent>,
     /// Held while a registration is being made, so that concurrent asks share one.
     open: Mutex<HashMap<Fingerprint, Weak<Registered>>>,
+    /// S whose visit timed out, and when that was first seen.
+    lost: std::sync::Mutex<HashMap<Fingerprint, Instant>>,
 }
 
 impl Visits {
@@ -32,6 +45,7 @@ impl Visits {
             ctx,
             pushed,
             open: Mutex::default(),
+            lost: std::sync::Mutex::default(),
         })
     }
 
@@ -72,9 +86,18 @@ impl Visits {
         let mut open = self.open.lock().await;
         open.retain(|_, reg| reg.strong_count() > 0);
         if let Some(reg) = open.get(&server.fingerprint).and_then(Weak::upgrade) {
-            if reg.conn.close_reason().is_none() {
-                return Ok(reg);
+            match reg.conn.close_reason() {
+                None => return Ok(reg),
+                Some(quinn::ConnectionError::TimedOut) => self.note_lost(server.fingerprint),
+                Some(_) => {}
             }
+        }
+        if let Some(ago) = self.lost_since(server.fingerprint) {
+            bail!(
+                "S at {} stopped answering {:.0} s ago; its agents are moving to other S",
+                server.addr,
+                ago.as_secs_f64()
+            );
         }
         let ctx = &self.ctx;
         let (mut reg, events) =
@@ -89,6 +112,23 @@ impl Visits {
         let reg = Arc::new(reg);
         open.insert(server.fingerprint, Arc::downgrade(&reg));
         Ok(reg)
+    }
+}
+
+impl Visits {
+    fn lost(&self) -> std::sync::MutexGuard<'_, HashMap<Fingerprint, Instant>> {
+        self.lost.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn note_lost(&self, server: Fingerprint) {
+        self.lost().entry(server).or_insert_with(Instant::now);
+    }
+
+    /// How long ago `server` was seen gone, within [`LOST_GRACE`].
+    fn lost_since(&self, server: Fingerprint) -> Option<Duration> {
+        let mut lost = self.lost();
+        lost.retain(|_, at| at.elapsed() < LOST_GRACE);
+        lost.get(&server).map(Instant::elapsed)
     }
 }
 

@@ -127,6 +127,10 @@ pub const CONTROL_KEEP_ALIVE: Duration = Duration::from_secs(2);
 pub fn control_transport_config() -> quinn::TransportConfig {
     let mut t = transport_config();
     t.keep_alive_interval(Some(CONTROL_KEEP_ALIVE));
+    // S opens no request streams toward an agent (it pushes on the one the agent opened to
+    // register), and quinn keeps state for every stream the other side may open: about
+    // 1 MB per control connection at the peers' 16,384. S sets its own limit.
+    t.max_concurrent_bidi_streams(0u32.into());
     if let Ok(idle) = CONTROL_IDLE_TIMEOUT.try_into() {
         t.max_idle_timeout(Some(idle));
     }

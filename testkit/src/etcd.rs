@@ -1,15 +1,15 @@
 //! A real etcd cluster on 127.0.0.1 for the cluster tests: Debian's `etcd` (package
 //! `etcd-server`), one process per member, each with its own data directory in the test's
-//! files, so a member can be killed and started again with its data.
+//! files, so a member can be killed and started again with its data. In the NAT lab it runs
+//! on the loopback of S's namespace, beside the S that use it.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use p2ptun_relay::etcd::Etcd;
 
-use crate::{free_port, installed, Lab, Proc};
+use crate::{free_port, installed, Lab, Place, Proc};
 
 /// How long a new cluster may take to answer.
 const HEALTHY: Duration = Duration::from_secs(20);
@@ -23,6 +23,7 @@ struct Member {
 
 /// Some etcd members on loopback that form one cluster.
 pub struct EtcdCluster {
+    place: Place,
     members: Vec<Member>,
     initial: String,
     dir: PathBuf,
@@ -37,6 +38,12 @@ impl EtcdCluster {
 
     /// Starts `n` members and waits until the cluster answers.
     pub async fn start(lab: &Lab, n: usize) -> anyhow::Result<EtcdCluster> {
+        EtcdCluster::start_in(lab, Place::here(), n).await
+    }
+
+    /// [`EtcdCluster::start`] in `place` (S's namespace of the NAT lab). Out of this
+    /// namespace, [`EtcdCluster::client`] cannot reach it; readiness is read off its logs.
+    pub async fn start_in(lab: &Lab, place: Place, n: usize) -> anyhow::Result<EtcdCluster> {
         let members: Vec<Member> = (1..=n)
             .map(|i| Member {
                 name: format!("e{i}"),
@@ -51,6 +58,7 @@ impl EtcdCluster {
             .collect::<Vec<_>>()
             .join(",");
         let mut cluster = EtcdCluster {
+            place,
             members,
             initial,
             dir: lab.path().join("etcd"),
@@ -65,7 +73,10 @@ impl EtcdCluster {
 
     fn launch(&mut self, i: usize) {
         let m = &self.members[i];
-        let mut cmd = Command::new("etcd");
+        let mut cmd = match self.place.command("etcd") {
+            Ok(cmd) => cmd,
+            Err(e) => panic!("etcd in {}: {e}", self.place),
+        };
         cmd.arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
@@ -107,8 +118,24 @@ impl EtcdCluster {
         Etcd::new(&self.url_list(), Duration::from_secs(2)).expect("the cluster's URLs")
     }
 
-    /// Waits until a write through the cluster succeeds.
+    /// Waits until a write through the cluster succeeds (in another namespace: until every
+    /// member running logs that it serves clients, which etcd does once it has joined a
+    /// cluster with a quorum).
     pub async fn wait_healthy(&self) -> anyhow::Result<()> {
+        if !self.place.is_here() {
+            for m in self.members.iter().filter_map(|m| m.proc.as_ref()) {
+                if m.wait_log_any(&["ready to serve client requests"], HEALTHY)
+                    .await
+                    .is_none()
+                {
+                    bail!(
+                        "etcd did not get ready within {HEALTHY:?}\n{}",
+                        self.reports()
+                    );
+                }
+            }
+            return Ok(());
+        }
         let client = self.client();
         let start = Instant::now();
         loop {

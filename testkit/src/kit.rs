@@ -1369,6 +1369,7 @@ impl<'a> Kit<'a> {
         let [exposer_place, forwarder_place] = self.places;
         let [exposer_flags, forwarder_flags] = self.flags;
         let [exposer_server, forwarder_server] = self.servers;
+        let exposer_server_given = exposer_server.is_some();
         let agent = |label: &str, place: Place, flags: Vec<String>, server: Option<String>| {
             let agent = files.agent(label, relay);
             Agent {
@@ -1383,7 +1384,7 @@ impl<'a> Kit<'a> {
                 ..agent
             }
         };
-        let expose_agent = agent(
+        let mut expose_agent = agent(
             &self.labels[0],
             exposer_place,
             exposer_flags,
@@ -1395,8 +1396,11 @@ impl<'a> Kit<'a> {
             forwarder_flags,
             forwarder_server,
         );
-        // The forwarder pins S's key on first use.
+        // The forwarder pins S's key on first use, and so does an exposer sent to another S.
         forward_agent.server_fingerprint = None;
+        if exposer_server_given {
+            expose_agent.server_fingerprint = None;
+        }
 
         let names: Vec<String> = (0..services.len())
             .map(|i| service_name(&self.name, i))

@@ -926,10 +926,26 @@ impl PathWatch {
         within: Duration,
         every: Duration,
     ) -> Option<Instant> {
+        self.wait_until(t, tl, within, every, |p| {
+            p.as_ref().is_some_and(|p| p.kind == kind)
+        })
+        .await
+    }
+
+    /// Samples every `every` until the forwarder's path satisfies `want`, for up to
+    /// `within`; when it did.
+    pub async fn wait_until(
+        &mut self,
+        t: &Tunnel,
+        tl: &Timeline,
+        within: Duration,
+        every: Duration,
+        want: impl Fn(&Option<PathView>) -> bool,
+    ) -> Option<Instant> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             let p = self.sample(t, tl).await;
-            if p.as_ref().is_some_and(|p| p.kind == kind) {
+            if want(&p) {
                 return Some(Instant::now());
             }
             tokio::time::sleep(every).await;
