@@ -28,7 +28,8 @@ pub struct Cli {
 /// Options every command shares.
 #[derive(Debug, Args)]
 pub struct Global {
-    /// The rendezvous server S, as HOST:PORT [default: 127.0.0.1:7000].
+    /// The rendezvous server S, as HOST:PORT [default: 127.0.0.1:7000]. Several S of one
+    /// cluster: HOST:PORT,HOST:PORT,... (the nearest that answers becomes the home).
     #[arg(
         long,
         short = 's',

@@ -13,11 +13,14 @@
 //! # Whose keys are trusted
 //!
 //! A server the user gave is checked as for one S: `--server-fingerprint`, a CA the system
-//! trusts, or the key pinned for that address on first use. Any other S is trusted only as
-//! an S already trusted vouches for it: the member list and the answer naming a name's home
-//! S carry each member's key fingerprint (each S writes its own into the cluster's store),
-//! and that S must present exactly that key. A member list is as trustworthy as the S that
-//! sent it; nothing else is taken on first use.
+//! trusts, a key the cluster vouched for, or the key pinned for that address on first use.
+//! Any other S is trusted only as an S already trusted vouches for it: the member list and
+//! the answer naming a name's home S carry each member's key fingerprint (each S writes its
+//! own into the cluster's store), and that S must present exactly that key. A member list
+//! is as trustworthy as the S that sent it; nothing else is taken on first use. The last
+//! list is kept in the state directory ([`MEMBERS_FILE`]), so that a host name whose
+//! records are several S of one cluster keeps working after a restart: whichever answers,
+//! its key is one the cluster vouched for.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -57,6 +60,9 @@ pub struct Target {
     pub addr: String,
     /// The key another S of its cluster vouched for; `None` for a server the user gave.
     pub vouched: Option<Fingerprint>,
+    /// For a server the user gave: the keys of the cluster its last home vouched for, any
+    /// of which it may present.
+    pub cluster: Vec<Fingerprint>,
 }
 
 impl From<&ServerInfo> for Target {
@@ -64,6 +70,7 @@ impl From<&ServerInfo> for Target {
         Target {
             addr: info.addr.clone(),
             vouched: Some(info.fingerprint),
+            cluster: Vec::new(),
         }
     }
 }
@@ -71,12 +78,14 @@ impl From<&ServerInfo> for Target {
 /// The servers to choose a home from: those the user gave, then the other members of their
 /// cluster that the last home vouched for.
 fn targets(ctx: &Ctx, members: &[ServerInfo]) -> Vec<Target> {
+    let cluster: Vec<Fingerprint> = members.iter().map(|m| m.fingerprint).collect();
     let mut out: Vec<Target> = crate::config::parse_servers(&ctx.opts.server)
         .unwrap_or_else(|_| vec![ctx.opts.server.clone()])
         .into_iter()
         .map(|addr| Target {
             addr,
             vouched: None,
+            cluster: cluster.clone(),
         })
         .collect();
     for m in members {
@@ -85,6 +94,38 @@ fn targets(ctx: &Ctx, members: &[ServerInfo]) -> Vec<Target> {
         }
     }
     out
+}
+
+/// Where the cluster's members, as the last home listed them, are kept across restarts.
+pub const MEMBERS_FILE: &str = "cluster_members.json";
+
+/// The members kept in the state directory; none if there is no file or it cannot be read
+/// (then the servers given are all there is, as on a first start).
+fn load_members(ctx: &Ctx) -> Vec<ServerInfo> {
+    let path = ctx.opts.state_dir.join(MEMBERS_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::warn!("ignoring {}: {e}", path.display());
+            Vec::new()
+        }),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Keeps `members` in the state directory (written aside, then renamed over the old list).
+fn save_members(ctx: &Ctx, members: &[ServerInfo]) {
+    let path = ctx.opts.state_dir.join(MEMBERS_FILE);
+    let tmp = path.with_extension("json.tmp");
+    let written = serde_json::to_vec_pretty(members)
+        .map_err(std::io::Error::other)
+        .and_then(|json| std::fs::write(&tmp, json))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::warn!(
+            "cannot keep the cluster's members in {}: {e}",
+            path.display()
+        );
+    }
 }
 
 /// Why a registration attempt failed.
@@ -157,7 +198,7 @@ pub async fn run(
     // A control connection made over UDP while registered over TCP, to register on next.
     let mut next: Option<(Dialed, Vec<SocketAddr>, Target)> = None;
     // The members of the home's cluster, as it last vouched for them.
-    let mut members: Vec<ServerInfo> = Vec::new();
+    let mut members = load_members(&ctx);
     let mut lost: Option<String> = None;
     loop {
         let names = ctx.expose_names();
@@ -175,8 +216,9 @@ pub async fn run(
                         tracing::info!(from = %old, to = %reg.name, "moved home to another S of the cluster");
                     }
                 }
-                if !reg.members.is_empty() {
+                if !reg.members.is_empty() && reg.members != members {
                     members = reg.members.clone();
+                    save_members(&ctx, &members);
                 }
                 let reg = Arc::new(reg);
                 current.send_replace(Some(reg.clone()));
@@ -192,13 +234,15 @@ pub async fn run(
                 ));
                 let over_tcp = !reg.over_udp;
                 let addrs = reg.server_addrs.clone();
-                let target = Target {
-                    addr: reg.name.clone(),
-                    vouched: targets(&ctx, &members)
-                        .into_iter()
-                        .find(|t| t.addr == reg.name)
-                        .and_then(|t| t.vouched),
-                };
+                let target = targets(&ctx, &members)
+                    .into_iter()
+                    .find(|t| t.addr == reg.name)
+                    .unwrap_or_else(|| {
+                        Target::from(&ServerInfo {
+                            addr: reg.name.clone(),
+                            fingerprint: reg.fingerprint,
+                        })
+                    });
                 // UDP that answered STUN at registration is worth trying again at once.
                 let first_try = if reg.udp_observed.is_some() {
                     Duration::from_secs(1)
@@ -329,7 +373,7 @@ async fn reach(
 /// Gives `name` back to S (`p2ptun release`) on a control connection of its own that never
 /// registers: registering would replace a running agent of this key at S.
 pub async fn release(ctx: &Ctx, name: &str) -> anyhow::Result<()> {
-    let (dialed, _, target) = reach(ctx, &targets(ctx, &[])).await?;
+    let (dialed, _, target) = reach(ctx, &targets(ctx, &load_members(ctx))).await?;
     verify_server(ctx, &dialed.conn, &target)?;
     let msg = ClientMsg::Release {
         version: PROTOCOL_VERSION,
@@ -579,6 +623,9 @@ fn verify_server(ctx: &Ctx, conn: &Connection, target: &Target) -> anyhow::Resul
         return Ok(seen);
     }
     if tls::verify_with_system_roots(&tls::peer_certs(conn), host_part(addr)).is_ok() {
+        return Ok(seen);
+    }
+    if target.cluster.contains(&seen) {
         return Ok(seen);
     }
     let pins = PinFile::new(ctx.opts.state_dir.join("known_servers"));
