@@ -492,3 +492,67 @@ async fn one_name_one_key_across_two_s_on_etcd() {
         p.assert_no_panic();
     }
 }
+
+/// S logs in to an etcd whose authentication is on, as a user allowed under `/p2ptun/` only
+/// (`--etcd-user`, `--etcd-password`); with a wrong password, claims are refused with a
+/// reason that names the login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s_logs_in_to_an_etcd_with_authentication() {
+    if !etcd::EtcdCluster::available() {
+        skip_or_fail("etcd is not installed (Debian: etcd-server)");
+        return;
+    }
+    let lab = Lab::new("cluster-auth");
+    let mut etcd = etcd::EtcdCluster::start(&lab, 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    etcd.enable_auth("p2ptun", "pw-of-p2ptun")
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", etcd.reports()));
+    let login = |password: &str| RelayOpts {
+        extra_args: vec![
+            "--etcd".into(),
+            etcd.urls(),
+            "--etcd-user".into(),
+            "p2ptun".into(),
+            "--etcd-password".into(),
+            password.into(),
+        ],
+        ..RelayOpts::default()
+    };
+    let s = lab.relay("s", login("pw-of-p2ptun")).await;
+    let svc = Service::start().await;
+    let a = lab.agent("a", &s);
+    let pa = a.expose(&svc.target(), "guarded", &[]);
+    let id = wait_registered(&a, &pa, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "no registration through a logged-in S\n{}",
+                reports(&[s.proc(), &pa])
+            )
+        });
+    assert_eq!(
+        etcd.get("/p2ptun/v1/names/guarded").await.expect("etcd"),
+        Some(id)
+    );
+
+    let wrong = lab.relay("wrong", login("not-the-password")).await;
+    let b = lab.agent("b", &wrong);
+    let pb = b.expose(&svc.target(), "refused", &[]);
+    pb.wait_log_any(&["logging in as 'p2ptun'"], Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "the refusal does not name the login\n{}",
+                reports(&[wrong.proc(), &pb])
+            )
+        });
+    assert_eq!(
+        etcd.get("/p2ptun/v1/names/refused").await.expect("etcd"),
+        None
+    );
+    for p in [s.proc(), wrong.proc(), &pa, &pb] {
+        p.assert_no_panic();
+    }
+}

@@ -26,6 +26,7 @@ Configuration file keys (TOML; all optional; relay/relay.example.toml documents 
   name_expiry_days = 365             as --name-expiry-days (default: names never expire)
   etcd = [\"http://...\"]            as --etcd (cluster mode)
   public_addr = \"host:7000\"          as --public-addr
+  etcd_user, etcd_password         as --etcd-user, --etcd-password
 
 Logging: RUST_LOG (default: info), e.g. RUST_LOG=p2ptun_relay=debug.";
 
@@ -129,6 +130,21 @@ pub struct Cli {
     /// specific address].
     #[arg(long, value_name = "HOST:PORT")]
     pub public_addr: Option<String>,
+
+    /// Cluster mode, etcd with authentication on: the etcd user S logs in as (with
+    /// --etcd-password).
+    #[arg(long, value_name = "USER", env = "P2PTUN_ETCD_USER")]
+    pub etcd_user: Option<String>,
+
+    /// The etcd user's password; better given in the environment than on the command line,
+    /// where other users of the host can read it.
+    #[arg(
+        long,
+        value_name = "PASSWORD",
+        env = "P2PTUN_ETCD_PASSWORD",
+        hide_env_values = true
+    )]
+    pub etcd_password: Option<String>,
 }
 
 /// A day count of at least 1; negative and zero ones get the same message as in the file.
@@ -193,6 +209,12 @@ impl Cli {
         }
         if let Some(addr) = self.public_addr {
             config.public_addr = Some(addr);
+        }
+        if let Some(user) = self.etcd_user {
+            config.etcd_user = Some(user);
+        }
+        if let Some(password) = self.etcd_password {
+            config.etcd_password = Some(password);
         }
     }
 }

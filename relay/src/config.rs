@@ -163,6 +163,10 @@ pub struct RelayConfig {
     /// Cluster mode: the address agents reach this S at, `HOST:PORT`, as the other members
     /// hand it out; `None` means `listen` (which must then be a specific address).
     pub public_addr: Option<String>,
+    /// Cluster mode: the etcd user (`etcd_user`) S logs in as, if etcd's authentication is on.
+    pub etcd_user: Option<String>,
+    /// Its password (`etcd_password`).
+    pub etcd_password: Option<String>,
 }
 
 /// What `name_expiry_days` takes, for the file's and the flag's errors alike.
@@ -184,6 +188,8 @@ impl Default for RelayConfig {
             name_expiry_days: None,
             etcd: Vec::new(),
             public_addr: None,
+            etcd_user: None,
+            etcd_password: None,
         }
     }
 }
@@ -204,6 +210,11 @@ impl fmt::Debug for RelayConfig {
             .field("name_expiry_days", &self.name_expiry_days)
             .field("etcd", &self.etcd)
             .field("public_addr", &self.public_addr)
+            .field("etcd_user", &self.etcd_user)
+            .field(
+                "etcd_password",
+                &self.etcd_password.as_ref().map(|_| "(set)"),
+            )
             .finish()
     }
 }
@@ -239,16 +250,45 @@ impl RelayConfig {
         })
     }
 
+    /// Who S logs in to etcd as, if anyone.
+    pub fn etcd_auth(&self) -> Option<crate::etcd::EtcdAuth> {
+        Some(crate::etcd::EtcdAuth {
+            user: self.etcd_user.clone()?,
+            password: self.etcd_password.clone()?,
+        })
+    }
+
     fn validate_cluster(&self) -> Result<(), ConfigError> {
         let invalid = |key, problem: String| Err(ConfigError::Invalid { key, problem });
         if self.etcd.is_empty() {
-            if self.public_addr.is_some() {
-                return invalid(
-                    "public_addr",
-                    "is for cluster mode: set `etcd` (--etcd) too, or leave it out".into(),
-                );
+            for (key, set) in [
+                ("public_addr", self.public_addr.is_some()),
+                ("etcd_user", self.etcd_user.is_some()),
+                ("etcd_password", self.etcd_password.is_some()),
+            ] {
+                if set {
+                    return invalid(
+                        key,
+                        "is for cluster mode: set `etcd` (--etcd) too, or leave it out".into(),
+                    );
+                }
             }
             return Ok(());
+        }
+        match (&self.etcd_user, &self.etcd_password) {
+            (Some(_), None) => {
+                return invalid(
+                    "etcd_password",
+                    "must be set with etcd_user (--etcd-password, or P2PTUN_ETCD_PASSWORD)".into(),
+                )
+            }
+            (None, Some(_)) => {
+                return invalid("etcd_user", "must be set with etcd_password".into())
+            }
+            (Some(user), Some(_)) if user.is_empty() => {
+                return invalid("etcd_user", "must not be empty".into())
+            }
+            _ => {}
         }
         if let Err(e) = crate::etcd::Etcd::new(&self.etcd, Duration::from_secs(1)) {
             return invalid("etcd", e);
@@ -431,6 +471,12 @@ pub struct FileConfig {
     /// See [`RelayConfig::public_addr`].
     #[serde(default, deserialize_with = "de_public_addr")]
     pub public_addr: Option<String>,
+    /// See [`RelayConfig::etcd_user`].
+    #[serde(default, deserialize_with = "de_etcd_user")]
+    pub etcd_user: Option<String>,
+    /// See [`RelayConfig::etcd_password`].
+    #[serde(default, deserialize_with = "de_etcd_password")]
+    pub etcd_password: Option<String>,
 }
 
 const ADDR: &str = "an IP address and port in quotes, such as \"0.0.0.0:7000\" or \"[::]:7000\"";
@@ -484,6 +530,8 @@ field_readers! {
     de_name_expiry_days: u64 = "name_expiry_days", EXPIRY_DAYS;
     de_etcd: Vec<String> = "etcd", "a list of etcd client URLs, such as [\"http://10.0.0.5:2379\"]";
     de_public_addr: String = "public_addr", "HOST:PORT in quotes, such as \"relay1.example.com:7000\"";
+    de_etcd_user: String = "etcd_user", "an etcd user name in quotes, such as \"p2ptun\"";
+    de_etcd_password: String = "etcd_password", "a password in quotes";
 }
 
 impl FileConfig {
@@ -579,6 +627,8 @@ impl FileConfig {
             name_expiry_days: self.name_expiry_days,
             etcd: self.etcd.unwrap_or_default(),
             public_addr: self.public_addr,
+            etcd_user: self.etcd_user,
+            etcd_password: self.etcd_password,
         })
     }
 }
@@ -800,7 +850,11 @@ mod tests {
         let text = include_str!("../relay.example.toml");
         assert_eq!(parse(text).unwrap(), RelayConfig::default());
         // The cluster keys on their own: cluster mode takes no `name_expiry_days`.
-        let cluster_key = |l: &str| l.starts_with("# etcd =") || l.starts_with("# public_addr =");
+        let cluster_key = |l: &str| {
+            ["# etcd", "# public_addr ="]
+                .iter()
+                .any(|k| l.starts_with(k))
+        };
         let uncomment = |cluster: bool| -> String {
             text.lines()
                 .map(|l| match l.strip_prefix("# ") {
@@ -812,6 +866,7 @@ mod tests {
         };
         let clustered = parse(&uncomment(true)).unwrap_or_else(|e| panic!("{e}"));
         assert!(!clustered.etcd.is_empty() && clustered.public_addr.is_some());
+        assert!(clustered.etcd_auth().is_some());
         let uncommented = uncomment(false);
         let config = parse(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
         assert_eq!(config.tokens, vec!["change-me"]);
@@ -823,11 +878,29 @@ mod tests {
     }
 
     #[test]
+    fn an_etcd_login_needs_both_halves_and_cluster_mode() {
+        let etcd = "etcd = [\"http://127.0.0.1:2379\"]\nlisten = \"127.0.0.1:7000\"\n";
+        let user = "etcd_user = \"p2ptun\"\n";
+        let password = "etcd_password = \"pw\"\n";
+        let err = |text: &str| parse(text).unwrap_err().to_string();
+        assert!(err(&format!("{etcd}{user}")).contains("etcd_password"));
+        assert!(err(&format!("{etcd}{password}")).contains("etcd_user"));
+        assert!(err(&format!("{user}{password}")).contains("cluster mode"));
+        let both = parse(&format!("{etcd}{user}{password}")).unwrap();
+        assert_eq!(both.etcd_auth().map(|a| a.user), Some("p2ptun".to_owned()));
+    }
+
+    #[test]
     fn debug_output_hides_tokens() {
         let config = RelayConfig {
             tokens: vec!["s3cret".into()],
+            etcd_password: Some("pa55word".into()),
             ..RelayConfig::default()
         };
-        assert!(!format!("{config:?}").contains("s3cret"));
+        let shown = format!("{config:?} {:?}", config.etcd_auth());
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("pa55word"),
+            "{shown}"
+        );
     }
 }

@@ -11,6 +11,10 @@
 //!
 //! Endpoints are tried in turn, starting with the last one that answered, so one etcd
 //! member down costs one failed connect (bounded by the timeout) and then nothing.
+//!
+//! With etcd's authentication on, the client logs in with a user and password
+//! (`/v3/auth/authenticate`) and sends the token it gets with every call; a token etcd no
+//! longer accepts (they expire, 5 minutes by default) is replaced by logging in again once.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -79,12 +83,33 @@ pub enum Op {
     Delete(String),
 }
 
+/// A user and password of etcd's authentication.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdAuth {
+    /// The etcd user.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for EtcdAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The password stays out of logs.
+        f.debug_struct("EtcdAuth")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A client of one etcd cluster.
 #[derive(Debug)]
 pub struct Etcd {
     endpoints: Vec<String>,
     timeout: Duration,
     next: AtomicUsize,
+    auth: Option<EtcdAuth>,
+    /// The token of the last login, with `auth`.
+    token: std::sync::Mutex<Option<String>>,
 }
 
 impl Etcd {
@@ -102,7 +127,66 @@ impl Etcd {
             endpoints,
             timeout,
             next: AtomicUsize::new(0),
+            auth: None,
+            token: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The same client, logging in as `auth` (etcd with authentication on).
+    pub fn with_auth(mut self, auth: Option<EtcdAuth>) -> Etcd {
+        self.auth = auth;
+        self
+    }
+
+    fn cached_token(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.token.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A token to call with: the cached one, or a new login's (`None` without auth).
+    async fn token(&self) -> Result<Option<String>, EtcdError> {
+        let Some(auth) = &self.auth else {
+            return Ok(None);
+        };
+        if let Some(token) = self.cached_token().clone() {
+            return Ok(Some(token));
+        }
+        let body = json!({ "name": auth.user, "password": auth.password });
+        let answer = self
+            .call_as("/v3/auth/authenticate", &body.to_string(), None)
+            .await
+            .map_err(|e| match e {
+                EtcdError::Refused { status, message } => EtcdError::Refused {
+                    status,
+                    message: format!("logging in as '{}': {message}", auth.user),
+                },
+                other => other,
+            })?;
+        let token = answer["token"]
+            .as_str()
+            // It goes into a header line as it is.
+            .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic()))
+            .ok_or_else(|| EtcdError::Malformed(format!("login without a usable token: {answer}")))?
+            .to_owned();
+        *self.cached_token() = Some(token.clone());
+        Ok(Some(token))
+    }
+
+    /// POSTs `body` to the gateway's `path` (any call this client has no method for), with
+    /// a token if logging in is configured, logging in again once if etcd refuses the token.
+    pub async fn call(&self, path: &str, body: Value) -> Result<Value, EtcdError> {
+        let body = body.to_string();
+        let token = self.token().await?;
+        match self.call_as(path, &body, token.as_deref()).await {
+            Err(EtcdError::Refused { status, message })
+                if token.is_some() && (status == 401 || message.contains("auth token")) =>
+            {
+                tracing::debug!(%message, "etcd refused the token; logging in again");
+                *self.cached_token() = None;
+                let token = self.token().await?;
+                self.call_as(path, &body, token.as_deref()).await
+            }
+            other => other,
+        }
     }
 
     /// The endpoints, `HOST:PORT`.
@@ -110,15 +194,20 @@ impl Etcd {
         &self.endpoints
     }
 
-    /// POSTs `body` to `path` on the first endpoint that answers.
-    async fn call(&self, path: &str, body: Value) -> Result<Value, EtcdError> {
-        let body = body.to_string();
+    /// POSTs `body` to `path` on the first endpoint that answers, with `token`.
+    async fn call_as(
+        &self,
+        path: &str,
+        body: &str,
+        token: Option<&str>,
+    ) -> Result<Value, EtcdError> {
         let start = self.next.load(Ordering::Relaxed);
         let mut failures = Vec::new();
         for i in 0..self.endpoints.len() {
             let at = (start + i) % self.endpoints.len();
             let endpoint = &self.endpoints[at];
-            match tokio::time::timeout(self.timeout, post(endpoint, path, body.as_bytes())).await {
+            let posted = post(endpoint, path, body.as_bytes(), token);
+            match tokio::time::timeout(self.timeout, posted).await {
                 Ok(Ok((200, answer))) => {
                     self.next.store(at, Ordering::Relaxed);
                     return serde_json::from_slice(&answer)
@@ -313,15 +402,23 @@ fn kvs(answer: &Value) -> Result<Vec<Kv>, EtcdError> {
         .collect()
 }
 
-/// One `POST path` to `endpoint` over HTTP/1.1 with `Connection: close`; the status and
-/// the body.
-async fn post(endpoint: &str, path: &str, body: &[u8]) -> Result<(u16, Vec<u8>), String> {
+/// One `POST path` to `endpoint` over HTTP/1.1 with `Connection: close` (and etcd's auth
+/// `token`, if any); the status and the body.
+async fn post(
+    endpoint: &str,
+    path: &str,
+    body: &[u8],
+    token: Option<&str>,
+) -> Result<(u16, Vec<u8>), String> {
     let mut stream = TcpStream::connect(endpoint)
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
+    let auth = token
+        .map(|t| format!("Authorization: {t}\r\n"))
+        .unwrap_or_default();
     let head = format!(
         "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
+         {auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream

@@ -212,12 +212,12 @@ impl Relay {
         let cluster = match config.cluster_addr().filter(|_| !config.etcd.is_empty()) {
             Some(public_addr) => {
                 // Validation has checked the URLs.
-                let etcd = Etcd::new(&config.etcd, cluster::CALL_TIMEOUT).map_err(|problem| {
-                    ConfigError::Invalid {
+                let etcd = Etcd::new(&config.etcd, cluster::CALL_TIMEOUT)
+                    .map_err(|problem| ConfigError::Invalid {
                         key: "etcd",
                         problem,
-                    }
-                })?;
+                    })?
+                    .with_auth(config.etcd_auth());
                 tracing::info!(
                     etcd = ?etcd.endpoints(),
                     %public_addr,

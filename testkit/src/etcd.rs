@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use p2ptun_relay::etcd::Etcd;
+use p2ptun_relay::etcd::{Etcd, EtcdAuth};
+use serde_json::json;
 
 use crate::{free_port, installed, Lab, Place, Proc};
 
@@ -24,6 +25,8 @@ struct Member {
 /// Some etcd members on loopback that form one cluster.
 pub struct EtcdCluster {
     place: Place,
+    /// The root login, once authentication is on.
+    root: Option<EtcdAuth>,
     members: Vec<Member>,
     initial: String,
     dir: PathBuf,
@@ -59,6 +62,7 @@ impl EtcdCluster {
             .join(",");
         let mut cluster = EtcdCluster {
             place,
+            root: None,
             members,
             initial,
             dir: lab.path().join("etcd"),
@@ -113,9 +117,60 @@ impl EtcdCluster {
         self.url_list().join(",")
     }
 
-    /// A client of the whole cluster.
+    /// A client of the whole cluster (logged in as root once authentication is on).
     pub fn client(&self) -> Etcd {
-        Etcd::new(&self.url_list(), Duration::from_secs(2)).expect("the cluster's URLs")
+        Etcd::new(&self.url_list(), Duration::from_secs(2))
+            .expect("the cluster's URLs")
+            .with_auth(self.root.clone())
+    }
+
+    /// Turns etcd's authentication on, with `user`/`password` allowed to read and write
+    /// the keys under `/p2ptun/` only, as an operator would set up S's user.
+    pub async fn enable_auth(&mut self, user: &str, password: &str) -> anyhow::Result<()> {
+        let root = EtcdAuth {
+            user: "root".into(),
+            password: format!("root-{password}"),
+        };
+        let client = self.client();
+        let b64 = |s: &str| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(s)
+        };
+        let calls = [
+            ("/v3/auth/role/add", json!({ "name": "root" })),
+            (
+                "/v3/auth/user/add",
+                json!({ "name": "root", "password": root.password }),
+            ),
+            (
+                "/v3/auth/user/grant",
+                json!({ "user": "root", "role": "root" }),
+            ),
+            ("/v3/auth/role/add", json!({ "name": user })),
+            (
+                "/v3/auth/role/grant",
+                json!({ "name": user, "perm": {
+                    "permType": "READWRITE",
+                    "key": b64("/p2ptun/"),
+                    // The end of the prefix: '/' + 1.
+                    "range_end": b64("/p2ptun0"),
+                }}),
+            ),
+            (
+                "/v3/auth/user/add",
+                json!({ "name": user, "password": password }),
+            ),
+            ("/v3/auth/user/grant", json!({ "user": user, "role": user })),
+            ("/v3/auth/enable", json!({})),
+        ];
+        for (path, body) in calls {
+            client
+                .call(path, body)
+                .await
+                .with_context(|| format!("etcd {path}"))?;
+        }
+        self.root = Some(root);
+        Ok(())
     }
 
     /// Waits until a write through the cluster succeeds (in another namespace: until every
