@@ -493,19 +493,21 @@ async fn one_name_one_key_across_two_s_on_etcd() {
     }
 }
 
-/// S logs in to an etcd whose authentication is on, as a user allowed under `/p2ptun/` only
-/// (`--etcd-user`, `--etcd-password`); with a wrong password, claims are refused with a
-/// reason that names the login.
+/// S reaches an etcd over TLS with a client certificate (`--etcd-ca`, `--etcd-cert`,
+/// `--etcd-key`; etcd takes no client without one) and logs in to it, its authentication
+/// on, as a user allowed under `/p2ptun/` only (`--etcd-user`, `--etcd-password`); with a
+/// wrong password, claims are refused with a reason that names the login.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s_logs_in_to_an_etcd_with_authentication() {
+async fn s_logs_in_to_an_etcd_over_tls_with_authentication() {
     if !etcd::EtcdCluster::available() {
         skip_or_fail("etcd is not installed (Debian: etcd-server)");
         return;
     }
     let lab = Lab::new("cluster-auth");
-    let mut etcd = etcd::EtcdCluster::start(&lab, 1)
+    let mut etcd = etcd::EtcdCluster::start_tls(&lab, 1)
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
+    let tls = etcd.tls().expect("TLS files").clone();
     etcd.enable_auth("p2ptun", "pw-of-p2ptun")
         .await
         .unwrap_or_else(|e| panic!("{e:#}\n{}", etcd.reports()));
@@ -517,6 +519,12 @@ async fn s_logs_in_to_an_etcd_with_authentication() {
             "p2ptun".into(),
             "--etcd-password".into(),
             password.into(),
+            "--etcd-ca".into(),
+            tls.ca.display().to_string(),
+            "--etcd-cert".into(),
+            tls.client_cert.display().to_string(),
+            "--etcd-key".into(),
+            tls.client_key.display().to_string(),
         ],
         ..RelayOpts::default()
     };

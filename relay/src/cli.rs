@@ -27,6 +27,7 @@ Configuration file keys (TOML; all optional; relay/relay.example.toml documents 
   etcd = [\"http://...\"]            as --etcd (cluster mode)
   public_addr = \"host:7000\"          as --public-addr
   etcd_user, etcd_password         as --etcd-user, --etcd-password
+  etcd_ca, etcd_cert, etcd_key      as --etcd-ca, --etcd-cert, --etcd-key
 
 Logging: RUST_LOG (default: info), e.g. RUST_LOG=p2ptun_relay=debug.";
 
@@ -145,6 +146,20 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub etcd_password: Option<String>,
+
+    /// Cluster mode, https:// etcd URLs: the CA (PEM) that signed etcd's certificates
+    /// [default: the system's roots].
+    #[arg(long, value_name = "PEM")]
+    pub etcd_ca: Option<PathBuf>,
+
+    /// A client certificate chain (PEM) to present to etcd (its --client-cert-auth), with
+    /// --etcd-key.
+    #[arg(long, value_name = "PEM", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "PEM", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
 }
 
 /// A day count of at least 1; negative and zero ones get the same message as in the file.
@@ -215,6 +230,15 @@ impl Cli {
         }
         if let Some(password) = self.etcd_password {
             config.etcd_password = Some(password);
+        }
+        if let Some(ca) = self.etcd_ca {
+            config.etcd_ca = Some(ca);
+        }
+        if let Some(cert) = self.etcd_cert {
+            config.etcd_cert = Some(cert);
+        }
+        if let Some(key) = self.etcd_key {
+            config.etcd_key = Some(key);
         }
     }
 }

@@ -121,7 +121,7 @@ impl Cluster {
     }
 
     /// The etcd endpoints.
-    pub fn endpoints(&self) -> &[String] {
+    pub fn endpoints(&self) -> Vec<String> {
         self.etcd.endpoints()
     }
 

@@ -167,6 +167,13 @@ pub struct RelayConfig {
     pub etcd_user: Option<String>,
     /// Its password (`etcd_password`).
     pub etcd_password: Option<String>,
+    /// Cluster mode, `https://` etcd URLs: the CA that signed etcd's certificates (PEM);
+    /// `None` trusts the system's roots.
+    pub etcd_ca: Option<PathBuf>,
+    /// A client certificate chain (PEM) to present to etcd, with `etcd_key`.
+    pub etcd_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    pub etcd_key: Option<PathBuf>,
 }
 
 /// What `name_expiry_days` takes, for the file's and the flag's errors alike.
@@ -190,6 +197,9 @@ impl Default for RelayConfig {
             public_addr: None,
             etcd_user: None,
             etcd_password: None,
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
         }
     }
 }
@@ -215,6 +225,9 @@ impl fmt::Debug for RelayConfig {
                 "etcd_password",
                 &self.etcd_password.as_ref().map(|_| "(set)"),
             )
+            .field("etcd_ca", &self.etcd_ca)
+            .field("etcd_cert", &self.etcd_cert)
+            .field("etcd_key", &self.etcd_key)
             .finish()
     }
 }
@@ -258,6 +271,15 @@ impl RelayConfig {
         })
     }
 
+    /// What TLS to etcd checks and presents, if set (else the system's roots, no client
+    /// certificate).
+    pub fn etcd_tls(&self) -> Option<crate::etcd::EtcdTls> {
+        (self.etcd_ca.is_some() || self.etcd_cert.is_some()).then(|| crate::etcd::EtcdTls {
+            ca: self.etcd_ca.clone(),
+            client: self.etcd_cert.clone().zip(self.etcd_key.clone()),
+        })
+    }
+
     fn validate_cluster(&self) -> Result<(), ConfigError> {
         let invalid = |key, problem: String| Err(ConfigError::Invalid { key, problem });
         if self.etcd.is_empty() {
@@ -265,6 +287,9 @@ impl RelayConfig {
                 ("public_addr", self.public_addr.is_some()),
                 ("etcd_user", self.etcd_user.is_some()),
                 ("etcd_password", self.etcd_password.is_some()),
+                ("etcd_ca", self.etcd_ca.is_some()),
+                ("etcd_cert", self.etcd_cert.is_some()),
+                ("etcd_key", self.etcd_key.is_some()),
             ] {
                 if set {
                     return invalid(
@@ -292,6 +317,11 @@ impl RelayConfig {
         }
         if let Err(e) = crate::etcd::Etcd::new(&self.etcd, Duration::from_secs(1)) {
             return invalid("etcd", e);
+        }
+        match (&self.etcd_cert, &self.etcd_key) {
+            (Some(_), None) => return invalid("etcd_key", "must be set with etcd_cert".into()),
+            (None, Some(_)) => return invalid("etcd_cert", "must be set with etcd_key".into()),
+            _ => {}
         }
         if let Some(addr) = &self.public_addr {
             if let Err(e) = p2ptun::config::parse_server(addr) {
@@ -477,6 +507,15 @@ pub struct FileConfig {
     /// See [`RelayConfig::etcd_password`].
     #[serde(default, deserialize_with = "de_etcd_password")]
     pub etcd_password: Option<String>,
+    /// See [`RelayConfig::etcd_ca`].
+    #[serde(default, deserialize_with = "de_etcd_ca")]
+    pub etcd_ca: Option<PathBuf>,
+    /// See [`RelayConfig::etcd_cert`].
+    #[serde(default, deserialize_with = "de_etcd_cert")]
+    pub etcd_cert: Option<PathBuf>,
+    /// See [`RelayConfig::etcd_key`].
+    #[serde(default, deserialize_with = "de_etcd_key")]
+    pub etcd_key: Option<PathBuf>,
 }
 
 const ADDR: &str = "an IP address and port in quotes, such as \"0.0.0.0:7000\" or \"[::]:7000\"";
@@ -532,6 +571,9 @@ field_readers! {
     de_public_addr: String = "public_addr", "HOST:PORT in quotes, such as \"relay1.example.com:7000\"";
     de_etcd_user: String = "etcd_user", "an etcd user name in quotes, such as \"p2ptun\"";
     de_etcd_password: String = "etcd_password", "a password in quotes";
+    de_etcd_ca: PathBuf = "etcd_ca", PATH;
+    de_etcd_cert: PathBuf = "etcd_cert", PATH;
+    de_etcd_key: PathBuf = "etcd_key", PATH;
 }
 
 impl FileConfig {
@@ -629,6 +671,9 @@ impl FileConfig {
             public_addr: self.public_addr,
             etcd_user: self.etcd_user,
             etcd_password: self.etcd_password,
+            etcd_ca: self.etcd_ca,
+            etcd_cert: self.etcd_cert,
+            etcd_key: self.etcd_key,
         })
     }
 }
@@ -866,7 +911,7 @@ mod tests {
         };
         let clustered = parse(&uncomment(true)).unwrap_or_else(|e| panic!("{e}"));
         assert!(!clustered.etcd.is_empty() && clustered.public_addr.is_some());
-        assert!(clustered.etcd_auth().is_some());
+        assert!(clustered.etcd_auth().is_some() && clustered.etcd_tls().is_some());
         let uncommented = uncomment(false);
         let config = parse(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
         assert_eq!(config.tokens, vec!["change-me"]);
@@ -878,7 +923,7 @@ mod tests {
     }
 
     #[test]
-    fn an_etcd_login_needs_both_halves_and_cluster_mode() {
+    fn etcd_logins_and_certificates_need_both_halves_and_cluster_mode() {
         let etcd = "etcd = [\"http://127.0.0.1:2379\"]\nlisten = \"127.0.0.1:7000\"\n";
         let user = "etcd_user = \"p2ptun\"\n";
         let password = "etcd_password = \"pw\"\n";
@@ -888,6 +933,10 @@ mod tests {
         assert!(err(&format!("{user}{password}")).contains("cluster mode"));
         let both = parse(&format!("{etcd}{user}{password}")).unwrap();
         assert_eq!(both.etcd_auth().map(|a| a.user), Some("p2ptun".to_owned()));
+        // A client certificate comes with its key (the files are read when S starts, as
+        // `tls_cert`'s are).
+        let cert = "etcd_cert = \"/nonexistent/client.pem\"\n";
+        assert!(err(&format!("{etcd}{cert}")).contains("etcd_key"));
     }
 
     #[test]

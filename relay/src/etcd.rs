@@ -12,17 +12,23 @@
 //! Endpoints are tried in turn, starting with the last one that answered, so one etcd
 //! member down costs one failed connect (bounded by the timeout) and then nothing.
 //!
+//! `https://` URLs are reached over TLS (rustls), checked against the CA the operator gives
+//! (else the system's roots), presenting a client certificate when one is given, as etcd's
+//! `--client-cert-auth` asks.
+//!
 //! With etcd's authentication on, the client logs in with a user and password
 //! (`/v3/auth/authenticate`) and sends the token it gets with every call; a token etcd no
 //! longer accepts (they expire, 5 minutes by default) is replaced by logging in again once.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The largest answer read from etcd: cluster mode reads single keys and small prefixes.
@@ -101,10 +107,90 @@ impl std::fmt::Debug for EtcdAuth {
     }
 }
 
+/// What TLS to etcd checks and presents (files in PEM).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA that signed etcd's certificates; `None`: the system's roots.
+    pub ca: Option<PathBuf>,
+    /// A client certificate chain and its key, for etcd's `--client-cert-auth`.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+impl EtcdTls {
+    /// The rustls configuration these files make, or what is wrong with them.
+    fn client_config(&self) -> Result<rustls::ClientConfig, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = |path: &PathBuf| -> Result<Vec<CertificateDer<'static>>, String> {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!("{}: no certificate in it", path.display()));
+            }
+            Ok(certs)
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca {
+            Some(ca) => {
+                for cert in certs(ca)? {
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("{}: {e}", ca.display()))?;
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(found.certs);
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots);
+        match &self.client {
+            Some((cert, key)) => {
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| format!("{}: {e}", key.display()))?;
+                builder
+                    .with_client_auth_cert(certs(cert)?, key)
+                    .map_err(|e| format!("the client certificate and key: {e}"))
+            }
+            None => Ok(builder.with_no_client_auth()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd")
+            .field("endpoints", &self.endpoints())
+            .field("timeout", &self.timeout)
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One member's client URL: `HOST:PORT`, over TLS or not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Endpoint {
+    addr: String,
+    tls: bool,
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}", self.addr)
+    }
+}
+
 /// A client of one etcd cluster.
-#[derive(Debug)]
 pub struct Etcd {
-    endpoints: Vec<String>,
+    endpoints: Vec<Endpoint>,
+    /// For the `https://` endpoints.
+    tls: Option<tokio_rustls::TlsConnector>,
     timeout: Duration,
     next: AtomicUsize,
     auth: Option<EtcdAuth>,
@@ -123,13 +209,28 @@ impl Etcd {
             .iter()
             .map(|u| endpoint(u))
             .collect::<Result<Vec<_>, _>>()?;
+        // The system's roots serve an https:// URL until `with_tls` says otherwise.
+        let tls = match endpoints.iter().any(|e| e.tls) {
+            true => Some(connector(&EtcdTls::default())?),
+            false => None,
+        };
         Ok(Etcd {
             endpoints,
+            tls,
             timeout,
             next: AtomicUsize::new(0),
             auth: None,
             token: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The same client, reaching `https://` endpoints with `tls` (`None`: the system's
+    /// roots, no client certificate); what is wrong with its files if they cannot be used.
+    pub fn with_tls(mut self, tls: Option<&EtcdTls>) -> Result<Etcd, String> {
+        if let Some(tls) = tls {
+            self.tls = Some(connector(tls)?);
+        }
+        Ok(self)
     }
 
     /// The same client, logging in as `auth` (etcd with authentication on).
@@ -189,9 +290,9 @@ impl Etcd {
         }
     }
 
-    /// The endpoints, `HOST:PORT`.
-    pub fn endpoints(&self) -> &[String] {
-        &self.endpoints
+    /// The endpoints' URLs.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.endpoints.iter().map(Endpoint::to_string).collect()
     }
 
     /// POSTs `body` to `path` on the first endpoint that answers, with `token`.
@@ -206,7 +307,7 @@ impl Etcd {
         for i in 0..self.endpoints.len() {
             let at = (start + i) % self.endpoints.len();
             let endpoint = &self.endpoints[at];
-            let posted = post(endpoint, path, body.as_bytes(), token);
+            let posted = post(endpoint, self.tls.as_ref(), path, body.as_bytes(), token);
             match tokio::time::timeout(self.timeout, posted).await {
                 Ok(Ok((200, answer))) => {
                     self.next.store(at, Ordering::Relaxed);
@@ -295,24 +396,30 @@ impl Etcd {
     }
 }
 
-/// `HOST:PORT` of an `http://HOST:PORT` URL.
-fn endpoint(url: &str) -> Result<String, String> {
+/// The endpoint of an `http://HOST:PORT` or `https://HOST:PORT` URL.
+fn endpoint(url: &str) -> Result<Endpoint, String> {
     let rest = url.trim().trim_end_matches('/');
-    if rest.starts_with("https://") {
-        return Err(format!(
-            "{url}: TLS to etcd is not supported yet; give its http:// client URL (on a \
-             private network or loopback)"
-        ));
-    }
-    let hostport = rest.strip_prefix("http://").unwrap_or(rest);
+    let (hostport, tls) = match rest.strip_prefix("https://") {
+        Some(hostport) => (hostport, true),
+        None => (rest.strip_prefix("http://").unwrap_or(rest), false),
+    };
     p2ptun::config::parse_server(hostport)
-        .map(|()| hostport.to_owned())
+        .map(|()| Endpoint {
+            addr: hostport.to_owned(),
+            tls,
+        })
         .map_err(|why| {
             format!(
-                "'{url}' is not an etcd client URL ({why}); expected http://HOST:PORT, such \
-                 as http://127.0.0.1:2379"
+                "'{url}' is not an etcd client URL ({why}); expected http://HOST:PORT or \
+                 https://HOST:PORT, such as http://127.0.0.1:2379"
             )
         })
+}
+
+fn connector(tls: &EtcdTls) -> Result<tokio_rustls::TlsConnector, String> {
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(
+        tls.client_config()?,
+    )))
 }
 
 fn b64(s: &str) -> String {
@@ -405,14 +512,44 @@ fn kvs(answer: &Value) -> Result<Vec<Kv>, EtcdError> {
 /// One `POST path` to `endpoint` over HTTP/1.1 with `Connection: close` (and etcd's auth
 /// `token`, if any); the status and the body.
 async fn post(
+    endpoint: &Endpoint,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    path: &str,
+    body: &[u8],
+    token: Option<&str>,
+) -> Result<(u16, Vec<u8>), String> {
+    let tcp = TcpStream::connect(&endpoint.addr)
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    if !endpoint.tls {
+        return exchange(tcp, &endpoint.addr, path, body, token).await;
+    }
+    let Some(tls) = tls else {
+        return Err("no TLS configuration for an https:// endpoint".into());
+    };
+    let host = endpoint
+        .addr
+        .rsplit_once(':')
+        .map_or(endpoint.addr.as_str(), |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("'{host}' cannot be checked against a certificate: {e}"))?;
+    let stream = tls
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    exchange(stream, &endpoint.addr, path, body, token).await
+}
+
+/// The request and its answer on a connection made.
+async fn exchange(
+    mut stream: impl AsyncRead + AsyncWrite + Unpin,
     endpoint: &str,
     path: &str,
     body: &[u8],
     token: Option<&str>,
 ) -> Result<(u16, Vec<u8>), String> {
-    let mut stream = TcpStream::connect(endpoint)
-        .await
-        .map_err(|e| format!("cannot connect: {e}"))?;
     let auth = token
         .map(|t| format!("Authorization: {t}\r\n"))
         .unwrap_or_default();
@@ -507,11 +644,15 @@ mod tests {
 
     #[test]
     fn urls_become_endpoints_or_say_what_is_wrong() {
-        assert_eq!(endpoint("http://127.0.0.1:2379").unwrap(), "127.0.0.1:2379");
-        assert_eq!(endpoint("http://etcd-1:2379/").unwrap(), "etcd-1:2379");
-        assert_eq!(endpoint("10.0.0.5:2379").unwrap(), "10.0.0.5:2379");
-        assert!(endpoint("https://etcd:2379").unwrap_err().contains("TLS"));
-        for bad in ["http://etcd", "etcd:0", "http://:2379", ""] {
+        let url = |u: &str| endpoint(u).map(|e| e.to_string());
+        assert_eq!(
+            url("http://127.0.0.1:2379").unwrap(),
+            "http://127.0.0.1:2379"
+        );
+        assert_eq!(url("http://etcd-1:2379/").unwrap(), "http://etcd-1:2379");
+        assert_eq!(url("10.0.0.5:2379").unwrap(), "http://10.0.0.5:2379");
+        assert_eq!(url("https://etcd:2379").unwrap(), "https://etcd:2379");
+        for bad in ["http://etcd", "etcd:0", "http://:2379", "", "https://etcd"] {
             assert!(
                 endpoint(bad).unwrap_err().contains("http://HOST:PORT"),
                 "{bad}"

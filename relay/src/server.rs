@@ -217,6 +217,11 @@ impl Relay {
                         key: "etcd",
                         problem,
                     })?
+                    .with_tls(config.etcd_tls().as_ref())
+                    .map_err(|problem| ConfigError::Invalid {
+                        key: "etcd_ca/etcd_cert/etcd_key",
+                        problem,
+                    })?
                     .with_auth(config.etcd_auth());
                 tracing::info!(
                     etcd = ?etcd.endpoints(),

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use p2ptun_relay::etcd::{Etcd, EtcdAuth};
+use p2ptun_relay::etcd::{Etcd, EtcdAuth, EtcdTls};
 use serde_json::json;
 
 use crate::{free_port, installed, Lab, Place, Proc};
@@ -27,10 +27,76 @@ pub struct EtcdCluster {
     place: Place,
     /// The root login, once authentication is on.
     root: Option<EtcdAuth>,
+    /// With TLS on the client URLs: the files S needs to reach them.
+    tls: Option<TlsFiles>,
     members: Vec<Member>,
     initial: String,
     dir: PathBuf,
     logs: PathBuf,
+}
+
+/// The certificates of an etcd with TLS on its client URLs, made for the test: a CA, the
+/// members' certificate (for 127.0.0.1) and a client certificate, each signed by the CA.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA (`--etcd-ca`).
+    pub ca: PathBuf,
+    /// The client's certificate (`--etcd-cert`).
+    pub client_cert: PathBuf,
+    /// Its key (`--etcd-key`).
+    pub client_key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+}
+
+impl TlsFiles {
+    fn make(dir: &std::path::Path) -> anyhow::Result<TlsFiles> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair,
+        };
+        std::fs::create_dir_all(dir)?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "p2ptun test etcd CA");
+        let ca_key = KeyPair::generate()?;
+        let ca = ca_params.self_signed(&ca_key)?;
+        let write = |name: &str, pem: String| -> anyhow::Result<PathBuf> {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))?;
+            Ok(path)
+        };
+        let signed = |sans: Vec<String>, cn: Option<&str>| -> anyhow::Result<(String, String)> {
+            let mut params = CertificateParams::new(sans)?;
+            params.distinguished_name = DistinguishedName::new();
+            if let Some(cn) = cn {
+                params.distinguished_name.push(DnType::CommonName, cn);
+            }
+            let key = KeyPair::generate()?;
+            let cert = params.signed_by(&key, &ca, &ca_key)?;
+            Ok((cert.pem(), key.serialize_pem()))
+        };
+        let (server_cert, server_key) = signed(vec!["127.0.0.1".into()], Some("etcd"))?;
+        // No CommonName: with authentication on, etcd would take it for the user name, which
+        // its JSON gateway refuses ("CommonName of client sending a request against gateway
+        // will be ignored"); S logs in with its password instead.
+        let (client_cert, client_key) = signed(Vec::new(), None)?;
+        Ok(TlsFiles {
+            ca: write("ca.pem", ca.pem())?,
+            client_cert: write("client.pem", client_cert)?,
+            client_key: write("client-key.pem", client_key)?,
+            server_cert: write("server.pem", server_cert)?,
+            server_key: write("server-key.pem", server_key)?,
+        })
+    }
+
+    fn etcd_tls(&self) -> EtcdTls {
+        EtcdTls {
+            ca: Some(self.ca.clone()),
+            client: Some((self.client_cert.clone(), self.client_key.clone())),
+        }
+    }
 }
 
 impl EtcdCluster {
@@ -44,9 +110,25 @@ impl EtcdCluster {
         EtcdCluster::start_in(lab, Place::here(), n).await
     }
 
+    /// [`EtcdCluster::start`] with TLS on the client URLs (`https://`), which take only
+    /// clients with a certificate of the test's CA (etcd's `--client-cert-auth`).
+    pub async fn start_tls(lab: &Lab, n: usize) -> anyhow::Result<EtcdCluster> {
+        let tls = TlsFiles::make(&lab.path().join("etcd-tls"))?;
+        EtcdCluster::start_with(lab, Place::here(), n, Some(tls)).await
+    }
+
     /// [`EtcdCluster::start`] in `place` (S's namespace of the NAT lab). Out of this
     /// namespace, [`EtcdCluster::client`] cannot reach it; readiness is read off its logs.
     pub async fn start_in(lab: &Lab, place: Place, n: usize) -> anyhow::Result<EtcdCluster> {
+        EtcdCluster::start_with(lab, place, n, None).await
+    }
+
+    async fn start_with(
+        lab: &Lab,
+        place: Place,
+        n: usize,
+        tls: Option<TlsFiles>,
+    ) -> anyhow::Result<EtcdCluster> {
         let members: Vec<Member> = (1..=n)
             .map(|i| Member {
                 name: format!("e{i}"),
@@ -63,6 +145,7 @@ impl EtcdCluster {
         let mut cluster = EtcdCluster {
             place,
             root: None,
+            tls,
             members,
             initial,
             dir: lab.path().join("etcd"),
@@ -85,14 +168,8 @@ impl EtcdCluster {
             .arg(&m.name)
             .arg("--data-dir")
             .arg(self.dir.join(&m.name))
-            .arg(format!(
-                "--listen-client-urls=http://127.0.0.1:{}",
-                m.client
-            ))
-            .arg(format!(
-                "--advertise-client-urls=http://127.0.0.1:{}",
-                m.client
-            ))
+            .arg(format!("--listen-client-urls={}", self.url(m)))
+            .arg(format!("--advertise-client-urls={}", self.url(m)))
             .arg(format!("--listen-peer-urls=http://127.0.0.1:{}", m.peer))
             .arg(format!(
                 "--initial-advertise-peer-urls=http://127.0.0.1:{}",
@@ -101,15 +178,31 @@ impl EtcdCluster {
             .arg(format!("--initial-cluster={}", self.initial))
             .arg("--initial-cluster-state=new")
             .arg("--initial-cluster-token=p2ptun-test");
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.server_cert)
+                .arg("--key-file")
+                .arg(&tls.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
         let proc = Proc::spawn(&format!("etcd-{}", m.name), cmd, &self.logs);
         self.members[i].proc = Some(proc);
     }
 
+    fn url(&self, m: &Member) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", m.client)
+    }
+
     fn url_list(&self) -> Vec<String> {
-        self.members
-            .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client))
-            .collect()
+        self.members.iter().map(|m| self.url(m)).collect()
+    }
+
+    /// With TLS on: the files S needs to reach the members.
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
     }
 
     /// The client URLs, comma-separated (`--etcd`).
@@ -120,7 +213,8 @@ impl EtcdCluster {
     /// A client of the whole cluster (logged in as root once authentication is on).
     pub fn client(&self) -> Etcd {
         Etcd::new(&self.url_list(), Duration::from_secs(2))
-            .expect("the cluster's URLs")
+            .and_then(|etcd| etcd.with_tls(self.tls.as_ref().map(TlsFiles::etcd_tls).as_ref()))
+            .expect("the cluster's URLs and certificates")
             .with_auth(self.root.clone())
     }
 
