@@ -85,6 +85,10 @@
 //!    the exposers received is shown beside it. S's CPU in the interval includes its idle
 //!    cost of the N registered agents (figure 2 shows how much that is).
 //!
+//! Beside them, the datagrams the kernel dropped at a full UDP receive buffer during each
+//! timed phase (`RcvbufErrors` of /proc/net/snmp, host-wide: any process's sockets), which
+//! tells a loss on loopback from a slow S; and the load average at the end of the run.
+//!
 //! # Rules it keeps
 //!
 //! All traffic goes to 127.0.0.0/8. Every phase has a count and a deadline and stops by
@@ -444,6 +448,9 @@ struct Outcome {
     relay_closed: u64,
     /// What S's metrics counted in the relay interval, all S together.
     s_relayed: RelayCounters,
+    /// UDP datagrams the host dropped at full receive buffers during the registrations,
+    /// the introductions and the relaying ([`host::udp_rcvbuf_errors`]).
+    udp_drops: [Option<u64>; 3],
     notes: Vec<String>,
 }
 
@@ -563,6 +570,7 @@ async fn scenario(
         ),
     );
     let pushed = Arc::new(Pushed::default());
+    let drops_before = host::udp_rcvbuf_errors();
     let deadline = Instant::now() + bounds.register;
     let home = |id| home_of(id, n_servers);
     let (mut live, forwarders) = agents::register_wave(
@@ -608,6 +616,7 @@ async fn scenario(
             exposers.rate()
         ),
     );
+    let drops_registered = host::udp_rcvbuf_errors();
     for s in &servers {
         s.relay.proc().ensure_running()?;
     }
@@ -652,6 +661,7 @@ async fn scenario(
         t0,
         &format!("introducing: {count} requests over {} pairs", pairs.len()),
     );
+    let drops_intro0 = host::udp_rcvbuf_errors();
     let intros = agents::introduce(
         &intro_pairs,
         &targets,
@@ -676,6 +686,7 @@ async fn scenario(
             intros.failed.values().sum::<usize>()
         ),
     );
+    let drops_intro1 = host::udp_rcvbuf_errors();
     tokio::time::sleep(bounds.settle).await;
     let rss_after_intros: Vec<Option<u64>> = servers.iter().map(Server::rss_kib).collect();
 
@@ -705,7 +716,15 @@ async fn scenario(
         counters0.push(s.relay_counters().await?);
     }
     let cpu0: Vec<Option<f64>> = servers.iter().map(Server::cpu_secs).collect();
+    let drops_relay0 = host::udp_rcvbuf_errors();
     let relayed = agents::relay(&relay_pairs, bounds.relay, bounds.relay_bytes).await;
+    let drops_relay1 = host::udp_rcvbuf_errors();
+    let since = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
+    let udp_drops = [
+        since(drops_before, drops_registered),
+        since(drops_intro0, drops_intro1),
+        since(drops_relay0, drops_relay1),
+    ];
     let relay_cpu: Vec<Option<f64>> = servers
         .iter()
         .zip(&cpu0)
@@ -784,6 +803,7 @@ async fn scenario(
         relayed,
         relay_closed,
         s_relayed,
+        udp_drops,
         notes,
     })
 }
@@ -911,6 +931,11 @@ impl Outcome {
                 "problems": self.relayed.problems,
             },
             "relay_closed_pushes": self.relay_closed,
+            "udp_rcvbuf_drops": {
+                "registration": self.udp_drops[0],
+                "introductions": self.udp_drops[1],
+                "relay": self.udp_drops[2],
+            },
             "notes": self.notes,
         })
     }
@@ -1067,6 +1092,18 @@ fn table(outcomes: &[Outcome], header: &[String]) -> String {
                     - o.relayed.received_datagrams as f64 / o.relayed.sent_datagrams.max(1) as f64)
         )
     });
+    row(
+        "UDP receive-buffer drops on the host: registration; introductions; relay",
+        &|o| {
+            let n = |d: Option<u64>| d.map_or("n/a".into(), |d| d.to_string());
+            format!(
+                "{}; {}; {}",
+                n(o.udp_drops[0]),
+                n(o.udp_drops[1]),
+                n(o.udp_drops[2])
+            )
+        },
+    );
     row("relayed GiB per CPU-second of S", &|o| {
         o.gib_per_cpu_s().map_or("n/a".into(), |g| {
             format!("{g:.2} ({:.2} CPU-s of S)", o.relay_cpu)
@@ -1166,7 +1203,12 @@ fn run(opts: Opts) -> Result<()> {
             bounds.introduce.as_secs_f64(),
             bounds.relay.as_secs_f64()
         ),
-        format!("run took {:.0} s", t0.elapsed().as_secs_f64()),
+        format!(
+            "run took {:.0} s; load average at the end {} (anything else running shares the \
+             cores)",
+            t0.elapsed().as_secs_f64(),
+            host::loadavg()
+        ),
     ];
     header.extend(skipped.iter().cloned());
     let text = table(&outcomes, &header);
