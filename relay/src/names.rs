@@ -343,6 +343,13 @@ impl NameRegistry {
         owner: Fingerprint,
         now: SystemTime,
     ) -> Result<Claimed, NamesError> {
+        if names.is_empty() {
+            // An agent exposing nothing depends on no claim being saved.
+            return Ok(Claimed {
+                expired: Vec::new(),
+                saved: self.journal.saved(None),
+            });
+        }
         let now = unix_secs(now);
         // What changes, decided before anything does: the claim is all or nothing.
         let mut write = Vec::new();
@@ -1164,12 +1171,18 @@ mod tests {
         let mut reg = NameRegistry::load(dir.path(), None, at(0)).unwrap();
         // Registrations of many agents at once: each waits only for its own claim, and the
         // writer fsyncs them in a few batches.
-        let pending: Vec<Saved> = (0..500u32)
+        let mut pending: Vec<Saved> = (0..500u32)
             .map(|i| {
                 let owner = fp((i % 200) as u8);
                 reg.claim(&[format!("n{i}")], owner, at(0)).unwrap().saved
             })
             .collect();
+        // A claim that changes nothing waits for the claims on their way (one may be its
+        // own from another registration; see a_change_that_cannot_be_saved_is_not_made for
+        // what that wait says when they fail); an agent exposing nothing waits for nobody.
+        pending.push(reg.claim(&names(&["n0"]), fp(0), at(0)).unwrap().saved);
+        let none = reg.claim(&[], fp(1), at(0)).unwrap();
+        assert!(none.saved.done.is_none());
         for saved in pending {
             saved.wait_blocking().unwrap();
         }
