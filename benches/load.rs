@@ -28,17 +28,17 @@
 //! The agents are this process: each has its own key (made before any timing starts), and
 //! its own QUIC control connection made with the agent's own TLS client configuration
 //! (`p2ptun::tunnel::tls::client_config`, ALPN `p2ptun/1`); it checks S's key and sends
-//! `Register` as `p2ptun` does, keeping the registration stream open. (One difference: its
-//! transport lets S open no bidirectional stream toward it, where the agent's allows 16,384
-//! that S never opens; quinn allocates state for each allowed one, about 1 MB per
-//! connection, which S does not see but 10,000 agents in one process would.) Agents are dealt
+//! `Register` as `p2ptun` does, keeping the registration stream open; its transport is the
+//! agent's control transport as it is (`tls::control_transport_config`: a keep-alive every
+//! 2 s, `CONTROL_KEEP_ALIVE`, and no request streams allowed to S). Agents are dealt
 //! round-robin over one quinn endpoint (one UDP socket) per source address 127.0.x.y
 //! (N/50 of them, at least 8), so that S's per-source limits (`handshake_rate_per_ip` 100/s
 //! with bursts of 200, `max_unregistered_per_ip` 32) see many sources, as they would see
 //! many hosts, and are not hit: S's defaults stay in force.
 //!
 //! Two scenarios:
-//! - **(a) single**: one S with its default embedded name store (`names.json`).
+//! - **(a) single**: one S with its default embedded name store (`names.json` and its
+//!   journal, `names.journal`).
 //! - **(b) cluster**: a real 3-member etcd on loopback (the test kit's `EtcdCluster`; Debian's
 //!   `etcd-server`) and two S started with `--etcd URL,URL,URL --public-addr 127.0.0.1:PORT`;
 //!   the agents are spread evenly over both.
@@ -54,15 +54,26 @@
 //! 2. **S's memory per agent**: VmRSS of each S process (/proc/PID/status) before the
 //!    first agent and with all of them registered (after a settling second), the growth
 //!    divided by the agents registered with that S. Also S's CPU while the registered
-//!    agents idle (their QUIC keep-alives every 4 s), and VmRSS after the introductions
+//!    agents idle (each agent's control connection sends a QUIC keep-alive every 2 s; S sends
+//!    none, it only answers them), and VmRSS after the introductions
 //!    (each made a relay session that S keeps until it idles out).
 //! 3. **Introductions per second**: agent 2k+1 asks S (`Connect`) for agent 2k's name, 2×
 //!    over every pair; an introduction is complete when the forwarder has its `Rendezvous`
 //!    and the exposer its `Incoming` for the same session. The rate is completions over the
 //!    time from the first request to the last completion. In (b), half the pairs have their
-//!    forwarder on the other S than the exposer: such a request is answered with an error
-//!    that names the S where the name is (forwarding across S is not built yet): counted
-//!    and shown as it is, beside the completed ones.
+//!    forwarder on the other S than the exposer. Its home S answers such a `Connect` with
+//!    `Elsewhere` (the exposer's home, its address and fingerprint), and the generator does
+//!    what the agent does (`agent::visit`): the forwarder registers with that S too, from
+//!    its own socket and with its own key, checks that S presents the fingerprint vouched
+//!    for, exposes no names, and asks again there; that S's `Rendezvous` and the exposer's
+//!    `Incoming` make the introduction. The visit is made lazily, at the forwarder's first
+//!    `Elsewhere`, and kept for its second request, because that is what the agent does
+//!    (it registers with another S only when a link needs it, and keeps the registration
+//!    while links use it): the first introduction across S pays for a handshake and a
+//!    registration, the second one does not, and every one of them costs two `Connect`s.
+//!    Same-S and across-S completions are counted and timed separately (each from the first
+//!    request to the last completion of its kind), beside the `Elsewhere` answers and the
+//!    visits made with their mean registration time.
 //! 4. **Relayed GiB per CPU-second of S**: `--relay-pairs` forwarders (on the same S as
 //!    their exposer) each get a fresh relay session and send full-size relayed datagrams
 //!    (1,408 bytes, the session tag and an inner packet of the agents' largest MTU) as fast
@@ -73,6 +84,10 @@
 //!    (utime+stime, /proc/PID/stat) in that interval, and over the interval's length; what
 //!    the exposers received is shown beside it. S's CPU in the interval includes its idle
 //!    cost of the N registered agents (figure 2 shows how much that is).
+//!
+//! Beside them, the datagrams the kernel dropped at a full UDP receive buffer during each
+//! timed phase (`RcvbufErrors` of /proc/net/snmp, host-wide: any process's sockets), which
+//! tells a loss on loopback from a slow S; and the load average at the end of the run.
 //!
 //! # Rules it keeps
 //!
@@ -104,7 +119,7 @@ mod agents;
 #[path = "common/host.rs"]
 mod host;
 
-use agents::{Intros, Live, Pushed, Relayed, Sources, Target, Wave};
+use agents::{Forwarder, Intros, Live, Pushed, Relayed, Sources, Target, Wave};
 
 const MIB: f64 = 1024.0 * 1024.0;
 const GIB: f64 = 1024.0 * MIB;
@@ -433,6 +448,9 @@ struct Outcome {
     relay_closed: u64,
     /// What S's metrics counted in the relay interval, all S together.
     s_relayed: RelayCounters,
+    /// UDP datagrams the host dropped at full receive buffers during the registrations,
+    /// the introductions and the relaying ([`host::udp_rcvbuf_errors`]).
+    udp_drops: [Option<u64>; 3],
     notes: Vec<String>,
 }
 
@@ -552,6 +570,7 @@ async fn scenario(
         ),
     );
     let pushed = Arc::new(Pushed::default());
+    let drops_before = host::udp_rcvbuf_errors();
     let deadline = Instant::now() + bounds.register;
     let home = |id| home_of(id, n_servers);
     let (mut live, forwarders) = agents::register_wave(
@@ -597,6 +616,7 @@ async fn scenario(
             exposers.rate()
         ),
     );
+    let drops_registered = host::udp_rcvbuf_errors();
     for s in &servers {
         s.relay.proc().ensure_running()?;
     }
@@ -624,17 +644,27 @@ async fn scenario(
         .map(|k| (2 * k, 2 * k + 1))
         .filter(|(e, f)| by_id.contains_key(e) && by_id.contains_key(f))
         .collect();
-    let intro_pairs: Vec<(quinn::Connection, String)> = pairs
+    let intro_pairs: Vec<(Arc<Forwarder>, String)> = pairs
         .iter()
-        .map(|&(e, f)| (by_id[&f].conn.clone(), name_of(e)))
+        .map(|&(e, f)| {
+            let fwd = Forwarder::new(
+                f,
+                by_id[&f].conn.clone(),
+                prepared[f].config.clone(),
+                sources.of(f).clone(),
+            );
+            (Arc::new(fwd), name_of(e))
+        })
         .collect();
     let count = intro_pairs.len() * 2;
     say(
         t0,
         &format!("introducing: {count} requests over {} pairs", pairs.len()),
     );
+    let drops_intro0 = host::udp_rcvbuf_errors();
     let intros = agents::introduce(
         &intro_pairs,
+        &targets,
         count,
         opts.at_once,
         Instant::now() + bounds.introduce,
@@ -645,13 +675,18 @@ async fn scenario(
     say(
         t0,
         &format!(
-            "introductions: {} completed ({:.0}/s), {} errors, {} failed",
+            "introductions: {} completed ({:.0}/s; {} across S, {} Elsewhere answers, {} visits), \
+             {} errors, {} failed",
             intros.completed,
             intros.rate(),
+            intros.completed_across,
+            intros.elsewhere,
+            intros.visits,
             intros.errors.values().sum::<usize>(),
             intros.failed.values().sum::<usize>()
         ),
     );
+    let drops_intro1 = host::udp_rcvbuf_errors();
     tokio::time::sleep(bounds.settle).await;
     let rss_after_intros: Vec<Option<u64>> = servers.iter().map(Server::rss_kib).collect();
 
@@ -681,7 +716,15 @@ async fn scenario(
         counters0.push(s.relay_counters().await?);
     }
     let cpu0: Vec<Option<f64>> = servers.iter().map(Server::cpu_secs).collect();
+    let drops_relay0 = host::udp_rcvbuf_errors();
     let relayed = agents::relay(&relay_pairs, bounds.relay, bounds.relay_bytes).await;
+    let drops_relay1 = host::udp_rcvbuf_errors();
+    let since = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
+    let udp_drops = [
+        since(drops_before, drops_registered),
+        since(drops_intro0, drops_intro1),
+        since(drops_relay0, drops_relay1),
+    ];
     let relay_cpu: Vec<Option<f64>> = servers
         .iter()
         .zip(&cpu0)
@@ -760,6 +803,7 @@ async fn scenario(
         relayed,
         relay_closed,
         s_relayed,
+        udp_drops,
         notes,
     })
 }
@@ -853,6 +897,15 @@ impl Outcome {
                 "completed": self.intros.completed,
                 "per_s": self.intros.rate(),
                 "seconds": self.intros.took.as_secs_f64(),
+                "completed_same_s": self.intros.completed_here,
+                "same_s_per_s": self.intros.rate_here(),
+                "same_s_seconds": self.intros.took_here.as_secs_f64(),
+                "completed_across_s": self.intros.completed_across,
+                "across_s_per_s": self.intros.rate_across(),
+                "across_s_seconds": self.intros.took_across.as_secs_f64(),
+                "elsewhere_answers": self.intros.elsewhere,
+                "visits": self.intros.visits,
+                "visit_ms_mean": self.intros.visit_ms(),
                 "answered": self.intros.answered,
                 "answers_per_s": self.intros.answer_rate(),
                 "rendezvous_without_incoming": self.intros.half,
@@ -878,6 +931,11 @@ impl Outcome {
                 "problems": self.relayed.problems,
             },
             "relay_closed_pushes": self.relay_closed,
+            "udp_rcvbuf_drops": {
+                "registration": self.udp_drops[0],
+                "introductions": self.udp_drops[1],
+                "relay": self.udp_drops[2],
+            },
             "notes": self.notes,
         })
     }
@@ -954,7 +1012,7 @@ fn table(outcomes: &[Outcome], header: &[String]) -> String {
     row("S VmRSS after the introductions (MiB)", &|o| {
         o.per_server(|s| opt_mib(s.rss_after_intros))
     });
-    row("introductions completed/s", &|o| {
+    row("introductions completed/s, all", &|o| {
         format!(
             "{:.0} ({} of {} in {:.1} s)",
             o.intros.rate(),
@@ -963,6 +1021,41 @@ fn table(outcomes: &[Outcome], header: &[String]) -> String {
             o.intros.took.as_secs_f64()
         )
     });
+    row("introductions completed/s, same S", &|o| {
+        format!(
+            "{:.0} ({} in {:.1} s)",
+            o.intros.rate_here(),
+            o.intros.completed_here,
+            o.intros.took_here.as_secs_f64()
+        )
+    });
+    row(
+        "introductions completed/s, across S (Elsewhere, visit, ask again)",
+        &|o| {
+            if o.intros.elsewhere == 0 && o.intros.completed_across == 0 {
+                return "none asked".into();
+            }
+            format!(
+                "{:.0} ({} in {:.1} s)",
+                o.intros.rate_across(),
+                o.intros.completed_across,
+                o.intros.took_across.as_secs_f64()
+            )
+        },
+    );
+    row(
+        "Elsewhere answers; visits made (mean registration ms)",
+        &|o| {
+            format!(
+                "{}; {} ({})",
+                o.intros.elsewhere,
+                o.intros.visits,
+                o.intros
+                    .visit_ms()
+                    .map_or("n/a".into(), |ms| format!("{ms:.0}"))
+            )
+        },
+    );
     row("introductions not completed", &|o| {
         let mut parts = Vec::new();
         for (k, c) in &o.intros.errors {
@@ -999,6 +1092,18 @@ fn table(outcomes: &[Outcome], header: &[String]) -> String {
                     - o.relayed.received_datagrams as f64 / o.relayed.sent_datagrams.max(1) as f64)
         )
     });
+    row(
+        "UDP receive-buffer drops on the host: registration; introductions; relay",
+        &|o| {
+            let n = |d: Option<u64>| d.map_or("n/a".into(), |d| d.to_string());
+            format!(
+                "{}; {}; {}",
+                n(o.udp_drops[0]),
+                n(o.udp_drops[1]),
+                n(o.udp_drops[2])
+            )
+        },
+    );
     row("relayed GiB per CPU-second of S", &|o| {
         o.gib_per_cpu_s().map_or("n/a".into(), |g| {
             format!("{g:.2} ({:.2} CPU-s of S)", o.relay_cpu)
@@ -1098,7 +1203,12 @@ fn run(opts: Opts) -> Result<()> {
             bounds.introduce.as_secs_f64(),
             bounds.relay.as_secs_f64()
         ),
-        format!("run took {:.0} s", t0.elapsed().as_secs_f64()),
+        format!(
+            "run took {:.0} s; load average at the end {} (anything else running shares the \
+             cores)",
+            t0.elapsed().as_secs_f64(),
+            host::loadavg()
+        ),
     ];
     header.extend(skipped.iter().cloned());
     let text = table(&outcomes, &header);

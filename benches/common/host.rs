@@ -49,6 +49,17 @@ pub fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// Datagrams the kernel dropped for a full socket receive buffer, on all UDP sockets of
+/// this network namespace so far (`RcvbufErrors` in /proc/net/snmp): read before and after
+/// a phase, the difference says whether a socket overflowed meanwhile (any process's).
+pub fn udp_rcvbuf_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 /// Whether `pid` is a child of this process not yet reaped: a PID recorded earlier and
 /// reused since by another process is never signalled.
 pub fn is_our_child(pid: u32) -> bool {

@@ -19,7 +19,7 @@ use p2ptun::agent::registration::request;
 use p2ptun::proto::relay as wire;
 use p2ptun::proto::{
     read_frame, write_frame, Candidate, CandidateKind, ClientMsg, Fingerprint, NatMapping,
-    ServerMsg, ALPN_CONTROL, PROTOCOL_VERSION,
+    ServerInfo, ServerMsg, ALPN_CONTROL, PROTOCOL_VERSION,
 };
 use p2ptun::tunnel::{tls, Identity};
 use tokio::sync::Semaphore;
@@ -51,15 +51,9 @@ pub struct Prepared {
 pub fn prepare(n: usize, threads: usize) -> anyhow::Result<Vec<Prepared>> {
     let threads = threads.clamp(1, 8);
     let per = n.div_ceil(threads).max(1);
-    // The agent's control-connection transport, except for the bidirectional streams S may
-    // open toward the agent: the agent allows 16,384 (the setting it shares with peer
-    // connections), and quinn-proto allocates state for every allowed remote stream when a
-    // connection is made, about 1 MB each. S never opens one (it pushes on the registration
-    // stream), so S sees no difference but this process holds 10,000 agents in a few
-    // hundred MB instead of over 10 GB.
-    let mut transport = tls::control_transport_config();
-    transport.max_concurrent_bidi_streams(0u32.into());
-    let transport = Arc::new(transport);
+    // The agent's control-connection transport as it is (keep-alives, idle timeout, no
+    // request streams allowed to S, datagram buffers).
+    let transport = Arc::new(tls::control_transport_config());
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
@@ -130,7 +124,7 @@ impl Sources {
     }
 
     /// The endpoint of agent `id` (agents are dealt round-robin over the sources).
-    fn of(&self, id: usize) -> &quinn::Endpoint {
+    pub fn of(&self, id: usize) -> &quinn::Endpoint {
         &self.endpoints[id % self.endpoints.len()]
     }
 
@@ -294,7 +288,7 @@ async fn register(
     // The agent checks S's key before it sends anything; so does the generator.
     if tls::peer_fingerprint(&conn) != Some(target.fingerprint) {
         conn.close(0u32.into(), b"wrong server key");
-        return Err("S presented another key than it logged".to_owned());
+        return Err("S presented another key than the one expected".to_owned());
     }
     let local = ep.local_addr().map_err(|e| format!("local address: {e}"))?;
     let (mut send, mut recv) = conn
@@ -353,16 +347,30 @@ pub struct Intros {
     pub asked: usize,
     /// Answered `Rendezvous` and the exposer got `Incoming` for the same session.
     pub completed: usize,
+    /// Of those, the ones answered by the forwarder's home S.
+    pub completed_here: usize,
+    /// Of those, the ones answered by the S that the home named (`Elsewhere`).
+    pub completed_across: usize,
     /// Answered `Rendezvous`, but no `Incoming` reached the exposer within the grace time.
     pub half: usize,
+    /// `Elsewhere` answers from the forwarders' home S.
+    pub elsewhere: usize,
+    /// Registrations with the S an `Elsewhere` named (one per forwarder, reused), made.
+    pub visits: usize,
+    /// Their registration times, summed.
+    pub visit_time: Duration,
     /// S's error answers by kind (code and the start of the message), with a count each.
     pub errors: BTreeMap<String, usize>,
-    /// Requests that failed on the way (timeouts, broken connections).
+    /// Requests that failed on the way (timeouts, broken connections, failed visits).
     pub failed: BTreeMap<String, usize>,
     /// Not started because the deadline had passed.
     pub not_started: usize,
     /// From the first request to the last completion.
     pub took: Duration,
+    /// From the first request to the last completion answered by the home S.
+    pub took_here: Duration,
+    /// From the first request to the last completion answered by another S.
+    pub took_across: Duration,
     /// From the first request to the last answer of any kind.
     pub answered_in: Duration,
     /// Answers of any kind (completed, half, errors).
@@ -376,8 +384,114 @@ impl Intros {
         self.completed as f64 / self.took.as_secs_f64().max(1e-9)
     }
 
+    /// Completed introductions answered by the forwarder's home S, per second.
+    pub fn rate_here(&self) -> f64 {
+        self.completed_here as f64 / self.took_here.as_secs_f64().max(1e-9)
+    }
+
+    /// Completed introductions across S (an `Elsewhere`, then the other S), per second.
+    pub fn rate_across(&self) -> f64 {
+        self.completed_across as f64 / self.took_across.as_secs_f64().max(1e-9)
+    }
+
     pub fn answer_rate(&self) -> f64 {
         self.answered as f64 / self.answered_in.as_secs_f64().max(1e-9)
+    }
+
+    /// The mean time a visit's registration took, in milliseconds.
+    pub fn visit_ms(&self) -> Option<f64> {
+        (self.visits > 0).then(|| self.visit_time.as_secs_f64() * 1000.0 / self.visits as f64)
+    }
+}
+
+/// A forwarder as the introductions use it: its registration with its home S, and what it
+/// needs to register with another S the way the agent visits one (`agent::visit`): its key
+/// and its socket.
+pub struct Forwarder {
+    pub id: usize,
+    pub conn: quinn::Connection,
+    pub config: quinn::ClientConfig,
+    pub ep: quinn::Endpoint,
+    /// Its registration with the S an `Elsewhere` named, made at the first one and kept,
+    /// as the agent keeps it while a link uses it. Locked while it is made, so that two
+    /// introductions at once share one (the agent's `Visits::to` does the same).
+    visit: tokio::sync::Mutex<Option<(Fingerprint, Live)>>,
+}
+
+impl Forwarder {
+    pub fn new(
+        id: usize,
+        conn: quinn::Connection,
+        config: quinn::ClientConfig,
+        ep: quinn::Endpoint,
+    ) -> Forwarder {
+        Forwarder {
+            id,
+            conn,
+            config,
+            ep,
+            visit: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The connection to `server` (named by the home S's `Elsewhere`), registered with no
+    /// names, made if there is none, and how long making it took. Only S the generator
+    /// started are visited: `server` must be one of `known`, at a loopback address.
+    async fn visit(
+        &self,
+        server: &ServerInfo,
+        known: &[Target],
+        pushed: &Arc<Pushed>,
+    ) -> Result<(quinn::Connection, Option<Duration>), String> {
+        let mut visit = self.visit.lock().await;
+        if let Some((fp, live)) = &*visit {
+            if *fp == server.fingerprint && live.conn.close_reason().is_none() {
+                return Ok((live.conn.clone(), None));
+            }
+        }
+        let addr: SocketAddr = server
+            .addr
+            .parse()
+            .map_err(|_| format!("S named an address that is no IP:port: {}", server.addr))?;
+        if !addr.ip().is_loopback()
+            || !known
+                .iter()
+                .any(|t| t.addr == addr && t.fingerprint == server.fingerprint)
+        {
+            return Err(format!(
+                "S named an S the generator did not start: {} {}",
+                server.addr, server.fingerprint
+            ));
+        }
+        let target = Target {
+            addr,
+            fingerprint: server.fingerprint,
+        };
+        let start = Instant::now();
+        let registered = tokio::time::timeout(
+            REGISTER_TIMEOUT,
+            register(
+                &self.ep,
+                self.config.clone(),
+                &target,
+                Vec::new(),
+                Arc::clone(pushed),
+            ),
+        )
+        .await
+        .map_err(|_| format!("no registration within {}s", REGISTER_TIMEOUT.as_secs()))??;
+        let took = start.elapsed();
+        let (conn, send, reader) = registered;
+        *visit = Some((
+            server.fingerprint,
+            Live {
+                id: self.id,
+                conn: conn.clone(),
+                _registration: send,
+                reader,
+            },
+        ));
+        Ok((conn, Some(took)))
     }
 }
 
@@ -418,12 +532,26 @@ fn host_candidates(conn: &quinn::Connection) -> Vec<Candidate> {
         .collect()
 }
 
+/// How one introduction went.
+struct Asked {
+    answer: Result<ServerMsg, String>,
+    at: Instant,
+    name: String,
+    /// The home S answered `Elsewhere`; `answer` is the other S's.
+    across: bool,
+    /// A visit was made for it, taking this long.
+    visit: Option<Duration>,
+}
+
 /// Asks S, `count` times in all, to introduce forwarder to exposer for `pairs` in turn
 /// (the forwarder's `Connect` for the exposer's name), at most `at_once` in flight, none
-/// started after `deadline`. Completed introductions are those whose exposer heard of the
-/// session too (within `grace` after the last answer).
+/// started after `deadline`. An `Elsewhere` answer is followed as the agent follows it: the
+/// forwarder registers with the S named (once, checking that S presents the fingerprint
+/// vouched for; it must be one of `known`) and asks again there. Completed introductions
+/// are those whose exposer heard of the session too (within `grace` after the last answer).
 pub async fn introduce(
-    pairs: &[(quinn::Connection, String)],
+    pairs: &[(Arc<Forwarder>, String)],
+    known: &[Target],
     count: usize,
     at_once: usize,
     deadline: Instant,
@@ -440,10 +568,11 @@ pub async fn introduce(
     }
     let start = Instant::now();
     let gate = Arc::new(Semaphore::new(at_once.max(1)));
+    let known: Arc<[Target]> = known.into();
     let mut tasks = JoinSet::new();
     for i in 0..count {
-        let (conn, name) = pairs[i % pairs.len()].clone();
-        let gate = Arc::clone(&gate);
+        let (fwd, name) = pairs[i % pairs.len()].clone();
+        let (gate, known, pushed) = (Arc::clone(&gate), Arc::clone(&known), Arc::clone(pushed));
         tasks.spawn(async move {
             let Ok(_permit) = gate.acquire_owned().await else {
                 return None;
@@ -451,27 +580,61 @@ pub async fn introduce(
             if Instant::now() >= deadline {
                 return None;
             }
-            let msg = ClientMsg::Connect {
+            let connect = |conn: &quinn::Connection| ClientMsg::Connect {
                 name: name.clone(),
-                candidates: host_candidates(&conn),
+                candidates: host_candidates(conn),
                 nat: NatMapping::Unknown,
             };
             // `request` bounds the exchange (agent::registration::EXCHANGE_TIMEOUT).
-            let answer = request(&conn, &msg).await;
-            Some((answer.map_err(|e| format!("{e:#}")), Instant::now(), name))
+            let answer = request(&fwd.conn, &connect(&fwd.conn))
+                .await
+                .map_err(|e| format!("{e:#}"));
+            let (answer, across, visit) = match answer {
+                Ok(ServerMsg::Elsewhere { name: n, server }) if n == name => {
+                    match fwd.visit(&server, &known, &pushed).await {
+                        Ok((there, took)) => {
+                            let answer = request(&there, &connect(&there))
+                                .await
+                                .map_err(|e| format!("{e:#}"));
+                            (answer, true, took)
+                        }
+                        Err(e) => (Err(format!("visit: {e}")), true, None),
+                    }
+                }
+                other => (other, false, None),
+            };
+            Some(Asked {
+                answer,
+                at: Instant::now(),
+                name,
+                across,
+                visit,
+            })
         });
     }
     let mut sessions = Vec::new();
     let mut last_answer = start;
     while let Some(done) = tasks.join_next().await {
-        let Ok(Some((answer, at, name))) = done else {
+        let Ok(Some(asked)) = done else {
             out.not_started += 1;
             continue;
         };
+        let Asked {
+            answer,
+            at,
+            name,
+            across,
+            visit,
+        } = asked;
+        out.elsewhere += usize::from(across);
+        if let Some(took) = visit {
+            out.visits += 1;
+            out.visit_time += took;
+        }
         match answer {
             Ok(ServerMsg::Rendezvous(rv)) if rv.name == name => {
                 last_answer = last_answer.max(at);
-                sessions.push((rv.session, at));
+                sessions.push((rv.session, at, across));
             }
             Ok(ServerMsg::Error(e)) => {
                 last_answer = last_answer.max(at);
@@ -490,28 +653,34 @@ pub async fn introduce(
     }
     // The exposers' pushes may trail the forwarders' answers by a moment.
     let grace_end = Instant::now() + grace;
-    let mut last_done;
     loop {
-        let (completed, half, last) = {
+        let done = {
             let map = pushed.incoming.lock().unwrap_or_else(|e| e.into_inner());
-            let mut c = 0;
-            let mut last = start;
-            for (s, at) in &sessions {
+            // Completions and the last one's time, by whether they came across S.
+            let mut done = [(0, start); 2];
+            for (s, at, across) in &sessions {
                 if let Some(pushed_at) = map.get(s) {
-                    c += 1;
-                    last = last.max(*at).max(*pushed_at);
+                    let d = &mut done[usize::from(*across)];
+                    d.0 += 1;
+                    d.1 = d.1.max(*at).max(*pushed_at);
                 }
             }
-            (c, sessions.len() - c, last)
+            done
         };
-        (out.completed, out.half, last_done) = (completed, half, last);
-        if half == 0 || Instant::now() >= grace_end {
+        let [(here, last_here), (across, last_across)] = done;
+        out.completed = here + across;
+        out.completed_here = here;
+        out.completed_across = across;
+        out.half = sessions.len() - out.completed;
+        out.took = last_here.max(last_across) - start;
+        out.took_here = last_here - start;
+        out.took_across = last_across - start;
+        if out.half == 0 || Instant::now() >= grace_end {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     out.answered += sessions.len();
-    out.took = last_done - start;
     out.answered_in = last_answer - start;
     out
 }

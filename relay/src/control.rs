@@ -256,7 +256,7 @@ async fn handle_stream(session: Arc<Session>, mut send: SendStream, mut recv: Re
                 candidates,
                 nat,
             };
-            match register(&session, request) {
+            match register(&session, request).await {
                 Ok((registration, push_rx, observed)) => {
                     if let (Some(cluster), Some(names)) = (&session.shared.cluster, claimed) {
                         cluster.arrived(session.fingerprint, names).await;
@@ -291,7 +291,11 @@ async fn handle_stream(session: Arc<Session>, mut send: SendStream, mut recv: Re
                 Some(_) => cluster_claim(&session, PROTOCOL_VERSION, None, &names).await,
                 None => Ok(None),
             };
-            let answer = match claimed.and_then(|_| update_names(&session, names)) {
+            let updated = match claimed {
+                Ok(_) => update_names(&session, names).await,
+                Err(e) => Err(e),
+            };
+            let answer = match updated {
                 Ok(names) => {
                     tracing::info!(agent = %session.fingerprint, ?names, "names updated");
                     if let Some(cluster) = &session.shared.cluster {
@@ -325,7 +329,7 @@ async fn handle_stream(session: Arc<Session>, mut send: SendStream, mut recv: Re
                 Some(cluster) => {
                     cluster_release(&session, cluster, version, token.as_deref(), &name).await
                 }
-                None => release(&session, version, token.as_deref(), &name),
+                None => release(&session, version, token.as_deref(), &name).await,
             };
             let answer = match released {
                 Ok(()) => ServerMsg::Released { name },
@@ -348,7 +352,7 @@ async fn handle_stream(session: Arc<Session>, mut send: SendStream, mut recv: Re
 
 /// Gives `name` back on behalf of this connection's key, which must hold it and must not be
 /// exposing it right now (see [`crate::names::NameRegistry::release`] for why).
-fn release(
+async fn release(
     session: &Session,
     version: u32,
     token: Option<&str>,
@@ -357,43 +361,46 @@ fn release(
     check_version_and_token(session, version, token)?;
     validate_name(name).map_err(|e| error(ErrorCode::InvalidName, e))?;
     let shared = &session.shared;
-    let mut names = shared.names();
-    // Under the names lock, as registering claims and lists together: a registration of
-    // this key cannot slip in between the check and the release.
-    let exposed = shared
-        .directory()
-        .exposing(name)
-        .is_some_and(|agent| agent.fingerprint == session.fingerprint);
-    names
-        .release(name, session.fingerprint, exposed)
-        .map_err(|e| match e {
-            NamesError::Unknown(_) => error(
-                ErrorCode::UnknownName,
-                format!(
-                    "nobody holds the name '{name}' on this server; there is nothing to release"
-                ),
-            ),
-            NamesError::Taken(_) => error(
-                ErrorCode::NameTaken,
-                format!(
-                    "the name '{name}' is held by another identity on this server; only the key \
+    let released = {
+        let mut names = shared.names();
+        // Under the names lock, as a registration lists its agent under it after checking
+        // that its key still holds the names: either the registration is listed (and the
+        // name is exposed) or it finds the name released and is refused.
+        let exposed = shared
+            .directory()
+            .exposing(name)
+            .is_some_and(|agent| agent.fingerprint == session.fingerprint);
+        names.release(name, session.fingerprint, exposed)
+    };
+    let released = match released {
+        Ok(saved) => shared.names_saved(saved).await,
+        Err(e) => Err(e),
+    };
+    released.map_err(|e| match e {
+        NamesError::Unknown(_) => error(
+            ErrorCode::UnknownName,
+            format!("nobody holds the name '{name}' on this server; there is nothing to release"),
+        ),
+        NamesError::Taken(_) => error(
+            ErrorCode::NameTaken,
+            format!(
+                "the name '{name}' is held by another identity on this server; only the key \
                      that claimed it can release it (run `p2ptun release` with that agent's \
                      --state-dir)"
-                ),
             ),
-            NamesError::InUse(_) => error(
-                ErrorCode::BadRequest,
-                format!(
-                    "the name '{name}' is exposed right now by an agent with this key; stop \
+        ),
+        NamesError::InUse(_) => error(
+            ErrorCode::BadRequest,
+            format!(
+                "the name '{name}' is exposed right now by an agent with this key; stop \
                      that agent (or take '{name}' out of its config), then release it"
-                ),
             ),
-            other => {
-                tracing::error!(error = %other, "cannot save a released name");
-                error(ErrorCode::Internal, "S could not save the release")
-            }
-        })?;
-    drop(names);
+        ),
+        other => {
+            tracing::error!(error = %other, "cannot save a released name");
+            error(ErrorCode::Internal, "S could not save the release")
+        }
+    })?;
     Metrics::inc(&shared.metrics.names_released_total);
     tracing::info!(agent = %session.fingerprint, %name, "name released by its owner");
     Ok(())
@@ -559,38 +566,66 @@ fn checked_names(raw: Vec<String>) -> Result<Vec<String>, ErrorMsg> {
     Ok(names)
 }
 
-/// Claims `names` for this connection's key in `claims` (held by the caller until the
-/// agent's listing matches, so a Release of the key sees both or neither).
-fn claim(
-    session: &Session,
-    claims: &mut crate::names::NameRegistry,
-    names: &[String],
-) -> Result<(), ErrorMsg> {
-    let expired = claims
-        .claim(names, session.fingerprint, SystemTime::now())
-        .map_err(|e| match e {
-            NamesError::Taken(name) => error(
-                ErrorCode::NameTaken,
-                format!(
-                    "the name '{name}' is held by another identity on this server; choose \
-                     another name, or run with the key that claimed it"
-                ),
-            ),
-            NamesError::Full => error(ErrorCode::RateLimited, e.to_string()),
-            other => {
-                tracing::error!(error = %other, "cannot save a name claim");
-                error(ErrorCode::Internal, "S could not save the name claim")
-            }
-        })?;
+/// Claims `names` for this connection's key, and waits until the claim is on disk. The
+/// caller lists the agent after, under the names lock, if [`still_holds`] says so.
+async fn claim(session: &Session, names: &[String]) -> Result<(), ErrorMsg> {
+    let claimed = session
+        .shared
+        .names()
+        .claim(names, session.fingerprint, SystemTime::now());
+    let claimed = match claimed {
+        Ok(claimed) => claimed,
+        Err(e) => return Err(claim_error(e)),
+    };
+    session
+        .shared
+        .names_saved(claimed.saved)
+        .await
+        .map_err(claim_error)?;
     Metrics::add(
         &session.shared.metrics.names_expired_total,
-        expired.len() as u64,
+        claimed.expired.len() as u64,
     );
     Ok(())
 }
 
+fn claim_error(e: NamesError) -> ErrorMsg {
+    match e {
+        NamesError::Taken(name) => error(
+            ErrorCode::NameTaken,
+            format!(
+                "the name '{name}' is held by another identity on this server; choose \
+                 another name, or run with the key that claimed it"
+            ),
+        ),
+        NamesError::Full => error(ErrorCode::RateLimited, e.to_string()),
+        other => {
+            tracing::error!(error = %other, "cannot save a name claim");
+            error(ErrorCode::Internal, "S could not save the name claim")
+        }
+    }
+}
+
+/// Whether this connection's key still holds `names` (checked under the names lock, with
+/// the listing that follows): a Release of this key may have given one back while the
+/// claim was being saved, and a registration listed with it would expose a name nobody
+/// holds.
+fn still_holds(
+    session: &Session,
+    claims: &crate::names::NameRegistry,
+    names: &[String],
+) -> Result<(), ErrorMsg> {
+    if session.shared.cluster.is_some() || claims.holds(names, session.fingerprint) {
+        return Ok(());
+    }
+    Err(error(
+        ErrorCode::BadRequest,
+        "one of the names was released while this registration claimed it; register again",
+    ))
+}
+
 /// A registered agent's new set of names (a reloaded `p2ptun up`).
-fn update_names(session: &Session, names: Vec<String>) -> Result<Vec<String>, ErrorMsg> {
+async fn update_names(session: &Session, names: Vec<String>) -> Result<Vec<String>, ErrorMsg> {
     let Some((registration, _)) = session.registered() else {
         return Err(error(
             ErrorCode::BadRequest,
@@ -598,10 +633,11 @@ fn update_names(session: &Session, names: Vec<String>) -> Result<Vec<String>, Er
         ));
     };
     let names = checked_names(names)?;
-    let mut claims = session.shared.names();
     if session.shared.cluster.is_none() {
-        claim(session, &mut claims, &names)?;
+        claim(session, &names).await?;
     }
+    let claims = session.shared.names();
+    still_holds(session, &claims, &names)?;
     let listed =
         session
             .shared
@@ -618,7 +654,7 @@ fn update_names(session: &Session, names: Vec<String>) -> Result<Vec<String>, Er
 }
 
 /// Checks a registration and puts the agent online.
-fn register(
+async fn register(
     session: &Session,
     req: RegisterRequest,
 ) -> Result<(u64, mpsc::Receiver<ServerMsg>, SocketAddr), ErrorMsg> {
@@ -638,11 +674,12 @@ fn register(
         )
     })?;
     let fingerprint = session.fingerprint;
-    // Held until the agent is listed: a Release of this key sees both or neither.
-    let mut claims = session.shared.names();
     if session.shared.cluster.is_none() {
-        claim(session, &mut claims, &names)?;
+        claim(session, &names).await?;
     }
+    // Held until the agent is listed: a Release of this key sees both or neither.
+    let claims = session.shared.names();
+    still_holds(session, &claims, &names)?;
 
     let (push, push_rx) = mpsc::channel(PUSH_QUEUE);
     let registration = session.shared.next_registration();

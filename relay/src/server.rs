@@ -388,7 +388,7 @@ async fn sweep_names(shared: Arc<Shared>) {
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        shared.sweep_names(std::time::SystemTime::now());
+        shared.sweep_names(std::time::SystemTime::now()).await;
     }
 }
 

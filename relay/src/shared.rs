@@ -18,7 +18,7 @@ use crate::cluster::Cluster;
 use crate::config::RelayBudgets;
 use crate::directory::Directory;
 use crate::metrics::Metrics;
-use crate::names::NameRegistry;
+use crate::names::{NameRegistry, NamesError, Saved};
 use crate::relay::{Party, Sessions};
 use crate::token::Tokens;
 
@@ -138,16 +138,34 @@ impl Shared {
     ///
     /// The exposed names are read before the registry is locked, not under it: a name
     /// registered in between was recorded as used by its claim, so it cannot expire.
-    pub fn sweep_names(&self, now: SystemTime) {
+    pub async fn sweep_names(self: &Arc<Self>, now: SystemTime) {
         let exposed = self.directory().names();
-        let swept = self.names().expire(now, |name| exposed.contains(name));
-        match swept {
-            Ok(expired) => Metrics::add(&self.metrics.names_expired_total, expired.len() as u64),
+        let (expired, saved) = self.names().expire(now, |name| exposed.contains(name));
+        match self.names_saved(saved).await {
+            Ok(()) => Metrics::add(&self.metrics.names_expired_total, expired.len() as u64),
             Err(e) => tracing::error!(
                 error = %e,
                 "cannot save the names' last uses and expiries; trying again at the next sweep"
             ),
         }
+    }
+
+    /// Waits until a change to the names is on disk. If it could not be saved, the
+    /// registry is put back to what is on disk ([`NameRegistry::recover`], on a thread that
+    /// may block) before the error is returned: what is not saved is not granted.
+    pub(crate) async fn names_saved(self: &Arc<Self>, saved: Saved) -> Result<(), NamesError> {
+        let failed = match saved.wait().await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let shared = Arc::clone(self);
+        let recovered = tokio::task::spawn_blocking(move || shared.names().recover()).await;
+        match recovered {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot recover the name registry"),
+            Err(e) => tracing::error!(error = %e, "the name registry's recovery failed"),
+        }
+        Err(failed)
     }
 }
 
