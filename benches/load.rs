@@ -261,39 +261,17 @@ fn record_child(pid: u32) {
 /// On SIGINT, SIGTERM or SIGHUP: kill the children, remove the temp dir, exit 130. (On
 /// a normal end, an error or a panic the handles' `Drop` does the same.)
 fn install_signal_cleanup() -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    // Registered before any child exists, so that no signal slips through.
-    let (mut int, mut term, mut hup) = rt.block_on(async {
-        Ok::<_, std::io::Error>((
-            signal(SignalKind::interrupt())?,
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::hangup())?,
-        ))
+    host::on_interrupt("load-signals", || {
+        let c = children();
+        for &pid in c.0.iter().filter(|&&pid| host::is_our_child(pid)) {
+            // SAFETY: kill(2) of a child this process started and has not reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        if let Some(dir) = &c.1 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        eprintln!("load: interrupted; S and etcd killed, temp dir removed");
     })?;
-    std::thread::Builder::new()
-        .name("load-signals".into())
-        .spawn(move || {
-            rt.block_on(async {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                    _ = hup.recv() => {}
-                }
-            });
-            let c = children();
-            for &pid in c.0.iter().filter(|&&pid| host::is_our_child(pid)) {
-                // SAFETY: kill(2) of a child this process started and has not reaped.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            }
-            if let Some(dir) = &c.1 {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-            eprintln!("load: interrupted; S and etcd killed, temp dir removed");
-            std::process::exit(130);
-        })?;
     Ok(())
 }
 

@@ -263,46 +263,24 @@ fn registry() -> std::sync::MutexGuard<'static, Registry> {
 /// On SIGINT, SIGTERM or SIGHUP: kill the children and everything in the lab's namespaces,
 /// delete the namespaces, exit 130.
 fn install_signal_cleanup() -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    // Registered here, before any child exists, so no signal slips through.
-    let (mut int, mut term, mut hup) = rt.block_on(async {
-        Ok::<_, std::io::Error>((
-            signal(SignalKind::interrupt())?,
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::hangup())?,
-        ))
+    host::on_interrupt("bench-signals", || {
+        let reg = registry();
+        for &pid in reg.pids.iter().filter(|&&pid| is_our_child(pid)) {
+            // SAFETY: kill(2) of a child this process started and has not reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        natlab::netns::kill_all_in_any(&reg.namespaces);
+        std::thread::sleep(Duration::from_millis(50));
+        for ns in reg.namespaces.iter().rev() {
+            if natlab::netns::exists(ns) {
+                let _ = natlab::netns::del(ns);
+            }
+        }
+        if let Some(dir) = &reg.files {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        eprintln!("bench: interrupted; processes killed, namespaces and temp dir removed");
     })?;
-    std::thread::Builder::new()
-        .name("bench-signals".into())
-        .spawn(move || {
-            rt.block_on(async {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                    _ = hup.recv() => {}
-                }
-            });
-            let reg = registry();
-            for &pid in reg.pids.iter().filter(|&&pid| is_our_child(pid)) {
-                // SAFETY: kill(2) of a child this process started and has not reaped.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            }
-            natlab::netns::kill_all_in_any(&reg.namespaces);
-            std::thread::sleep(Duration::from_millis(50));
-            for ns in reg.namespaces.iter().rev() {
-                if natlab::netns::exists(ns) {
-                    let _ = natlab::netns::del(ns);
-                }
-            }
-            if let Some(dir) = &reg.files {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-            eprintln!("bench: interrupted; processes killed, namespaces and temp dir removed");
-            std::process::exit(130);
-        })?;
     Ok(())
 }
 

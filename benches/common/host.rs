@@ -98,3 +98,33 @@ pub fn raise_nofile(want: u64) -> u64 {
     let soft = lim.rlim_cur as u64;
     soft
 }
+
+/// Runs `cleanup` on a thread of its own at the first SIGINT, SIGTERM or SIGHUP, then exits
+/// with 130. Call it before any child exists, so that no signal slips through.
+pub fn on_interrupt(thread: &str, cleanup: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut int, mut term, mut hup) = rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::hangup())?,
+        ))
+    })?;
+    std::thread::Builder::new()
+        .name(thread.to_owned())
+        .spawn(move || {
+            rt.block_on(async {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                    _ = hup.recv() => {}
+                }
+            });
+            cleanup();
+            std::process::exit(130);
+        })?;
+    Ok(())
+}
