@@ -354,12 +354,23 @@ impl Cluster {
         }
     }
 
-    /// Records that `agent` left this S (or exposes nothing here any more).
+    /// Records that `agent` left this S (or exposes nothing here any more). The presence is
+    /// deleted only if it is still the one this S wrote: the agent may have moved to another
+    /// S already, whose presence must stay.
     pub async fn left(&self, agent: Fingerprint) {
-        if lock(&self.present).remove(&agent).is_none() {
+        let Some(mine) = lock(&self.present).remove(&agent) else {
             return;
-        }
-        if let Err(e) = self.etcd.delete(&presence_key(&agent)).await {
+        };
+        let key = presence_key(&agent);
+        let written = serde_json::to_vec(&mine).unwrap_or_default();
+        let delete = self
+            .etcd
+            .txn(
+                &[Compare::ValueIs(key.clone(), written)],
+                &[Op::Delete(key)],
+            )
+            .await;
+        if let Err(e) = delete {
             tracing::debug!(%agent, error = %e, "presence not deleted");
         }
     }

@@ -485,12 +485,20 @@ fn cluster_error(e: &ClusterError, what: &str) -> ErrorMsg {
 }
 
 /// The S of the cluster whose agent exposes `name`, if another one's does.
-async fn elsewhere(cluster: &Cluster, name: &str) -> Option<p2ptun::proto::ServerInfo> {
-    let owner = cluster.owner(name).await.ok()??;
-    let presence = cluster.presence(&owner).await.ok()??;
+async fn elsewhere(
+    cluster: &Cluster,
+    name: &str,
+) -> Result<Option<p2ptun::proto::ServerInfo>, ClusterError> {
+    let Some(owner) = cluster.owner(name).await? else {
+        return Ok(None);
+    };
+    let Some(presence) = cluster.presence(&owner).await? else {
+        return Ok(None);
+    };
     // A presence naming this S is one its agent left a moment ago.
-    (presence.names.iter().any(|n| n == name) && presence.home != *cluster.me())
-        .then_some(presence.home)
+    Ok((presence.names.iter().any(|n| n == name)
+        && presence.home.fingerprint != cluster.me().fingerprint)
+        .then_some(presence.home))
 }
 
 /// What S answers a forwarder's request for a name.
@@ -834,8 +842,9 @@ async fn connect(
     let Some(exposer) = exposer else {
         return match &session.shared.cluster {
             Some(cluster) => match elsewhere(cluster, name).await {
-                Some(home) => Ok(Introduction::Elsewhere(home)),
-                None => Err(unknown()),
+                Ok(Some(home)) => Ok(Introduction::Elsewhere(home)),
+                Ok(None) => Err(unknown()),
+                Err(e) => Err(cluster_error(&e, "look up")),
             },
             None => Err(unknown()),
         };

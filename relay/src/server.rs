@@ -151,6 +151,12 @@ impl Relay {
         // The agents' keep-alives keep both ends' timers and the NAT mappings fresh; S
         // sending its own as well would double the packets of an idle S with many agents.
         transport.keep_alive_interval(None);
+        // The smaller of the two sides' idle timeouts applies: agents ask for their own 8 s
+        // (tls::CONTROL_IDLE_TIMEOUT); older ones, which send keep-alives only every 4 s,
+        // keep the 20 s they were made for.
+        if let Ok(idle) = Duration::from_secs(20).try_into() {
+            transport.max_idle_timeout(Some(idle));
+        }
         server_config.transport_config(Arc::new(transport));
 
         let (udp, tcp_listener, listen) = bind_listen(config.listen, config.ipv4_fallback).await?;

@@ -19,6 +19,11 @@ pub const CAP: Duration = Duration::from_secs(120);
 /// deadline, with room to spare.
 pub const ATTEMPT: Duration = Duration::from_secs(15);
 
+/// The wait after an attempt S could not answer because the peer is moving to another S
+/// of a cluster: it is registered there within a second or two, and a relayed connection
+/// has no time for the usual back-off.
+pub const MOVING: Duration = Duration::from_secs(1);
+
 /// The re-punch schedule of one link.
 #[derive(Debug)]
 pub struct Heal {
@@ -107,6 +112,16 @@ impl Heal {
         }
     }
 
+    /// The attempt in flight ended because the peer is between two S: the next one starts
+    /// [`MOVING`] later, and the back-off does not grow.
+    pub fn on_attempt_moving(&mut self, now: Instant) {
+        if self.in_flight.take().is_none() || self.direct {
+            return;
+        }
+        self.again = false;
+        self.next = Some(now + MOVING);
+    }
+
     /// Passes on an attempt that was due but cannot be made (nothing to ask S with, or no S
     /// now): the next is scheduled as after a fruitless one, without counting this one.
     pub fn skip(&mut self, now: Instant) {
@@ -179,6 +194,25 @@ mod tests {
             t += Duration::from_millis(100);
         }
         starts
+    }
+
+    #[test]
+    fn a_peer_moving_between_s_is_asked_for_again_soon_without_backing_off() {
+        let t0 = Instant::now();
+        let mut h = Heal::new(t0);
+        h.on_attempt_done(t0);
+        assert!(h.poll(t0 + FIRST));
+        h.on_attempt_started(t0 + FIRST);
+        h.on_attempt_moving(t0 + FIRST + secs(1));
+        assert_eq!(h.next_attempt(), Some(t0 + FIRST + secs(1) + MOVING));
+        assert!(h.poll(t0 + FIRST + secs(2)));
+        h.on_attempt_started(t0 + FIRST + secs(2));
+        // A fruitless attempt then backs off from where it was, not further.
+        h.on_attempt_done(t0 + FIRST + secs(3));
+        assert_eq!(
+            h.next_attempt(),
+            Some(t0 + FIRST + secs(3) + Heal::delay(1))
+        );
     }
 
     #[test]

@@ -69,7 +69,11 @@ enum Command {
     },
     Name(String),
     RelayClosed(u64),
-    AttemptFailed(String),
+    /// The attempt failed; `moving`: because the peer is between two S of a cluster.
+    AttemptFailed {
+        why: String,
+        moving: bool,
+    },
 }
 
 /// The links of this agent, one per peer.
@@ -440,11 +444,17 @@ impl Driver {
                     controlling: true,
                     taken: None,
                 },
-                Ok((rv, _)) => Command::AttemptFailed(format!(
-                    "'{name}' is now exposed by {}, not by this peer",
-                    rv.peer_fingerprint
-                )),
-                Err(e) => Command::AttemptFailed(format!("{e:#}")),
+                Ok((rv, _)) => Command::AttemptFailed {
+                    moving: false,
+                    why: format!(
+                        "'{name}' is now exposed by {}, not by this peer",
+                        rv.peer_fingerprint
+                    ),
+                },
+                Err(e) => Command::AttemptFailed {
+                    moving: e.is::<super::visit::Moving>(),
+                    why: format!("{e:#}"),
+                },
             };
             let _ = commands.send(command);
         });
@@ -458,9 +468,12 @@ impl Driver {
                 controlling,
                 taken,
             } => {
+                let relayed = rv.relay;
                 self.introduce(*rv, &reg, controlling);
-                if reg.visiting {
-                    self.visit = Some(reg);
+                // A visited S is needed while its relay session is the link's: until an
+                // introduction through another S brings a relay session of its own.
+                if reg.visiting || relayed {
+                    self.visit = reg.visiting.then_some(reg);
                 }
                 if let Some(taken) = taken {
                     let _ = taken.send(());
@@ -476,9 +489,14 @@ impl Driver {
                     }
                 }
             }
-            Command::AttemptFailed(why) => {
+            Command::AttemptFailed { why, moving } => {
                 tracing::warn!(peer = %self.peer, "no fresh introduction: {why}");
-                self.heal.on_attempt_done(Instant::now().into_std());
+                let now = Instant::now().into_std();
+                if moving {
+                    self.heal.on_attempt_moving(now);
+                } else {
+                    self.heal.on_attempt_done(now);
+                }
             }
         }
     }

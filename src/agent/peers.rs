@@ -126,7 +126,7 @@ impl Peers {
             let home = self.registration().await?;
             match self.links.visits().introduce(home, name).await {
                 Ok(found) => return Ok(found),
-                Err(e) if unknown_name(&e) => {
+                Err(e) if unknown_name(&e) || e.is::<super::visit::Moving>() => {
                     if tokio::time::Instant::now() + NAME_RETRY > give_up {
                         // S's own words: in a cluster they say which S has the name.
                         tracing::warn!(
@@ -137,7 +137,7 @@ impl Peers {
                         );
                         bail!(
                             "'{name}' is not registered on S at {}: {e} (is the exposing agent \
-                             running, with the same S?)",
+                             running, with the same S or one of its cluster?)",
                             ctx.opts.server
                         );
                     }

@@ -99,16 +99,28 @@ fn targets(ctx: &Ctx, members: &[ServerInfo]) -> Vec<Target> {
 /// Where the cluster's members, as the last home listed them, are kept across restarts.
 pub const MEMBERS_FILE: &str = "cluster_members.json";
 
-/// The members kept in the state directory; none if there is no file or it cannot be read
-/// (then the servers given are all there is, as on a first start).
+/// What [`MEMBERS_FILE`] holds: the members, and the `--server` they were learnt under.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedMembers {
+    server: String,
+    members: Vec<ServerInfo>,
+}
+
+/// The members kept in the state directory; none if there is no file, it cannot be read,
+/// or it was learnt under another `--server` (a user who points the agent elsewhere means
+/// it: the old cluster must not keep racing for its home).
 fn load_members(ctx: &Ctx) -> Vec<ServerInfo> {
     let path = ctx.opts.state_dir.join(MEMBERS_FILE);
-    match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+    let Ok(bytes) = std::fs::read(&path) else {
+        return Vec::new();
+    };
+    match serde_json::from_slice::<SavedMembers>(&bytes) {
+        Ok(saved) if saved.server == ctx.opts.server => saved.members,
+        Ok(_) => Vec::new(),
+        Err(e) => {
             tracing::warn!("ignoring {}: {e}", path.display());
             Vec::new()
-        }),
-        Err(_) => Vec::new(),
+        }
     }
 }
 
@@ -116,7 +128,11 @@ fn load_members(ctx: &Ctx) -> Vec<ServerInfo> {
 fn save_members(ctx: &Ctx, members: &[ServerInfo]) {
     let path = ctx.opts.state_dir.join(MEMBERS_FILE);
     let tmp = path.with_extension("json.tmp");
-    let written = serde_json::to_vec_pretty(members)
+    let saved = SavedMembers {
+        server: ctx.opts.server.clone(),
+        members: members.to_vec(),
+    };
+    let written = serde_json::to_vec_pretty(&saved)
         .map_err(std::io::Error::other)
         .and_then(|json| std::fs::write(&tmp, json))
         .and_then(|()| std::fs::rename(&tmp, &path));
@@ -216,8 +232,11 @@ pub async fn run(
                         tracing::info!(from = %old, to = %reg.name, "moved home to another S of the cluster");
                     }
                 }
-                if !reg.members.is_empty() && reg.members != members {
-                    members = reg.members.clone();
+                // A standalone S lists none: then there is no cluster to remember.
+                let mut listed = reg.members.clone();
+                listed.sort_by(|a, b| a.addr.cmp(&b.addr));
+                if listed != members {
+                    members = listed;
                     save_members(&ctx, &members);
                 }
                 let reg = Arc::new(reg);
@@ -341,15 +360,20 @@ pub(super) async fn register(
     register_on(ctx, dialed, &addrs, &target, names, visiting).await
 }
 
-/// A control connection to the first of `targets` to answer, racing each one's addresses
-/// over UDP and TCP; returns it, all of that S's addresses, and which one it is. S is not
-/// verified yet.
+/// A control connection to the first of `targets` to answer with a key this agent trusts,
+/// racing each one's addresses over UDP and TCP; returns it, all of that S's addresses, and
+/// which one it is. An S with a key it does not trust loses the race rather than ending it;
+/// only when every one does is that the user's to fix.
 async fn reach(
     ctx: &Ctx,
     targets: &[Target],
 ) -> Result<(Dialed, Vec<SocketAddr>, Target), ControlError> {
     let config = client_config(ctx)?;
-    let racers = targets.iter().map(|target| {
+    let rejected = std::sync::atomic::AtomicUsize::new(0);
+    let rejected = &rejected;
+    // The members an S lists are bounded only by its frame; dialling hundreds at once
+    // would be a flood of our own.
+    let racers = targets.iter().take(MAX_RACED).map(|target| {
         let config = config.clone();
         Box::pin(async move {
             let addrs = dial::resolve(&target.addr, ctx.families()).await?;
@@ -362,19 +386,32 @@ async fn reach(
                         target.addr
                     )
                 })?;
+            if let Err(e) = verify_server(ctx, &dialed.conn, target) {
+                rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(e);
+            }
             anyhow::Ok((dialed, addrs, target.clone()))
         }) as dial::Racer<'_, _>
     });
-    dial::first_ok(racers.collect())
-        .await
-        .map_err(|errors| ControlError::Retry(anyhow!("{}", errors.join("; "))))
+    let racers: Vec<_> = racers.collect();
+    let raced = racers.len();
+    dial::first_ok(racers).await.map_err(|errors| {
+        let why = anyhow!("{}", errors.join("; "));
+        if rejected.load(std::sync::atomic::Ordering::Relaxed) == raced {
+            ControlError::Fatal(why)
+        } else {
+            ControlError::Retry(why)
+        }
+    })
 }
+
+/// The most servers raced at once for a home.
+const MAX_RACED: usize = 32;
 
 /// Gives `name` back to S (`p2ptun release`) on a control connection of its own that never
 /// registers: registering would replace a running agent of this key at S.
 pub async fn release(ctx: &Ctx, name: &str) -> anyhow::Result<()> {
-    let (dialed, _, target) = reach(ctx, &targets(ctx, &load_members(ctx))).await?;
-    verify_server(ctx, &dialed.conn, &target)?;
+    let (dialed, _, _) = reach(ctx, &targets(ctx, &load_members(ctx))).await?;
     let msg = ClientMsg::Release {
         version: PROTOCOL_VERSION,
         token: ctx.opts.token.clone(),

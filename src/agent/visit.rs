@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::bail;
 use tokio::sync::{mpsc, Mutex};
 
 use super::ctx::Ctx;
@@ -26,6 +26,30 @@ use crate::proto::{read_frame, Fingerprint, Rendezvous, ServerInfo, ServerMsg};
 /// How long an S whose visit timed out counts as gone: longer than the cluster takes to
 /// forget it (its etcd lease, 10 s), shorter than a relayed peer connection's patience.
 pub const LOST_GRACE: Duration = Duration::from_secs(12);
+
+/// Why an introduction across S failed for now: the exposer is moving between S, and asking
+/// again in a moment is worth it.
+#[derive(Debug, thiserror::Error)]
+pub enum Moving {
+    /// The exposer's home, as the cluster names it, stopped answering or cannot be reached.
+    #[error("S at {addr} stopped answering {ago:.1} s ago; its agents are moving to other S")]
+    Lost {
+        /// That S.
+        addr: String,
+        /// Seconds since it was seen gone.
+        ago: f64,
+    },
+    /// The S named as the exposer's home names yet another one.
+    #[error("S at {named} says '{name}' is exposed through S at {next}, not itself")]
+    Moved {
+        /// The name asked for.
+        name: String,
+        /// The S the home named.
+        named: String,
+        /// The S that one named.
+        next: String,
+    },
+}
 
 /// The registrations with S other than the home, one per S while something uses it.
 pub struct Visits {
@@ -64,25 +88,27 @@ impl Visits {
         if server.fingerprint == home.fingerprint {
             bail!("S at {} named itself as the home of '{name}'", home.name);
         }
-        let there = self.to(&server).await.with_context(|| {
-            format!(
-                "'{name}' is exposed through S at {}, which this agent cannot register with",
-                server.addr
-            )
-        })?;
+        let there = self.to(&server).await?;
         match there.connect(name, ctx.candidates(&there)).await? {
             Introduction::Here(rv) => Ok((rv, there)),
             // The exposer moved between the two answers; the next attempt asks again.
-            Introduction::Elsewhere(next) => Err(anyhow!(
-                "S at {} says '{name}' is exposed through S at {}, not itself",
-                server.addr,
-                next.addr
-            )),
+            Introduction::Elsewhere(next) => Err(Moving::Moved {
+                name: name.to_owned(),
+                named: server.addr,
+                next: next.addr,
+            }
+            .into()),
         }
     }
 
     /// The registration with `server`, made if none lives.
     async fn to(&self, server: &ServerInfo) -> anyhow::Result<Arc<Registered>> {
+        // The agent may have moved home to that very S meanwhile: a second registration of
+        // this key there would replace the home one.
+        let home = self.ctx.registration.borrow().clone();
+        if let Some(home) = home.filter(|h| h.fingerprint == server.fingerprint) {
+            return Ok(home);
+        }
         let mut open = self.open.lock().await;
         open.retain(|_, reg| reg.strong_count() > 0);
         if let Some(reg) = open.get(&server.fingerprint).and_then(Weak::upgrade) {
@@ -93,15 +119,26 @@ impl Visits {
             }
         }
         if let Some(ago) = self.lost_since(server.fingerprint) {
-            bail!(
-                "S at {} stopped answering {:.0} s ago; its agents are moving to other S",
-                server.addr,
-                ago.as_secs_f64()
-            );
+            return Err(Moving::Lost {
+                addr: server.addr.clone(),
+                ago: ago.as_secs_f64(),
+            }
+            .into());
         }
         let ctx = &self.ctx;
-        let (mut reg, events) =
-            server::register(ctx, &[Target::from(server)], Vec::new(), true).await?;
+        let registered = server::register(ctx, &[Target::from(server)], Vec::new(), true).await;
+        let (mut reg, events) = match registered {
+            Ok(registered) => registered,
+            Err(e) => {
+                // Not dialled again for a while: the next forward would wait as long.
+                self.note_lost(server.fingerprint);
+                return Err(anyhow::Error::from(e).context(format!(
+                    "the exposer is registered with S at {}, which this agent cannot register \
+                     with",
+                    server.addr
+                )));
+            }
+        };
         let pump = tokio::spawn(super::relay::pump(
             ctx.relays.clone(),
             ctx.router.socket().injector(),

@@ -1353,7 +1353,11 @@ impl Pinger {
             let (stop, rounds) = (stop.clone(), rounds.clone());
             tokio::spawn(async move {
                 let deadline = Instant::now() + Duration::from_secs(180);
-                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                while !stop.load(Ordering::SeqCst) {
+                    ensure!(
+                        Instant::now() < deadline,
+                        "the pinger ran out of its 180 s before the test stopped it"
+                    );
                     conn.ping(size, Duration::from_secs(10))
                         .await
                         .map_err(|e| e.context(format!("ping {}", conn.rounds())))?;
